@@ -1,0 +1,506 @@
+"""The widget's logic without Qt: picking layers by name, checking inputs, the model cache, the
+sampling job run in the worker thread, and the bookkeeping of results (re-threshold, ranking,
+metrics). Everything here is plain Python/numpy so it can be tested without a display.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Generator, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import MODALITIES
+from . import _layerdata as ld
+from .data import classify_file, normalise_intensity
+from .errors import DiffSegError
+
+PREVIEW_INTERVAL = 0.1  # seconds between preview redraws (at most ~10 a second)
+RESULT_TAG = "diffseg"  # our result layers carry it in their names; never picked as inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers by name
+# ---------------------------------------------------------------------------------------------
+
+
+def _tokens_name(name: str) -> str:
+    return "_".join(name.split()) + ".nii.gz"
+
+
+def modality_of(name: str) -> str | None:
+    """t1/t1ce/t2/flair from a layer name ("t1ce", "Brats18_x flair", "case_T1c"), "seg" for a
+    ground-truth name, None otherwise (and for our own result layers)."""
+    lowered = name.lower()
+    if RESULT_TAG in lowered:
+        return None
+    if ld.GROUND_TRUTH in lowered:
+        return "seg"
+    try:
+        return classify_file(_tokens_name(name))
+    except DiffSegError:  # names two modalities
+        return None
+
+
+_TOKEN = re.compile(r"[^\s_\-.]+")
+
+
+def case_prefix(name: str) -> str:
+    """The part of a layer name that names the case: "Brats18_x t1ce" -> "Brats18_x",
+    "case_T1c" -> "case", "t1" -> "", "x ground truth" -> "x"."""
+    text = re.sub(re.escape(ld.GROUND_TRUTH), " ", name, flags=re.IGNORECASE)
+    spans = [(m.start(), m.group()) for m in _TOKEN.finditer(text)]
+    end = len(text)
+    while spans and modality_of(spans[-1][1]) is not None:
+        end = spans.pop()[0]
+    return text[:end].strip(" _-.")
+
+
+@dataclass
+class LayerInfo:
+    """What the matcher needs to know of a layer."""
+
+    name: str
+    kind: str  # "image", "labels", ...
+    case: str = ""  # from metadata, "" when unknown
+
+
+def match_layers(layers: Sequence[LayerInfo]) -> tuple[dict[str, str | None], str | None]:
+    """Choose one layer per modality and a ground truth, by name.
+
+    The newest case (later in the list) that has all four modalities wins; otherwise each
+    modality takes its newest match. Only Image layers are picked for modalities; the ground
+    truth is a Labels (or Image) layer named "ground truth"/"seg"/"label" of the same case.
+    """
+    by_case: dict[str, dict[str, str]] = {}
+    newest: dict[str, str] = {}
+    truths: list[tuple[str, str]] = []
+    for info in layers:
+        kind = modality_of(info.name)
+        case = info.case or case_prefix(info.name)
+        if kind == "seg" and info.kind in ("labels", "image"):
+            truths.append((case, info.name))
+        elif kind in MODALITIES and info.kind == "image":
+            by_case.setdefault(case, {})[kind] = info.name
+            newest[kind] = info.name
+    chosen: dict[str, str | None] = {m: newest.get(m) for m in MODALITIES}
+    chosen_case = None
+    for case in reversed(list(by_case)):
+        if all(m in by_case[case] for m in MODALITIES):
+            chosen = dict(by_case[case])
+            chosen_case = case
+            break
+    truth = None
+    for case, name in reversed(truths):
+        if chosen_case is None or case == chosen_case:
+            truth = name
+            break
+    return chosen, truth
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking the chosen layers
+# ---------------------------------------------------------------------------------------------
+
+
+def _kind(layer) -> str:
+    return type(layer).__name__.lower()
+
+
+def _shape_text(shape: Iterable[int]) -> str:
+    return "x".join(str(n) for n in shape)
+
+
+@dataclass
+class Inputs:
+    """The checked inputs of a run (arrays in display order, not yet normalised)."""
+
+    arrays: list[np.ndarray]  # t1, t1ce, t2, flair
+    spatial_ndim: int
+    display_shape: tuple[int, ...]
+    case: str
+    reference: object  # the t1 layer: its scale, translate and metadata go to the results
+    truth: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_inputs(chosen: dict[str, object | None], truth_layer=None) -> Inputs:
+    """Validate the layers chosen per modality; raise DiffSegError saying what to do."""
+    missing = [m for m in MODALITIES if chosen.get(m) is None]
+    if missing:
+        raise DiffSegError(
+            f"no layer chosen for {', '.join(missing)}: the model needs all four modalities "
+            "(t1, t1ce, t2, flair); open a case (File > Open, or File > Open Sample > napari-diffseg) "
+            "and pick one Image layer for each"
+        )
+    layers = [chosen[m] for m in MODALITIES]
+    seen: dict[int, str] = {}
+    for modality, layer in zip(MODALITIES, layers):
+        if id(layer) in seen:
+            raise DiffSegError(
+                f"layer '{layer.name}' is chosen for both {seen[id(layer)]} and {modality}; "
+                "each modality needs its own layer"
+            )
+        seen[id(layer)] = modality
+    for modality, layer in zip(MODALITIES, layers):
+        if _kind(layer) != "image":
+            raise DiffSegError(
+                f"layer '{layer.name}' (chosen as {modality}) is a {type(layer).__name__} layer, not an image; "
+                f"choose the {modality} Image layer"
+            )
+        if getattr(layer, "rgb", False):
+            raise DiffSegError(f"layer '{layer.name}' ({modality}) is an RGB picture; choose a grey-scale MR image")
+        if getattr(layer, "multiscale", False):
+            raise DiffSegError(
+                f"layer '{layer.name}' ({modality}) is multiscale; open the image at full resolution only"
+            )
+        ndim = np.ndim(layer.data)
+        if ndim not in (2, 3):
+            raise DiffSegError(
+                f"layer '{layer.name}' ({modality}) is {ndim}D (shape {_shape_text(layer.data.shape)}); "
+                "choose 2D slices or 3D volumes"
+            )
+    shapes = {m: tuple(layer.data.shape) for m, layer in zip(MODALITIES, layers)}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{m} '{chosen[m].name}' {_shape_text(s)}" for m, s in shapes.items())
+        raise DiffSegError(
+            f"the chosen layers have different shapes ({listed}); choose the four modalities of one case, "
+            "co-registered on the same voxel grid"
+        )
+    arrays = []
+    for modality, layer in zip(MODALITIES, layers):
+        array = np.asarray(layer.data)
+        if array.dtype.kind not in "biuf":
+            raise DiffSegError(f"layer '{layer.name}' ({modality}) holds {array.dtype} values; choose an MR image")
+        if array.dtype.kind == "f":
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if bad:
+                raise DiffSegError(
+                    f"layer '{layer.name}' ({modality}) has {bad} NaN or infinite voxels; replace them "
+                    "(e.g. with 0: layer.data = numpy.nan_to_num(layer.data) in the console) and run again"
+                )
+        if not np.any(array):
+            raise DiffSegError(f"layer '{layer.name}' ({modality}) is all zeros; choose the {modality} image")
+        arrays.append(array)
+    reference = layers[0]
+    meta = getattr(reference, "metadata", {}) or {}
+    case = meta.get(ld.CASE) or case_prefix(reference.name)
+    inputs = Inputs(arrays, arrays[0].ndim, arrays[0].shape, case, reference)
+    if truth_layer is not None:
+        truth = np.asarray(truth_layer.data)
+        if truth.shape != inputs.display_shape:
+            inputs.warnings.append(
+                f"ground truth '{truth_layer.name}' has shape {_shape_text(truth.shape)}, the images "
+                f"{_shape_text(inputs.display_shape)}: Dice and HD95 are not computed"
+            )
+        elif truth.dtype.kind not in "biuf":
+            inputs.warnings.append(f"ground truth '{truth_layer.name}' is not a label map: no Dice/HD95")
+        else:
+            inputs.truth = truth
+    return inputs
+
+
+def slice_index(world_point: Sequence[float], scale: Sequence[float], translate: Sequence[float], depth: int) -> int:
+    """The Z index (display axis 0 of a volume layer) the viewer is at, clipped to the volume."""
+    world_z = float(world_point[-3])
+    z = int(round((world_z - float(translate[0])) / float(scale[0])))
+    return int(np.clip(z, 0, depth - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+def _stamp(path: str | None) -> tuple[str, float]:
+    if not path:
+        return "", 0.0
+    resolved = Path(path).expanduser()
+    try:
+        return str(resolved.resolve()), resolved.stat().st_mtime
+    except OSError:
+        return str(resolved), 0.0
+
+
+class ModelCache:
+    """Loaded models by (checkpoint, flags file, device), newest kept; loads are thread-safe."""
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self._items: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def key(self, model_path: str | None, flags_path: str | None, device: str) -> tuple:
+        return (_stamp(model_path), _stamp(flags_path), device)
+
+    def cached(self, model_path: str | None, flags_path: str | None, device: str):
+        with self._lock:
+            return self._items.get(self.key(model_path, flags_path, device))
+
+    def get(self, model_path: str | None, flags_path: str | None, device: str):
+        from .inference import Segmenter
+
+        key = self.key(model_path, flags_path, device)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            flags = None
+            if flags_path:
+                from .cli import read_flags_file
+
+                flags = read_flags_file(Path(flags_path).expanduser())
+            path = Path(model_path).expanduser() if model_path else None
+            segmenter = Segmenter.load(path, device=device, reference_flags=flags)
+            self.loads += 1
+            self._items[key] = segmenter
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return segmenter
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+MODEL_CACHE = ModelCache()
+
+
+def demo_model_available() -> bool:
+    from .checkpoint import DEMO_MODEL
+
+    return DEMO_MODEL.is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# The job that runs in the worker thread
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRequest:
+    inputs: Inputs
+    z: int | None  # the core slice index for "current slice" on a volume; None = everything
+    model_path: str | None
+    flags_path: str | None
+    device: str
+    num_ensemble: int
+    respacing: str | None
+    sampler: str | None
+    seed: int
+    keep_members: bool
+    spacing: tuple[float, ...] = ()  # voxel size, core order (for HD95)
+
+
+@dataclass
+class RunOutcome:
+    segmentation: object  # inference.Segmentation (2D when z is given, else the input's shape)
+    z: int | None
+    slices: list[int]  # core slice indices sampled (volume), [0] for a 2D input
+    metrics: dict | None
+    seconds: float
+    device: str = ""
+
+
+def _normalised(array: np.ndarray, z: int | None) -> np.ndarray:
+    """One modality in core order, scaled as the model expects (whole volume), sliced at z."""
+    core = ld.to_core(array)
+    if core.min() >= 0 and core.max() <= 1:
+        out = core if z is None else core[..., z]
+        return np.asarray(out, dtype=np.float32)
+    scaled = normalise_intensity(core)
+    return scaled if z is None else scaled[..., z]
+
+
+def prepare_images(inputs: Inputs, z: int | None) -> np.ndarray:
+    """(4, X, Y[, Z]) float32 in [0, 1], or (4, X, Y) for slice z of a volume."""
+    return np.ascontiguousarray(np.stack([_normalised(array, z) for array in inputs.arrays]))
+
+
+def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE) -> Generator:
+    """Load (or reuse) the model, sample, evaluate: yields inference.Progress, returns RunOutcome."""
+    start = time.monotonic()
+    segmenter = cache.get(request.model_path, request.flags_path, request.device)
+    images = prepare_images(request.inputs, request.z)
+    if request.respacing is not None:
+        segmenter.num_steps(request.respacing)  # a bad spec fails here, before any work
+    slices: set[int] = set()
+    generator = segmenter.run(
+        images,
+        num_ensemble=request.num_ensemble,
+        respacing=request.respacing,
+        sampler=request.sampler,
+        seed=request.seed,
+        keep_samples=request.keep_members,
+        preview_interval=PREVIEW_INTERVAL,
+    )
+    while True:
+        try:
+            progress = next(generator)
+        except StopIteration as stop:
+            segmentation = stop.value
+            break
+        slices.update(progress.slices)
+        yield progress
+    done = sorted(slices) if request.z is None else [request.z]
+    metrics = None
+    if request.inputs.truth is not None:
+        truth = ld.to_core(request.inputs.truth)
+        if request.z is not None:
+            truth = truth[..., request.z]
+            metrics = evaluate(segmentation.mask, truth, request.spacing[:2])
+        else:
+            metrics = evaluate(segmentation.mask, truth, request.spacing, done if truth.ndim == 3 else None)
+    return RunOutcome(segmentation, request.z, done, metrics, time.monotonic() - start, str(segmenter.device))
+
+
+class JobFailed(Exception):
+    """Carries a RuntimeError out of the worker: superqt's generator worker swallows RuntimeErrors
+    (it takes them for a deleted Qt object) and would never report the end of the run."""
+
+    def __init__(self, original: BaseException):
+        super().__init__(str(original))
+        self.original = original
+
+
+def guarded_job(request: RunRequest, cache: ModelCache = MODEL_CACHE) -> Generator:
+    """``run_job`` for a thread_worker: every exception reaches the worker's errored signal."""
+    try:
+        return (yield from run_job(request, cache))
+    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
+        raise JobFailed(exc) from exc
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    return exc.original if isinstance(exc, JobFailed) else exc
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    exc = _unwrap(exc)
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def error_message(exc: BaseException, request: RunRequest | None) -> str:
+    """What to tell the user about an exception from the worker (one line)."""
+    exc = _unwrap(exc)
+    if isinstance(exc, DiffSegError):
+        return str(exc)
+    if is_out_of_memory(exc):
+        members = f"{request.num_ensemble} chains" if request else "the chains"
+        where = request.device if request else "the device"
+        return (
+            f"out of memory on {where} while sampling {members}: lower the ensemble size, segment the "
+            "current slice instead of the whole volume, or choose the cpu device, then run again"
+        )
+    if isinstance(exc, ValueError) and ("too small" in str(exc) or "cannot crop" in str(exc)):
+        return f"the images do not fit this model ({exc}); choose larger images or another model"
+    first = " ".join(str(exc).split())[:300]
+    return (
+        f"segmentation failed ({type(exc).__name__}: {first}); your layers are unchanged. "
+        "If this persists, please report it with the model and image sizes"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResultState:
+    """Ensemble statistics of one case in core order, kept for re-thresholding and review."""
+
+    case: str
+    spatial_shape: tuple[int, ...]
+    probability: np.ndarray
+    variance: np.ndarray
+    threshold: float = 0.5
+    members: np.ndarray | None = None  # (N, X, Y[, Z]) or (N, X, Y, 1) for one slice of a volume
+    members_z: int | None = None  # the slice the members belong to when they cover one slice
+    slices: list[int] = field(default_factory=list)  # sampled slices (volume), [0] for 2D
+    num_ensemble: int = 0
+    summary: str = ""
+
+    @classmethod
+    def empty(cls, case: str, spatial_shape: Sequence[int], threshold: float = 0.5) -> "ResultState":
+        shape = tuple(int(n) for n in spatial_shape)
+        return cls(case, shape, np.zeros(shape, np.float32), np.zeros(shape, np.float32), threshold)
+
+    @property
+    def is_volume(self) -> bool:
+        return len(self.spatial_shape) == 3
+
+    def mask(self, threshold: float | None = None) -> np.ndarray:
+        t = self.threshold if threshold is None else threshold
+        return (self.probability > t).astype(np.uint8)
+
+    def merge(self, outcome: RunOutcome) -> None:
+        """Put a run's result in: the whole case, or one slice of a volume (others are kept)."""
+        seg = outcome.segmentation
+        self.num_ensemble = seg.num_ensemble
+        if outcome.z is None:
+            self.probability = np.asarray(seg.probability, np.float32)
+            self.variance = np.asarray(seg.variance, np.float32)
+            self.members = None if seg.samples is None else np.asarray(seg.samples, np.float32)
+            self.members_z = None
+            self.slices = list(outcome.slices)
+        else:
+            z = outcome.z
+            self.probability[..., z] = seg.probability
+            self.variance[..., z] = seg.variance
+            self.members = None if seg.samples is None else np.asarray(seg.samples, np.float32)[..., None]
+            self.members_z = z
+            self.slices = sorted(set(self.slices) | {z})
+
+    def ranked_slices(self) -> list[tuple[int, float]]:
+        return rank_slices(self.variance, self.slices) if self.is_volume else []
+
+
+def rank_slices(variance: np.ndarray, slices: Iterable[int] | None = None) -> list[tuple[int, float]]:
+    """(z, mean variance of the slice) for the given slices of a (X, Y, Z) map, most uncertain first."""
+    variance = np.asarray(variance)
+    zs = range(variance.shape[-1]) if slices is None else slices
+    means = [(int(z), float(variance[..., z].mean())) for z in zs]
+    return sorted(means, key=lambda item: (-item[1], item[0]))
+
+
+def evaluate(mask: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None,
+             slices: Sequence[int] | None = None) -> dict | None:
+    """Dice and HD95 (mm) of a mask against a label map (label > 0 is tumour), optionally only on
+    the given slices (last axis). None when the metrics module is unavailable."""
+    try:
+        from .metrics import dice, hd95
+    except ImportError:
+        return None
+    pred = np.asarray(mask) > 0
+    truth = np.asarray(truth) > 0
+    if slices is not None:
+        pred, truth = pred[..., list(slices)], truth[..., list(slices)]
+    spacing = tuple(spacing) if spacing else None
+    if spacing is not None and len(spacing) != pred.ndim:
+        spacing = None
+    return {"dice": float(dice(pred, truth)), "hd95": float(hd95(pred, truth, spacing))}
+
+
+def format_metrics(metrics: dict | None, where: str = "") -> str:
+    if metrics is None:
+        return "Dice/HD95: metrics module not available"
+    hd = metrics.get("hd95", float("nan"))
+    hd_text = "n/a (one mask empty)" if not np.isfinite(hd) else f"{hd:.1f} mm"
+    return f"Dice {metrics['dice']:.3f}   HD95 {hd_text}{where}"

@@ -1,0 +1,111 @@
+"""What the command-line tools share: the reference's model/diffusion flags and error exits."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+from .errors import DiffSegError
+
+# The reference's model and diffusion flags with its defaults (guided-diffusion's
+# model_and_diffusion_defaults as the reference ships them).
+MODEL_FLAG_DEFAULTS = {
+    "image_size": 64,
+    "num_channels": 128,
+    "num_res_blocks": 2,
+    "num_heads": 4,
+    "num_heads_upsample": -1,
+    "num_head_channels": -1,
+    "attention_resolutions": "16,8",
+    "channel_mult": "",
+    "dropout": 0.0,
+    "class_cond": False,
+    "use_checkpoint": False,
+    "use_scale_shift_norm": True,
+    "resblock_updown": False,
+    "use_fp16": False,
+    "use_new_attention_order": False,
+    "learn_sigma": False,
+    "diffusion_steps": 1000,
+    "noise_schedule": "linear",
+    "timestep_respacing": "",
+    "use_kl": False,
+    "predict_xstart": False,
+    "rescale_timesteps": False,
+    "rescale_learned_sigmas": False,
+}
+
+
+def str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = value.lower()
+    if lowered in ("true", "t", "yes", "y", "1"):
+        return True
+    if lowered in ("false", "f", "no", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def add_model_flags(parser: argparse.ArgumentParser, with_defaults: bool = True, skip: tuple[str, ...] = ()) -> None:
+    """The reference's flags; without defaults they read None unless given (to merge later)."""
+    group = parser.add_argument_group("model and diffusion (the reference's flags)")
+    for name, default in MODEL_FLAG_DEFAULTS.items():
+        if name in skip:
+            continue
+        kind = str2bool if isinstance(default, bool) else type(default)
+        group.add_argument(f"--{name}", type=kind, default=default if with_defaults else None,
+                           metavar=type(default).__name__.upper())
+
+
+def model_flags_from_args(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in MODEL_FLAG_DEFAULTS if hasattr(args, name)}
+
+
+def check_unsupported_flags(flags: dict) -> None:
+    unsupported = {
+        "class_cond": "class-conditional models",
+        "use_kl": "the pure KL loss",
+        "predict_xstart": "x0-predicting models",
+    }
+    for name, what in unsupported.items():
+        if flags.get(name):
+            raise DiffSegError(f"--{name} True: {what} are not part of this method; leave it False")
+
+
+def read_flags_file(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        flags = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DiffSegError(f"{path}: cannot read the flags JSON ({exc}); give a JSON object of model flags") from None
+    if not isinstance(flags, dict):
+        raise DiffSegError(f"{path}: the flags JSON must be an object of flag names to values")
+    return flags
+
+
+def guarded(main):
+    """Turn user errors into one line on stderr and exit status 2, without a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None) -> int:
+        try:
+            return main(argv) or 0
+        except DiffSegError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return wrapper
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number

@@ -1,0 +1,180 @@
+"""The main job, out of the box: napari with a BraTS sample case, the widget, and a segmentation.
+
+    python -m napari_diffseg.demo                 # with a display: the viewer stays open
+    python -m napari_diffseg.demo --headless --out diffseg-demo
+        # no display needed (re-runs itself under xvfb-run when there is none): saves
+        # screenshot.png of the viewer and the result NIfTIs (mask, probability, uncertainty)
+
+It uses the bundled demo model and its default sampling settings unless told otherwise
+(--model, --flags, --steps, --ensemble, --sampler, --device, --seed). The widget's saved
+settings are neither used nor changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import DiffSegError
+
+SAMPLES = {"slice": "brats_slice", "volume": "brats_volume", "phantom": "phantom"}
+XVFB_SCREEN = "1600x1000x24"
+
+
+def _has_display() -> bool:
+    if sys.platform.startswith(("win", "darwin")):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _rerun_under_xvfb(argv: list[str]) -> int:
+    xvfb_run = shutil.which("xvfb-run")
+    if xvfb_run is None:
+        raise DiffSegError(
+            "no display and no xvfb-run: install Xvfb (e.g. apt-get install xvfb) or run with a display"
+        )
+    command = [xvfb_run, "-a", "-s", f"-screen 0 {XVFB_SCREEN}", sys.executable, "-m", "napari_diffseg.demo",
+               *argv, "--headless"]
+    return subprocess.call(command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m napari_diffseg.demo",
+        description="Open napari with a BraTS sample case and the diffusion-segmentation widget, and segment it.",
+    )
+    parser.add_argument("--out", default="diffseg-demo", help="folder for screenshot.png and the result NIfTIs")
+    parser.add_argument("--headless", action="store_true",
+                        help="save the screenshot and results, then quit (implied when there is no display)")
+    parser.add_argument("--sample", choices=sorted(SAMPLES), default="slice",
+                        help="the BraTS slice (default), the 16-slice BraTS volume, or the synthetic phantom")
+    parser.add_argument("--model", default="", help="checkpoint (default: the bundled demo model)")
+    parser.add_argument("--flags", default="", help="model flags JSON for a reference checkpoint")
+    parser.add_argument("--steps", default="model default", help="respacing, e.g. 50 or ddim25")
+    parser.add_argument("--ensemble", type=int, default=None, help="ensemble size (default: the model's)")
+    parser.add_argument("--sampler", choices=["", "ddpm", "ddim"], default="")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _process_events_until(app, done, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > end:
+            return False
+        app.processEvents()
+        time.sleep(0.02)
+    return True
+
+
+def _close_toasts(window) -> None:
+    try:
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+        for toast in window.findChildren(NapariQtNotification):
+            toast.close()
+    except Exception:  # only cosmetic
+        pass
+
+
+def _save_results(widget, out: Path) -> list[Path]:
+    from . import _layerdata as ld
+    from .data import save_nifti
+
+    state = widget.results[widget.current_case]
+    meta = widget._result_reference.metadata or {}
+    affine = meta.get(ld.AFFINE)
+    header = meta.get(ld.HEADER)
+    if affine is None:
+        return []
+    stem = (state.case or "case").replace(" ", "_")
+    written = []
+    for what, array, dtype in (("mask", state.mask(), "uint8"), ("probability", state.probability, "float32"),
+                               ("uncertainty", state.variance, "float32")):
+        path = out / f"{stem}_diffseg_{what}.nii.gz"
+        save_nifti(path, array, affine, header=header, dtype=dtype)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if not _has_display():
+            return _rerun_under_xvfb([a for a in argv if a != "--headless"])
+        return _run(args)
+    except DiffSegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from ._session import demo_model_available
+    from ._widget import DiffSegWidget
+
+    if not args.model and not demo_model_available():
+        raise DiffSegError("the bundled demo model is not installed; give a checkpoint with --model PATH")
+    out = Path(args.out)
+    viewer = napari.Viewer(title="napari-diffseg demo", show=True)
+    if args.headless:
+        viewer.window._qt_window.resize(1600, 1000)
+    viewer.open_sample("napari-diffseg", SAMPLES[args.sample])
+    widget = DiffSegWidget(viewer)
+    widget.persist_settings = False  # the demo's choices are not the user's
+    viewer.window.add_dock_widget(widget, name="Diffusion segmentation", area="right")
+    settings = {"model_path": args.model, "flags_path": args.flags, "steps": args.steps, "sampler": args.sampler,
+                "device": args.device, "seed": args.seed, "scope": "volume", "keep_members": False,
+                "threshold": 0.5}
+    if args.ensemble is not None:
+        settings["num_ensemble"] = args.ensemble
+    else:
+        from ._session import MODEL_CACHE
+
+        segmenter = MODEL_CACHE.get(args.model or None, args.flags or None, args.device)
+        settings["num_ensemble"] = int(segmenter.defaults["num_ensemble"])
+    widget.configure(persist=False, **settings)
+    app = QApplication.instance()
+    started = time.monotonic()
+    widget.run()
+    if not args.headless:
+        napari.run()
+        return 0
+    _process_events_until(app, lambda: not widget.running, timeout=3600)
+    errors = [text for severity, text in widget.messages if severity == "error"]
+    if errors or widget.current_case is None:
+        raise DiffSegError(errors[-1] if errors else "the segmentation did not finish")
+    out.mkdir(parents=True, exist_ok=True)
+    written = _save_results(widget, out)
+    # Every layer in its own panel: the four modalities, the ground truth, the mask, the heatmap.
+    grid = getattr(viewer, "canvas", None)
+    grid = grid.grid if grid is not None and hasattr(grid, "grid") else viewer.grid
+    grid.shape = (2, -1)
+    grid.enabled = True
+    viewer.reset_view()
+    _close_toasts(viewer.window._qt_window)
+    settle = time.monotonic() + 0.5  # let the canvas redraw in the grid layout
+    _process_events_until(app, lambda: time.monotonic() > settle, timeout=5)
+    screenshot = out / "screenshot.png"
+    viewer.screenshot(str(screenshot), canvas_only=False)
+    written.append(screenshot)
+    print(f"{widget.status.text()} ({time.monotonic() - started:.1f} s including the model load)")
+    if widget.metrics_label.text():
+        print(widget.metrics_label.text())
+    for path in written:
+        print(f"wrote {path}")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

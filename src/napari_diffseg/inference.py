@@ -1,0 +1,233 @@
+"""Segment slices or volumes with a loaded model: numpy in, numpy out, progress on the way.
+
+:meth:`Segmenter.run` is a generator: it yields a :class:`Progress` after every denoising
+step (so a GUI can show the mask emerging and cancel between steps) and returns a
+:class:`Segmentation` in the input's geometry. It is used by the napari widget,
+``diffseg-sample``, ``diffseg-eval`` and the benchmarks alike.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Generator
+
+import numpy as np
+import torch
+
+from .checkpoint import LoadedModel, load_model
+from .diffusion import Diffusion, space_timesteps
+from .ensemble import THRESHOLD, ensemble_statistics, sample_ensemble
+from .errors import DiffSegError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DiffSegError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DiffSegError("--device mps: Apple-silicon GPU support is not available here; use --device cpu or auto")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise DiffSegError(f"--device {name!r} is unknown: use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def available_devices() -> list[str]:
+    found = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+@dataclass
+class Progress:
+    step: int  # denoising steps done in this batch (1 .. total)
+    total: int  # steps per batch
+    batch: int  # 0-based batch of slices
+    batches: int
+    slices: list[int]  # slice indices (last axis of a volume; [0] for one slice)
+    preview: np.ndarray | None  # (len(slices), H, W) chains' mean mask estimate, input geometry; None when throttled
+
+    @property
+    def fraction(self) -> float:
+        return (self.batch * self.total + self.step) / max(1, self.batches * self.total)
+
+
+@dataclass
+class Segmentation:
+    probability: np.ndarray  # ensemble mean, float32, the input's spatial shape
+    variance: np.ndarray  # ensemble variance, float32
+    mask: np.ndarray  # uint8, probability > threshold
+    samples: np.ndarray | None  # (N, *spatial) float32 member outputs, when kept
+    num_ensemble: int
+    steps: int
+    sampler: str
+    seed: int
+    threshold: float = THRESHOLD
+    settings: dict = field(default_factory=dict)
+
+    def rethreshold(self, threshold: float) -> np.ndarray:
+        return (self.probability > threshold).astype(np.uint8)
+
+
+def _brain_slices(volume: np.ndarray) -> list[int]:
+    """Slices (last axis) where any modality is non-zero; the rest are left empty."""
+    return [int(z) for z in np.flatnonzero(np.abs(volume).reshape(-1, volume.shape[-1]).max(axis=0) > 0)]
+
+
+class Segmenter:
+    """A loaded model on a device, with its geometry and sampling defaults."""
+
+    def __init__(self, loaded: LoadedModel, device: str | torch.device = "auto", precision: str = "fp32",
+                 channels_last: bool | None = None):
+        self.loaded = loaded
+        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise DiffSegError(f"precision {precision!r} is unknown: use fp32, bf16 or fp16")
+        if precision == "fp16" and self.device.type != "cuda":
+            raise DiffSegError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on this device")
+        self.precision = precision
+        self.model = loaded.model.to(self.device).eval()
+        if channels_last is None:
+            channels_last = precision != "fp32" or self.device.type == "cuda"
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._diffusions: dict[str, Diffusion] = {}
+
+    @classmethod
+    def load(cls, path=None, device="auto", reference_flags=None, precision="fp32", **kwargs) -> "Segmenter":
+        return cls(load_model(path, reference_flags=reference_flags), device=device, precision=precision, **kwargs)
+
+    @property
+    def defaults(self) -> dict:
+        return self.loaded.sampling
+
+    def diffusion(self, respacing: str | None) -> Diffusion:
+        key = "" if respacing is None else str(respacing)
+        if key not in self._diffusions:
+            self._diffusions[key] = Diffusion.from_config(self.loaded.diffusion_config, key)
+        return self._diffusions[key]
+
+    def num_steps(self, respacing: str | None) -> int:
+        return len(space_timesteps(self.loaded.diffusion_config.diffusion_steps, respacing))
+
+    def slice_batch_size(self, num_ensemble: int, height: int, width: int) -> int:
+        """Slices per batch: enough chains to keep the device busy, few enough to fit."""
+        budget = 64 if self.device.type == "cuda" else 16  # chains of ~224^2 per step
+        scale = max(1.0, (height * width) / (224 * 224))
+        return max(1, int(budget / scale) // max(1, num_ensemble))
+
+    def run(
+        self,
+        images: np.ndarray,
+        num_ensemble: int | None = None,
+        respacing: str | None = None,
+        sampler: str | None = None,
+        eta: float = 0.0,
+        seed: int | None = 0,
+        keep_samples: bool = True,
+        slices: list[int] | None = None,
+        batch_slices: int | None = None,
+        preview_interval: float | None = 0.0,
+        threshold: float = THRESHOLD,
+        sink: Callable[[int, dict], None] | None = None,
+    ) -> Generator[Progress, None, Segmentation]:
+        """Sample an ensemble for a slice (4, H, W) or every brain slice of a volume (4, H, W, Z).
+
+        preview_interval: seconds between previews (0 = every step, None = never).
+        sink: called as sink(z, {"probability", "variance", "mask"}) for each finished slice,
+        so a caller can stream a volume to disk.
+        """
+        images = np.asarray(images)
+        cond = self.loaded.unet_config.cond_channels
+        if images.ndim not in (3, 4) or images.shape[0] != cond:
+            raise DiffSegError(
+                f"images must be ({cond}, H, W) or ({cond}, H, W, Z) (t1, t1ce, t2, flair); got shape {images.shape}"
+            )
+        if not np.isfinite(images).all():
+            raise DiffSegError("the images contain NaN or infinite values; fix or mask them before segmenting")
+        num_ensemble = int(self.defaults["num_ensemble"] if num_ensemble is None else num_ensemble)
+        if num_ensemble < 1:
+            raise DiffSegError(f"the ensemble size must be at least 1 (got {num_ensemble})")
+        respacing = self.defaults["timestep_respacing"] if respacing is None else respacing
+        sampler = sampler or self.defaults["sampler"]
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2**31))
+        diffusion = self.diffusion(respacing)
+
+        volume = images if images.ndim == 4 else images[..., None]
+        height, width, depth = volume.shape[1:]
+        todo = _brain_slices(volume) if slices is None else [int(z) for z in slices]
+        probability = np.zeros((height, width, depth), np.float32)
+        variance = np.zeros_like(probability)
+        samples = np.zeros((num_ensemble, height, width, depth), np.float32) if keep_samples else None
+
+        per_batch = batch_slices or self.slice_batch_size(num_ensemble, height, width)
+        batches = [todo[i : i + per_batch] for i in range(0, len(todo), per_batch)]
+        geometry, multiple = self.loaded.geometry, self.loaded.unet_config.size_multiple
+        last_preview = -np.inf
+        for b, zs in enumerate(batches):
+            batch = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume[..., zs], -1, 0))).float()
+            net_in = geometry.to_network(batch, multiple).to(self.device)
+            steps = sample_ensemble(self.model, diffusion, net_in, num_ensemble, seed=seed, slice_keys=zs,
+                                    sampler=sampler, eta=eta, precision=self.precision)
+            final = None
+            for step in steps:
+                final = step
+                preview = None
+                now = time.monotonic()
+                if preview_interval is not None and now - last_preview >= preview_interval:
+                    estimate = step.pred_x0.reshape(len(zs), num_ensemble, *step.pred_x0.shape[-2:]).mean(1)
+                    preview = geometry.from_network(estimate[:, None].clamp(0, 1), height, width)[:, 0].cpu().numpy()
+                    last_preview = now
+                yield Progress(step.index + 1, step.total, b, len(batches), list(zs), preview)
+            members = final.x.reshape(len(zs), num_ensemble, *final.x.shape[-2:]).transpose(0, 1)
+            # Back to the input geometry per member, then statistics there.
+            back = geometry.from_network(members.reshape(-1, 1, *members.shape[-2:]).float(), height, width)
+            back = back.reshape(num_ensemble, len(zs), height, width)
+            mean, var, _ = ensemble_statistics(back)
+            mean_np, var_np = mean.cpu().numpy(), var.cpu().numpy()
+            for i, z in enumerate(zs):
+                probability[..., z] = mean_np[i]
+                variance[..., z] = var_np[i]
+                if samples is not None:
+                    samples[..., z] = back[:, i].cpu().numpy()
+                if sink is not None:
+                    sink(z, {"probability": mean_np[i], "variance": var_np[i],
+                             "mask": (mean_np[i] > threshold).astype(np.uint8)})
+
+        if images.ndim == 3:
+            probability, variance = probability[..., 0], variance[..., 0]
+            samples = samples[..., 0] if samples is not None else None
+        return Segmentation(
+            probability=probability,
+            variance=variance,
+            mask=(probability > threshold).astype(np.uint8),
+            samples=samples,
+            num_ensemble=num_ensemble,
+            steps=diffusion.num_timesteps,
+            sampler=sampler,
+            seed=int(seed),
+            threshold=threshold,
+            settings={"timestep_respacing": respacing, "eta": eta, "precision": self.precision,
+                      "device": str(self.device), "model": self.loaded.source},
+        )
+
+
+def run_to_end(generator: Generator[Progress, None, Segmentation], on_progress=None) -> Segmentation:
+    """Drive a :meth:`Segmenter.run` generator and return its result."""
+    while True:
+        try:
+            progress = next(generator)
+        except StopIteration as stop:
+            return stop.value
+        if on_progress is not None:
+            on_progress(progress)

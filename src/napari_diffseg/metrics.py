@@ -1,0 +1,141 @@
+"""Segmentation and uncertainty metrics: numpy arrays in, floats out.
+
+Masks are boolean or 0/1 arrays of any dimension (a 2D slice or a 3D volume); a pair of
+masks must have the same shape. Nothing here imports torch or MONAI at module level:
+MONAI (several seconds to import) is loaded only when hd95 is called.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage, stats
+
+
+def _as_masks(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred, truth = np.asarray(pred).astype(bool), np.asarray(truth).astype(bool)
+    if pred.shape != truth.shape:
+        raise ValueError(f"mask shapes differ: pred {pred.shape}, truth {truth.shape}")
+    return pred, truth
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice overlap 2|P & T| / (|P| + |T|); 1.0 when both masks are empty (nothing to find,
+    nothing found)."""
+    pred, truth = _as_masks(pred, truth)
+    total = int(pred.sum()) + int(truth.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(pred, truth).sum()) / total
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray,
+         spacing: Sequence[float] | float | None = None) -> float:
+    """95th-percentile symmetric Hausdorff distance between the mask surfaces, in mm.
+
+    `spacing` is the voxel size (one number per axis, or one for all; None = 1 mm). The
+    value is MONAI's ``compute_hausdorff_distance(percentile=95)``, the convention of the
+    BraTS literature: the 95th percentile of the distances from each surface to the other,
+    the larger of the two directions.
+
+    Both masks empty -> 0.0 (perfect agreement). Exactly one empty -> nan: no finite
+    distance exists, and nan (rather than inf or an image-size penalty) keeps the choice
+    to the caller; ``np.nanmean`` skips such cases, so report how many there were.
+    """
+    pred, truth = _as_masks(pred, truth)
+    pred_empty, truth_empty = not pred.any(), not truth.any()
+    if pred_empty and truth_empty:
+        return 0.0
+    if pred_empty or truth_empty:
+        return float("nan")
+    if spacing is not None and np.ndim(spacing) == 0:
+        spacing = [float(spacing)] * pred.ndim
+    if spacing is not None and len(spacing) != pred.ndim:
+        raise ValueError(f"spacing {tuple(spacing)} has {len(spacing)} values "
+                         f"for a {pred.ndim}D mask")
+
+    from monai.metrics import compute_hausdorff_distance  # slow import: only when needed
+
+    with warnings.catch_warnings():
+        # MONAI 1.5+ warns about its own internal use of a deprecated argument.
+        warnings.simplefilter("ignore", FutureWarning)
+        distance = compute_hausdorff_distance(
+            pred[None, None], truth[None, None], include_background=True, percentile=95,
+            spacing=None if spacing is None else [float(s) for s in spacing],
+        )
+    return float(distance.reshape(-1)[0])
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` as a detector of `labels` (truthy = positive).
+
+    Rank-based (Mann-Whitney U): the probability that a random positive scores above a
+    random negative, ties counting one half. Entries with a non-finite score are left out.
+    nan when either class is absent.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).astype(bool).reshape(-1)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores ({scores.size}) and labels ({labels.size}) differ in size")
+    keep = np.isfinite(scores)
+    scores, labels = scores[keep], labels[keep]
+    n_positive = int(labels.sum())
+    n_negative = labels.size - n_positive
+    if n_positive == 0 or n_negative == 0:
+        return float("nan")
+    ranks = stats.rankdata(scores)  # tied scores share their average rank
+    u = ranks[labels].sum() - n_positive * (n_positive + 1) / 2.0
+    return float(u / (n_positive * n_negative))
+
+
+def neighbourhood(pred: np.ndarray, truth: np.ndarray, radius: float = 10) -> np.ndarray:
+    """Boolean mask of the pixels within `radius` pixels (Euclidean) of pred OR truth.
+
+    Distances are taken in the array's own dimensions: in 3D the neighbourhood is a 3D
+    ball in voxel units (isotropic voxels assumed), not a per-slice disc. Where an error
+    could plausibly happen, uncertainty is worth judging; far from any tumour it is not.
+    All False when both masks are empty.
+    """
+    pred, truth = _as_masks(pred, truth)
+    foreground = pred | truth
+    if not foreground.any():
+        return np.zeros_like(foreground)
+    return ndimage.distance_transform_edt(~foreground) <= radius
+
+
+def variance_error_auroc(variance: np.ndarray, pred: np.ndarray, truth: np.ndarray,
+                         radius: float = 10) -> dict[str, float]:
+    """How well the ensemble variance flags the segmentation's errors (pred != truth).
+
+    ``{"neighbourhood": AUROC within `radius` pixels of pred or truth, "all": AUROC over
+    every pixel}``. The "all" figure is inflated by the mass of easy background (zero
+    variance, no error); the neighbourhood one asks the harder question. nan where a
+    region holds no error or only errors.
+    """
+    pred, truth = _as_masks(pred, truth)
+    variance = np.asarray(variance)
+    if variance.shape != pred.shape:
+        raise ValueError(f"variance shape {variance.shape} differs from mask shape {pred.shape}")
+    error = pred != truth
+    near = neighbourhood(pred, truth, radius)
+    return {"neighbourhood": auroc(variance[near], error[near]), "all": auroc(variance, error)}
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation over the pairs where both values are finite; nan when fewer than
+    two such pairs remain or either side is constant."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"x ({x.size}) and y ({y.size}) differ in size")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if x.size < 2:
+        return float("nan")
+    dx, dy = x - x.mean(), y - y.mean()
+    denominator = np.sqrt((dx * dx).sum() * (dy * dy).sum())
+    if denominator == 0:
+        return float("nan")
+    return float((dx * dy).sum() / denominator)

@@ -1,0 +1,196 @@
+"""``diffseg-sample``: batch inference over cases; writes mask, probability and variance NIfTIs.
+
+For each case: ``OUT/<case>/mask.nii.gz`` (uint8, ensemble mean > 0.5),
+``probability.nii.gz`` (ensemble mean) and ``variance.nii.gz`` (float32), on the input's
+grid and affine; ``samples.nii.gz`` with ``--save_samples``; ``metrics.json`` where ground
+truth is present. Under ``torchrun`` the cases are shared out across the processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import data, metrics
+from .cli import (MODEL_FLAG_DEFAULTS, add_model_flags, check_unsupported_flags, guarded, model_flags_from_args,
+                  read_flags_file, str2bool)
+from .errors import DiffSegError
+from .inference import Segmentation, Segmenter, run_to_end
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffseg-sample",
+        description="Segment cases with a diffusion ensemble: mean mask, probability and variance maps.",
+    )
+    source = parser.add_argument_group("input (either --data_dir or the four files)")
+    source.add_argument("--data_dir", help="slice folders, BraTS case folders, or one case folder")
+    for modality in data.MODALITIES:
+        source.add_argument(f"--{modality}", help=f"{modality} NIfTI file")
+    source.add_argument("--seg", help="optional ground truth for the four files (adds metrics.json)")
+    parser.add_argument("--model_path", default=None, help="checkpoint (default: the bundled demo model); "
+                        "a reference checkpoint needs its model flags, given as flags or --flags_json")
+    parser.add_argument("--flags_json", help="JSON of the reference model flags (e.g. the flags.json beside a checkpoint)")
+    parser.add_argument("--num_ensemble", type=int, default=5, help="chains per slice (default 5)")
+    parser.add_argument("--timestep_respacing", default=None,
+                        help="sampling steps: '' for all, 50, 100, ddim50 ... (default: the model's stored "
+                        "setting; all steps for a reference checkpoint)")
+    parser.add_argument("--use_ddim", type=str2bool, nargs="?", const=True, default=None,
+                        help="deterministic DDIM steps instead of ancestral DDPM")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--out_dir", default="results")
+    parser.add_argument("--save_samples", action="store_true", help="also write every ensemble member")
+    parser.add_argument("--no_progress", action="store_true")
+    # The reference's model flags, only read for a reference checkpoint (ours embed them).
+    add_model_flags(parser, with_defaults=False, skip=("timestep_respacing",))
+    return parser
+
+
+def _reference_flags(args: argparse.Namespace) -> dict:
+    flags = dict(MODEL_FLAG_DEFAULTS)
+    if args.flags_json:
+        flags.update(read_flags_file(args.flags_json))
+    given = {k: v for k, v in model_flags_from_args(args).items() if v is not None and k != "timestep_respacing"}
+    flags.update(given)
+    check_unsupported_flags(flags)
+    return flags
+
+
+def _cases(args: argparse.Namespace) -> list[data.CaseFiles]:
+    files = [getattr(args, m) for m in data.MODALITIES]
+    if args.data_dir and any(files):
+        raise DiffSegError("give either --data_dir or --t1/--t1ce/--t2/--flair, not both")
+    if args.data_dir:
+        cases = data.find_cases(args.data_dir)
+    elif all(files):
+        cases = [data.case_files_from_paths(*files, seg=args.seg)]
+    elif any(files):
+        missing = [f"--{m}" for m, f in zip(data.MODALITIES, files) if not f]
+        raise DiffSegError(f"missing {', '.join(missing)}: all four modalities are needed")
+    else:
+        raise DiffSegError("no input: give --data_dir or the four files --t1 --t1ce --t2 --flair")
+    # Two subsets can hold cases of the same name; keep their outputs apart.
+    names = [c.name for c in cases]
+    for case in cases:
+        if names.count(case.name) > 1:
+            case.name = f"{case.images['t1'].parent.parent.name}_{case.name}"
+    return cases
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DiffSegError(f"--out_dir {out_dir}: cannot write there ({exc.strerror or exc}); choose a writable folder") from None
+
+
+def write_results(case: data.Case, result: Segmentation, out: Path, save_samples: bool) -> None:
+    save = data.save_nifti
+    save(out / "mask.nii.gz", result.mask.astype(np.uint8), case.affine, case.header, dtype=np.uint8)
+    save(out / "probability.nii.gz", result.probability.astype(np.float32), case.affine, case.header, dtype=np.float32)
+    save(out / "variance.nii.gz", result.variance.astype(np.float32), case.affine, case.header, dtype=np.float32)
+    if save_samples and result.samples is not None:
+        members = np.moveaxis(result.samples, 0, -1).astype(np.float32)  # members on the last axis
+        save(out / "samples.nii.gz", members, case.affine, case.header, dtype=np.float32)
+
+
+def case_metrics(case: data.Case, result: Segmentation) -> dict:
+    spacing = case.voxel_size
+    return {
+        "case": case.name,
+        "dice": metrics.dice(result.mask, case.label),
+        "hd95": metrics.hd95(result.mask, case.label, spacing=spacing),
+        "num_ensemble": result.num_ensemble,
+        "steps": result.steps,
+        "sampler": result.sampler,
+        "seed": result.seed,
+    }
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+@guarded
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.num_ensemble < 1:
+        raise DiffSegError(f"--num_ensemble {args.num_ensemble}: give at least 1 (the paper uses 5)")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = args.device
+    if world > 1 and device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    out_dir = Path(args.out_dir)
+    _check_out_dir(out_dir)
+    cases = _cases(args)
+    segmenter = Segmenter.load(args.model_path, device=device, reference_flags=_reference_flags(args),
+                               precision=args.precision)
+    sampler = None if args.use_ddim is None else ("ddim" if args.use_ddim else "ddpm")
+    mine = cases[rank::world]
+    rows = []
+    for files in mine:
+        case = data.load_case(files)
+        started = time.time()
+        run = segmenter.run(case.images, num_ensemble=args.num_ensemble, respacing=args.timestep_respacing,
+                            sampler=sampler, eta=args.eta, seed=args.seed, keep_samples=args.save_samples,
+                            preview_interval=None)
+        bar = None
+        if not args.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc=case.name, unit="step", dynamic_ncols=True, leave=False)
+
+        def advance(progress, bar=bar):
+            if bar is not None:
+                bar.total = progress.batches * progress.total
+                bar.update(1)
+
+        result = run_to_end(run, advance)
+        if bar is not None:
+            bar.close()
+        out = out_dir / case.name
+        write_results(case, result, out, args.save_samples)
+        row = {"case": case.name, "seconds": round(time.time() - started, 2), "steps": result.steps,
+               "num_ensemble": result.num_ensemble}
+        if case.label is not None:
+            row = {**case_metrics(case, result), "seconds": row["seconds"]}
+            _write_json(out / "metrics.json", row)
+        rows.append(row)
+        print(f"{case.name}: wrote {out}", file=sys.stderr)
+    _print_summary(rows)
+    return 0
+
+
+def _print_summary(rows: list[dict]) -> None:
+    if not rows:
+        return
+    with_truth = [r for r in rows if "dice" in r]
+    header = f"{'case':<28} {'dice':>6} {'hd95':>7} {'N':>3} {'steps':>6} {'s':>7}"
+    print(header)
+    for r in rows:
+        dice = f"{r['dice']:.3f}" if "dice" in r else "-"
+        hd = f"{r['hd95']:.1f}" if "hd95" in r and np.isfinite(r["hd95"]) else "-"
+        print(f"{r['case']:<28} {dice:>6} {hd:>7} {r['num_ensemble']:>3} {r['steps']:>6} {r['seconds']:>7}")
+    if with_truth:
+        print(f"{'mean':<28} {np.mean([r['dice'] for r in with_truth]):>6.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""``diffseg-train``: train the conditional diffusion model on slice folders or BraTS volumes.
+
+Runs as a plain command or under ``torchrun --nproc_per_node K`` (DistributedDataParallel:
+gloo on CPU, NCCL on CUDA). Every batch, timestep and noise draw is a function of
+(seed, rank, step), so a resumed run continues the same stream. Checkpoints hold the model,
+optimizer, EMA and step, embed the configuration, and are written atomically; SIGINT or
+SIGTERM saves and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import data
+from .checkpoint import DEFAULT_SAMPLING, atomic_save, make_payload, read_checkpoint, is_ours
+from .cli import add_model_flags, check_unsupported_flags, guarded, model_flags_from_args, positive_int
+from .diffusion import Diffusion, DiffusionConfig
+from .ensemble import autocast_context
+from .errors import DiffSegError
+from .geometry import Geometry
+from .inference import resolve_device
+from .unet import UNet, UNetConfig, count_parameters
+
+CHECKPOINT_NAME = "checkpoint.pt"  # full training state, for --resume
+MODEL_NAME = "model.pt"  # weights + configuration, for sampling
+
+
+# -- data --------------------------------------------------------------------------------------
+@dataclass
+class SliceSet:
+    """Every training slice preprocessed to the network's size, kept in memory (fp16)."""
+
+    images: torch.Tensor  # (M, 4, h, w)
+    masks: torch.Tensor  # (M, 1, h, w) {0, 1}
+    names: list[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def build_slice_set(path: str | Path, geometry: Geometry, multiple: int, require_labels: bool = True,
+                    log=print) -> SliceSet:
+    cases = data.find_cases(path)
+    images, masks, names = [], [], []
+    for files in cases:
+        if files.seg is None:
+            if require_labels:
+                raise DiffSegError(
+                    f"{files.images['t1'].parent}: no segmentation file; training needs one per case "
+                    f"(e.g. {files.name}_seg.nii.gz)"
+                )
+            continue
+        case = data.load_case(files)
+        zs = data.brain_slices(case) if case.is_volume else [0]
+        vol = case.images if case.is_volume else case.images[..., None]
+        lab = case.label if case.is_volume else case.label[..., None]
+        batch = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol[..., zs], -1, 0)))
+        label = torch.from_numpy(np.ascontiguousarray(np.moveaxis(lab[..., zs], -1, 0)))[:, None].float()
+        images.append(geometry.to_network(batch, multiple).half())
+        masks.append(geometry.to_network(label, multiple, is_mask=True).to(torch.uint8))
+        names.extend(f"{case.name}:{z}" for z in zs)
+    if not names:
+        raise DiffSegError(f"{path}: no labelled cases found; training needs images with a segmentation")
+    log(f"loaded {len(names)} slices from {len(cases)} cases in {path}")
+    return SliceSet(torch.cat(images), torch.cat(masks), names)
+
+
+# -- distributed helpers -----------------------------------------------------------------------
+def _distributed() -> tuple[int, int, int]:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    return 0, 1, 0
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 10_007 + step) % (2**63 - 1)
+
+
+class EMA:
+    """Exponential moving average of the weights with a warm-up.
+
+    The rate ramps as min(rate, (1 + n) / (10 + n)): with the reference's fixed 0.9999, a
+    run of a few thousand steps would still be mostly its random initialisation."""
+
+    def __init__(self, model: torch.nn.Module, rate: float):
+        self.rate = rate
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.rate, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            self.shadow[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
+
+
+# -- the command -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffseg-train",
+        description="Train the conditional diffusion segmentation model (Wolleb et al.) on "
+        "slice folders or BraTS case folders. Flags as in the reference implementation.",
+    )
+    parser.add_argument("--data_dir", required=True, help="training cases (slice folders or BraTS volumes)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--batch_size", type=positive_int, default=1, help="per process")
+    parser.add_argument("--ema_rate", type=float, default=0.9999)
+    add_model_flags(parser)
+    extra = parser.add_argument_group("napari-diffseg")
+    extra.add_argument("--out_dir", default="results", help="checkpoints, model.pt and progress.csv go here")
+    extra.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: run until interrupted, as the reference)")
+    extra.add_argument("--max_minutes", type=float, default=0, help="stop (and save) after this much wall time (0: no limit)")
+    extra.add_argument("--save_interval", type=positive_int, default=5000)
+    extra.add_argument("--log_interval", type=positive_int, default=100, help="rows in progress.csv (mean over the interval)")
+    extra.add_argument("--resume", default="", help="a checkpoint.pt (or the out dir holding one) to continue from")
+    extra.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    extra.add_argument("--seed", type=int, default=0)
+    extra.add_argument("--val_dir", default="", help="labelled cases for a validation loss at every save")
+    extra.add_argument("--crop_border", type=int, default=8, help="pixels cropped from each edge (the reference: 8, 240 -> 224)")
+    extra.add_argument("--resize_to", type=int, default=0, help="train at this square size (0: native size); stored in the model")
+    extra.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype (fp16 on CUDA only)")
+    extra.add_argument("--channels_last", action="store_true", help="channels-last memory layout (faster with bf16)")
+    extra.add_argument("--augment", action="store_true", help="random left-right flips")
+    extra.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
+    extra.add_argument("--sample_respacing", default="", help="default sampling steps stored in model.pt (e.g. 50)")
+    extra.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.rank, self.world, local_rank = _distributed()
+        self.stop_requested = False
+        flags = model_flags_from_args(args)
+        check_unsupported_flags(flags)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if self.world > 1:
+            backend = "nccl" if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()) else "gloo"
+            dist.init_process_group(backend=backend)
+        device = resolve_device(args.device)
+        if device.type == "cuda" and self.world > 1:
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        if args.precision == "fp16" and device.type != "cuda":
+            raise DiffSegError("--precision fp16 needs a CUDA GPU; use bf16 or fp32")
+
+        self.out_dir = Path(args.out_dir)
+        if self.rank == 0:
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.out_dir / f".write-test-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as exc:
+                raise DiffSegError(f"--out_dir {self.out_dir}: cannot write there ({exc.strerror}); choose a writable folder") from None
+
+        self.unet_config = UNetConfig.from_flags(flags)
+        self.diffusion_config = DiffusionConfig.from_flags(flags)
+        self.geometry = Geometry(crop_border=args.crop_border, resize_to=args.resize_to or None)
+        self.sampling = {**DEFAULT_SAMPLING, "timestep_respacing": args.sample_respacing}
+        self.diffusion = Diffusion.from_config(self.diffusion_config)
+
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+        try:
+            self.model = UNet(self.unet_config)
+        except ValueError as exc:
+            raise DiffSegError(f"model flags: {exc}") from None
+        self.model.to(device)
+        if args.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.ema = EMA(self.model, args.ema_rate)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
+        self.step = 0
+        if args.resume:
+            self._resume(Path(args.resume))
+        self.net = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+
+        multiple = self.unet_config.size_multiple
+        log = self.log
+        self.train_set = build_slice_set(args.data_dir, self.geometry, multiple, log=log)
+        self.val_set = build_slice_set(args.val_dir, self.geometry, multiple, log=log) if args.val_dir else None
+        self.log(
+            f"model: {count_parameters(self.model):,} parameters, network input "
+            f"{tuple(self.train_set.images.shape[-2:])}, device {device}, {self.world} process(es), "
+            f"precision {args.precision}"
+        )
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, file=sys.stderr, flush=True)
+
+    def _resume(self, path: Path) -> None:
+        if path.is_dir():
+            path = path / CHECKPOINT_NAME
+        payload = read_checkpoint(path)
+        if not is_ours(payload) or "optimizer" not in payload:
+            raise DiffSegError(f"{path}: not a diffseg-train checkpoint; --resume takes the {CHECKPOINT_NAME} of an earlier run")
+        if UNetConfig.from_flags(payload["unet_config"]) != self.unet_config:
+            raise DiffSegError(f"{path}: was trained with other model flags; give the same flags to resume")
+        self.model.load_state_dict(payload["weights"]["model"])
+        self.ema.shadow = {k: v.float().to(self.device) for k, v in payload["weights"]["ema"].items()}
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.step = int(payload["step"])
+        if "torch_rng" in payload:
+            torch.set_rng_state(payload["torch_rng"])
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        weights = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                   "ema": {k: v.cpu() for k, v in self.ema.shadow.items()}}
+        common = dict(unet_config=self.unet_config, diffusion_config=self.diffusion_config,
+                      geometry=self.geometry, sampling=self.sampling)
+        train_args = {k: v for k, v in vars(self.args).items()}
+        atomic_save(make_payload(weights=weights, step=self.step, optimizer=self.optimizer.state_dict(),
+                                 torch_rng=torch.get_rng_state(), train_args=train_args, **common),
+                    self.out_dir / CHECKPOINT_NAME)
+        atomic_save(make_payload(weights=weights, step=self.step, train_args=train_args, **common),
+                    self.out_dir / MODEL_NAME)
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def _batch(self, dataset: SliceSet, rng: np.random.Generator, size: int):
+        idx = torch.from_numpy(rng.integers(0, len(dataset), size=size))
+        images = dataset.images[idx].float()
+        masks = dataset.masks[idx].float()
+        if self.args.augment:
+            flip = torch.from_numpy(rng.random(size) < 0.5)
+            images[flip] = images[flip].flip(-2)
+            masks[flip] = masks[flip].flip(-2)
+        return images.to(self.device), masks.to(self.device)
+
+    def _losses(self, images, masks, generator: torch.Generator):
+        n = images.shape[0]
+        t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=generator).to(self.device)
+        noise = torch.randn(masks.shape, generator=generator).to(self.device)
+        x_t = self.diffusion.q_sample(masks, t, noise)
+        x = torch.cat([images, x_t], dim=1)
+        if self.args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(self.device, self.args.precision):
+            output = self.net(x, t)
+        return self.diffusion.training_losses(output.float(), masks, x_t, t, noise)
+
+    def train_step(self) -> dict[str, float]:
+        rng = np.random.default_rng(_step_seed(self.args.seed, self.rank, self.step))
+        generator = torch.Generator().manual_seed(_step_seed(self.args.seed + 1, self.rank, self.step))
+        images, masks = self._batch(self.train_set, rng, self.args.batch_size)
+        self.model.train()
+        losses = self._losses(images, masks, generator)
+        loss = losses["loss"].mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.ema.update(self.model, self.step)
+        self.step += 1
+        return {k: v.mean().item() for k, v in losses.items()}
+
+    @torch.no_grad()
+    def validation_loss(self, count: int = 32) -> float:
+        """Mean hybrid loss on fixed slices, timesteps and noise, comparable across saves."""
+        rng = np.random.default_rng(12345)
+        generator = torch.Generator().manual_seed(54321)
+        self.model.eval()
+        total, seen = 0.0, 0
+        for start in range(0, count, self.args.batch_size):
+            images, masks = self._batch(self.val_set, rng, min(self.args.batch_size, count - start))
+            total += self._losses(images, masks, generator)["loss"].sum().item()
+            seen += images.shape[0]
+        return total / max(seen, 1)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        if self.world > 1:
+            dist.all_reduce(flag)  # stop together so the last save sees one step count
+        return bool(flag.item() > 0)
+
+    def run(self) -> int:
+        args = self.args
+        csv_path = self.out_dir / "progress.csv"
+        new_csv = self.rank == 0 and (not csv_path.exists() or not args.resume)
+        writer = None
+        if self.rank == 0:
+            handle = open(csv_path, "w" if new_csv else "a", newline="")
+            writer = csv.writer(handle)
+            if new_csv:
+                writer.writerow(["step", "loss", "mse", "vb", "val_loss", "steps_per_s", "wall_s"])
+        tensorboard = self._tensorboard()
+        bar = None
+        if self.rank == 0 and not args.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=args.max_steps or None, initial=self.step, unit="step", dynamic_ncols=True)
+        sums = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
+        count, started, interval_start = 0, time.time(), time.time()
+        if self.step == 0:
+            self.save()  # a loadable checkpoint exists from the start
+        try:
+            while not args.max_steps or self.step < args.max_steps:
+                if args.max_minutes and time.time() - started > 60 * args.max_minutes:
+                    self.stop_requested = True
+                if self._should_stop():
+                    self.log(f"stopping at step {self.step}")
+                    break
+                values = self.train_step()
+                for k in sums:
+                    sums[k] += values[k]
+                count += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}")
+                val = ""
+                if self.step % args.save_interval == 0:
+                    if self.val_set is not None:
+                        val = self.validation_loss()
+                    self.save()
+                if self.rank == 0 and (self.step % args.log_interval == 0 or val != ""):
+                    now = time.time()
+                    row = [self.step] + [sums[k] / max(count, 1) for k in ("loss", "mse", "vb")]
+                    row += [val, count / max(now - interval_start, 1e-9), round(now - started, 2)]
+                    writer.writerow(row)
+                    handle.flush()
+                    if tensorboard is not None:
+                        for name, value in zip(("loss", "mse", "vb"), row[1:4]):
+                            tensorboard.add_scalar(f"train/{name}", value, self.step)
+                        if val != "":
+                            tensorboard.add_scalar("val/loss", val, self.step)
+                    sums = {k: 0.0 for k in sums}
+                    count, interval_start = 0, now
+        finally:
+            self.save()
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                handle.close()
+            if tensorboard is not None:
+                tensorboard.close()
+        self.log(f"saved {self.out_dir / MODEL_NAME} at step {self.step}")
+        return 0
+
+    def _tensorboard(self):
+        if self.rank != 0:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+
+
+@guarded
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    trainer = Trainer(args)
+
+    def request_stop(signum, frame):
+        trainer.stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        return trainer.run()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

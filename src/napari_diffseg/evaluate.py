@@ -1,0 +1,511 @@
+"""``diffseg-eval``: score a model against ground truth; report.json, report.md and plots.
+
+For every case with a label the ensemble is sampled ONCE, with the largest ensemble any
+figure needs; smaller ensembles are the first k members of that run, so Dice against
+ensemble size costs no extra sampling. Volumes are scored in 3D on the input grid
+(arrays are (X, Y, Z); a 2D slice case is scored in 2D).
+
+Figures per case (:func:`score_case`, reusable for any model that yields members):
+
+- ``dice_ensemble``: Dice of the ensemble mask (mean of the N members > 0.5);
+- ``dice_single_mean``: mean Dice of the single members (each member > 0.5);
+- ``hd95``: 95th-percentile Hausdorff distance (mm, the case's voxel size) of the ensemble
+  mask; nan where exactly one of prediction and truth is empty (counted in the summary);
+- ``auroc_variance_error`` / ``auroc_variance_error_all``: how well the ensemble variance
+  flags wrong voxels, within 10 voxels of prediction or truth / over every voxel; nan for a
+  single member (a deterministic model: variance 0 everywhere carries no ranking);
+- ``slice_variance_dice_pearson``: Pearson correlation, over the slices (last axis) holding
+  tumour in the truth or the prediction, between a slice's mean variance and its Dice.
+
+``--slices brain`` (default) samples every brain slice. ``--slices tumour`` samples only
+the slices with tumour in the truth, two slices either side included, which is much faster
+on full volumes; slices not sampled count as predicted background (probability 0), so
+false positives there are not seen and the figures are optimistic.
+
+``--sweep`` repeats the evaluation (ensemble ``--sweep_ensemble``, default 5) for each step
+count of ``--sweep_steps`` on the first ``--sweep_cases`` cases.
+
+The last line on stdout is one JSON object with the overall figures (nan written as null).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import data, metrics
+from .cli import MODEL_FLAG_DEFAULTS, check_unsupported_flags, guarded, positive_int, read_flags_file, str2bool
+from .ensemble import THRESHOLD
+from .errors import DiffSegError
+
+RADIUS = 10
+TUMOUR_SLICE_MARGIN = 2
+SUMMARY_KEYS = ("dice_ensemble", "dice_single_mean", "hd95", "auroc_variance_error", "auroc_variance_error_all",
+                "slice_variance_dice_pearson")
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring (no torch: any model that produces members can use it)
+# --------------------------------------------------------------------------------------------
+
+
+def ensemble_masks(members: np.ndarray, threshold: float = THRESHOLD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(probability = member mean, variance, mask = probability > threshold) of (N, *spatial) members."""
+    members = np.asarray(members, dtype=np.float32)
+    probability = members.mean(axis=0)
+    variance = members.var(axis=0) if members.shape[0] > 1 else np.zeros_like(probability)
+    return probability, variance, probability > threshold
+
+
+def per_slice_dice(pred: np.ndarray, truth: np.ndarray, slices: list[int]) -> np.ndarray:
+    return np.array([metrics.dice(pred[..., z], truth[..., z]) for z in slices], dtype=np.float64)
+
+
+def score_case(members: np.ndarray, truth: np.ndarray, spacing=None, radius: float = RADIUS,
+               threshold: float = THRESHOLD) -> dict:
+    """Score the probability members (N, *spatial) of one case against its truth mask.
+
+    N = 1 (a deterministic model) is allowed: the ensemble is the single member, the
+    variance is 0 and the variance figures are nan. Returns floats (nan where undefined)
+    and a few counts; see the module docstring for the meaning of each key.
+    """
+    members = np.asarray(members, dtype=np.float32)
+    truth = np.asarray(truth).astype(bool)
+    if members.ndim == truth.ndim:  # one member given without its axis
+        members = members[None]
+    if members.shape[1:] != truth.shape:
+        raise ValueError(f"members {members.shape} do not match the truth {truth.shape} (expected (N, *spatial))")
+    n = members.shape[0]
+    if n < 1:
+        raise ValueError("no members to score")
+    probability, variance, mask = ensemble_masks(members, threshold)
+    singles = [metrics.dice(member > threshold, truth) for member in members]
+    if n > 1:
+        auroc = metrics.variance_error_auroc(variance, mask, truth, radius=radius)
+    else:
+        auroc = {"neighbourhood": float("nan"), "all": float("nan")}
+
+    correlation, tumour_slices = float("nan"), 0
+    if truth.ndim >= 3:
+        has_tumour = (truth | mask).reshape(-1, truth.shape[-1]).any(axis=0)
+        slices = [int(z) for z in np.flatnonzero(has_tumour)]
+        tumour_slices = len(slices)
+        if n > 1 and len(slices) >= 2:
+            slice_variance = variance.reshape(-1, truth.shape[-1])[:, slices].mean(axis=0)
+            correlation = metrics.pearson(slice_variance, per_slice_dice(mask, truth, slices))
+    return {
+        "num_members": int(n),
+        "dice_ensemble": float(metrics.dice(mask, truth)),
+        "dice_single_mean": float(np.mean(singles)),
+        "dice_single": [float(d) for d in singles],
+        "hd95": float(metrics.hd95(mask, truth, spacing=spacing)),
+        "auroc_variance_error": float(auroc["neighbourhood"]),
+        "auroc_variance_error_all": float(auroc["all"]),
+        "slice_variance_dice_pearson": float(correlation),
+        "tumour_slices": int(tumour_slices),
+        "truth_voxels": int(truth.sum()),
+        "predicted_voxels": int(mask.sum()),
+        "mean_variance_in_mask_or_truth": float(variance[mask | truth].mean()) if (mask | truth).any() else 0.0,
+    }
+
+
+def dice_by_ensemble_size(members: np.ndarray, truth: np.ndarray, sizes, threshold: float = THRESHOLD) -> dict:
+    """{k: Dice of the mean of the first k members > threshold} for every k <= N in sizes."""
+    members = np.asarray(members, dtype=np.float32)
+    truth = np.asarray(truth).astype(bool)
+    out, running, done = {}, np.zeros(members.shape[1:], np.float64), 0
+    for k in sorted(set(int(s) for s in sizes if 1 <= int(s) <= members.shape[0])):
+        running += members[done:k].sum(axis=0)
+        done = k
+        out[k] = float(metrics.dice(running / k > threshold, truth))
+    return out
+
+
+def summarise(rows: list[dict], keys=SUMMARY_KEYS) -> dict:
+    """Mean over cases per key, nan skipped; how many cases were nan is reported too."""
+    summary: dict = {"cases": len(rows)}
+    for key in keys:
+        values = np.array([r.get(key, float("nan")) for r in rows], dtype=np.float64)
+        finite = np.isfinite(values)
+        summary[key] = float(values[finite].mean()) if finite.any() else float("nan")
+        summary[f"{key}_nan_cases"] = int((~finite).sum())
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Output helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _clean(value):
+    """JSON-safe copy: nan/inf -> None, numpy scalars -> Python, tuple -> list, int keys -> str."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _atomic_write(path: Path, writer, mode: str = "w") -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            writer(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda handle: handle.write(text))
+
+
+def _save_figure(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    _atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100, bbox_inches="tight"), "wb")
+    plt.close(figure)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_dice_vs_ensemble(rows: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    sizes = sorted({int(k) for r in rows for k in r["dice_by_ensemble_size"]})
+    for r in rows:
+        ks = sorted(int(k) for k in r["dice_by_ensemble_size"])
+        axes.plot(ks, [r["dice_by_ensemble_size"][k] for k in ks], color="0.75", lw=0.8)
+    means = [np.mean([r["dice_by_ensemble_size"][k] for r in rows if k in r["dice_by_ensemble_size"]]) for k in sizes]
+    axes.plot(sizes, means, "o-", color="C0", label="ensemble (mean over cases)")
+    single = np.mean([r["dice_single_mean"] for r in rows])
+    axes.axhline(single, color="C1", ls="--", label="single sample (mean)")
+    axes.set_xlabel("ensemble size")
+    axes.set_ylabel("Dice (whole tumour)")
+    axes.set_xticks(sizes)
+    axes.set_ylim(0, 1.02)
+    axes.legend(loc="lower right", fontsize=8)
+    axes.set_title(f"Dice vs ensemble size ({len(rows)} cases)")
+    _save_figure(figure, path)
+
+
+def plot_dice_vs_steps(sweep: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    steps = [s["steps"] for s in sweep]
+    axes.plot(steps, [s["dice_ensemble"] for s in sweep], "o-", label="ensemble")
+    axes.plot(steps, [s["dice_single_mean"] for s in sweep], "s--", label="single sample (mean)")
+    axes.set_xscale("log")
+    axes.set_xticks(steps)
+    axes.set_xticklabels([str(s) for s in steps])
+    axes.set_xlabel("sampling steps")
+    axes.set_ylabel("Dice (whole tumour)")
+    axes.set_ylim(0, 1.02)
+    axes.legend(loc="lower right", fontsize=8)
+    axes.set_title("Dice vs sampling steps")
+    _save_figure(figure, path)
+
+
+def panel_slice(truth: np.ndarray, mask: np.ndarray) -> int | None:
+    """The slice (last axis) with the largest tumour area in the truth (else the prediction);
+    None for a 2D case."""
+    if truth.ndim < 3:
+        return None
+    for source in (truth, mask):
+        area = source.reshape(-1, source.shape[-1]).sum(axis=0)
+        if area.max() > 0:
+            return int(area.argmax())
+    return truth.shape[-1] // 2
+
+
+def plot_panel(flair: np.ndarray, truth: np.ndarray, mask: np.ndarray, variance: np.ndarray, title: str,
+               path: Path) -> None:
+    plt = _pyplot()
+    z = panel_slice(truth, mask)
+    pick = (lambda a: a) if z is None else (lambda a: a[..., z])
+    figure, axes = plt.subplots(1, 4, figsize=(12, 3.4))
+    panels = [("FLAIR", pick(flair), "gray"), ("truth", pick(truth), "gray"), ("ensemble mask", pick(mask), "gray"),
+              ("variance", pick(variance), "magma")]
+    for ax, (name, image, cmap) in zip(axes, panels):
+        shown = ax.imshow(np.asarray(image, dtype=np.float32).T, cmap=cmap, origin="lower")
+        ax.set_title(name)
+        ax.axis("off")
+        if name == "variance":
+            figure.colorbar(shown, ax=ax, fraction=0.046)
+    figure.suptitle(title if z is None else f"{title} (slice {z})")
+    _save_figure(figure, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 1, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffseg-eval",
+        description="Evaluate a diffusion segmentation ensemble against ground truth: Dice, HD95, "
+        "uncertainty-vs-error AUROC; writes report.json, report.md and plots.",
+    )
+    parser.add_argument("--model_path", default=None, help="checkpoint (default: the bundled demo model)")
+    parser.add_argument("--flags_json", help="JSON of the reference model flags, for a reference checkpoint")
+    parser.add_argument("--data_dir", required=True, help="case folders with ground truth (cases without are skipped)")
+    parser.add_argument("--out_dir", required=True, help="where report.json, report.md and the plots go")
+    parser.add_argument("--num_ensemble", type=positive_int, default=5, help="ensemble size of the main figures")
+    parser.add_argument("--timestep_respacing", default=None,
+                        help="sampling steps: '' for all, 50, ddim50 ... (default: the model's setting)")
+    parser.add_argument("--use_ddim", type=str2bool, nargs="?", const=True, default=None,
+                        help="deterministic DDIM steps instead of ancestral DDPM")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--max_cases", type=positive_int, default=None, help="evaluate at most this many labelled cases")
+    parser.add_argument("--slices", choices=["brain", "tumour"], default="brain",
+                        help="volumes: sample every brain slice, or only slices with tumour in the truth (+-2); "
+                        "slices not sampled count as predicted background")
+    parser.add_argument("--ensemble_sizes", type=_int_list, default=[1, 2, 5, 10],
+                        help="ensemble sizes for the Dice-vs-size curve (default 1,2,5,10)")
+    parser.add_argument("--radius", type=float, default=RADIUS, help="neighbourhood radius (voxels) of the AUROC")
+    parser.add_argument("--sweep", action="store_true", help="also evaluate each step count of --sweep_steps")
+    parser.add_argument("--sweep_steps", type=_int_list, default=[10, 25, 50, 100, 250, 1000])
+    parser.add_argument("--sweep_cases", type=positive_int, default=None, help="cases in the sweep (default: all)")
+    parser.add_argument("--sweep_ensemble", type=positive_int, default=5, help="ensemble size in the sweep")
+    return parser
+
+
+def _reference_flags(args: argparse.Namespace) -> dict:
+    flags = dict(MODEL_FLAG_DEFAULTS)
+    if args.flags_json:
+        flags.update(read_flags_file(args.flags_json))
+    check_unsupported_flags(flags)
+    return flags
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise DiffSegError(f"--out_dir {out_dir}: cannot write there ({exc.strerror or exc}); "
+                           "choose a writable folder") from None
+
+
+def tumour_slices(truth: np.ndarray, margin: int = TUMOUR_SLICE_MARGIN) -> list[int]:
+    """Slices (last axis) with tumour in the truth, `margin` slices either side included."""
+    depth = truth.shape[-1]
+    has = np.flatnonzero(truth.reshape(-1, depth).any(axis=0))
+    chosen = set()
+    for z in has:
+        chosen.update(range(max(0, z - margin), min(depth, z + margin + 1)))
+    return sorted(int(z) for z in chosen)
+
+
+def _sample(segmenter, case: data.Case, num: int, respacing, sampler, args) -> np.ndarray:
+    """The ensemble's members (num, *spatial), on the case's grid."""
+    from .inference import run_to_end
+
+    slices = tumour_slices(case.label) if args.slices == "tumour" and case.is_volume else None
+    if slices is not None and not slices:  # no tumour in the truth: nothing to sample, all background
+        return np.zeros((num, *case.spatial_shape), np.float32)
+    result = run_to_end(segmenter.run(case.images, num_ensemble=num, respacing=respacing, sampler=sampler,
+                                      eta=args.eta, seed=args.seed, keep_samples=True, slices=slices,
+                                      preview_interval=None))
+    return result.samples
+
+
+def _case_table(rows: list[dict], overall: dict) -> list[str]:
+    lines = ["| case | Dice ens. | Dice single | HD95 (mm) | AUROC var-err (nbhd) | AUROC var-err (all) "
+             "| slice var~Dice r | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {_fmt(r['dice_ensemble'])} | {_fmt(r['dice_single_mean'])} | "
+                     f"{_fmt(r['hd95'], 2)} | {_fmt(r['auroc_variance_error'])} | "
+                     f"{_fmt(r['auroc_variance_error_all'])} | {_fmt(r['slice_variance_dice_pearson'])} | "
+                     f"{_fmt(r['seconds'], 1)} |")
+    lines.append(f"| **mean** | {_fmt(overall['dice_ensemble'])} | {_fmt(overall['dice_single_mean'])} | "
+                 f"{_fmt(overall['hd95'], 2)} | {_fmt(overall['auroc_variance_error'])} | "
+                 f"{_fmt(overall['auroc_variance_error_all'])} | {_fmt(overall['slice_variance_dice_pearson'])} | |")
+    return lines
+
+
+def render_markdown(report: dict) -> str:
+    s, overall, rows = report["settings"], report["overall"], report["cases"]
+    lines = ["# diffseg-eval report", "", f"Model: `{report['model']}`", "",
+             f"## Per case (ensemble of {s['num_ensemble']}, {s['steps']} steps, {s['sampler']})", ""]
+    lines += _case_table(rows, overall)
+    lines += ["", f"HD95 undefined (one mask empty) in {overall['hd95_nan_cases']} case(s); "
+              "those are left out of the mean.", ""]
+    sizes = report["dice_vs_ensemble_size"]
+    lines += ["## Dice vs ensemble size (first k members of one run)", "", "| k | mean Dice |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sizes.items()]
+    if report.get("sweep"):
+        lines += ["", f"## Dice vs sampling steps (ensemble {s['sweep_ensemble']}, "
+                  f"{report['sweep'][0]['cases']} cases)", "",
+                  "| steps | Dice ens. | Dice single | HD95 | AUROC (nbhd) | s |", "|---|---|---|---|---|---|"]
+        for row in report["sweep"]:
+            lines.append(f"| {row['steps']} | {_fmt(row['dice_ensemble'])} | {_fmt(row['dice_single_mean'])} | "
+                         f"{_fmt(row['hd95'], 2)} | {_fmt(row['auroc_variance_error'])} | {_fmt(row['seconds'], 1)} |")
+    lines += ["", "## Settings", ""]
+    lines += [f"- {k}: `{v}`" for k, v in s.items()]
+    if s["slices"] == "tumour":
+        lines += ["", "Only slices with tumour in the truth (+-2) were sampled; the others count as predicted "
+                  "background, so false positives outside them are not seen."]
+    lines += ["", f"Total time: {report['timing']['total_seconds']:.1f} s", ""]
+    return "\n".join(lines)
+
+
+@guarded
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.time()
+    out_dir = Path(args.out_dir)
+    files = data.find_cases(args.data_dir)
+    labelled = []
+    for f in files:
+        if f.seg is None:
+            print(f"{f.name}: skipped (no ground-truth segmentation)", file=sys.stderr)
+        else:
+            labelled.append(f)
+    if not labelled:
+        raise DiffSegError(f"{args.data_dir}: none of the {len(files)} case(s) has a ground-truth segmentation "
+                           "(a *_seg.nii.gz file); diffseg-eval needs labelled cases")
+    if args.max_cases:
+        labelled = labelled[: args.max_cases]
+    _check_out_dir(out_dir)
+
+    from .inference import Segmenter  # torch: only once the inputs look right
+
+    segmenter = Segmenter.load(args.model_path, device=args.device, reference_flags=_reference_flags(args),
+                               precision=args.precision)
+    sampler = None if args.use_ddim is None else ("ddim" if args.use_ddim else "ddpm")
+    respacing = segmenter.defaults["timestep_respacing"] if args.timestep_respacing is None else args.timestep_respacing
+    sampler_name = sampler or segmenter.defaults["sampler"]
+    sizes = sorted(set(args.ensemble_sizes))
+    num_run = max(args.num_ensemble, max(sizes))
+    total_steps = segmenter.loaded.diffusion_config.diffusion_steps
+
+    rows, sweep_members = [], {}
+    for index, case_files in enumerate(labelled):
+        case = data.load_case(case_files)
+        t0 = time.time()
+        members = _sample(segmenter, case, num_run, respacing, sampler, args)
+        sampled = time.time() - t0
+        truth = case.label.astype(bool)
+        row = {"case": case.name, **score_case(members[: args.num_ensemble], truth, case.voxel_size, args.radius)}
+        row["dice_by_ensemble_size"] = dice_by_ensemble_size(members, truth, sizes)
+        row["sampling_seconds"] = round(sampled, 3)
+        row["seconds"] = round(time.time() - t0, 3)
+        row["shape"] = list(case.spatial_shape)
+        row["voxel_size"] = list(case.voxel_size)
+        rows.append(row)
+        probability, variance, mask = ensemble_masks(members[: args.num_ensemble])
+        plot_panel(case.images[3], truth, mask, variance, case.name, out_dir / f"panel_{case.name}.png")
+        print(f"[{index + 1}/{len(labelled)}] {case.name}: Dice {row['dice_ensemble']:.3f} "
+              f"(single {row['dice_single_mean']:.3f}), HD95 {_fmt(row['hd95'], 2)}, {row['seconds']:.1f} s",
+              file=sys.stderr)
+
+    overall = summarise(rows)
+    by_size = {k: float(np.mean([r["dice_by_ensemble_size"][k] for r in rows])) for k in sizes if k <= num_run}
+    plot_dice_vs_ensemble(rows, out_dir / "dice_vs_ensemble.png")
+
+    sweep = []
+    if args.sweep:
+        sweep_files = labelled[: args.sweep_cases] if args.sweep_cases else labelled
+        for steps in args.sweep_steps:
+            spacing = "" if steps == total_steps else str(steps)
+            t0 = time.time()
+            sweep_rows = []
+            for case_files in sweep_files:
+                case = data.load_case(case_files)
+                members = _sample(segmenter, case, args.sweep_ensemble, spacing, sampler, args)
+                sweep_rows.append({"case": case.name, **score_case(members, case.label, case.voxel_size, args.radius)})
+            entry = {"steps": steps, "timestep_respacing": spacing, "seconds": round(time.time() - t0, 3),
+                     **summarise(sweep_rows), "per_case": {r["case"]: r["dice_ensemble"] for r in sweep_rows}}
+            sweep.append(entry)
+            print(f"sweep {steps} steps: Dice {entry['dice_ensemble']:.3f} ({entry['seconds']:.1f} s)",
+                  file=sys.stderr)
+        plot_dice_vs_steps(sweep, out_dir / "dice_vs_steps.png")
+
+    settings = {
+        "data_dir": str(args.data_dir), "num_ensemble": args.num_ensemble, "members_sampled": num_run,
+        "ensemble_sizes": sizes, "timestep_respacing": respacing, "steps": segmenter.num_steps(respacing),
+        "sampler": sampler_name, "eta": args.eta, "seed": args.seed, "device": str(segmenter.device),
+        "precision": args.precision, "slices": args.slices, "radius": args.radius, "threshold": THRESHOLD,
+        "max_cases": args.max_cases, "sweep": args.sweep,
+        "sweep_steps": args.sweep_steps if args.sweep else None,
+        "sweep_ensemble": args.sweep_ensemble if args.sweep else None,
+        "sweep_cases": args.sweep_cases if args.sweep else None,
+    }
+    report = {
+        "model": segmenter.loaded.source,
+        "settings": settings,
+        "overall": overall,
+        "dice_vs_ensemble_size": by_size,
+        "cases": rows,
+        "skipped_unlabelled": [f.name for f in files if f.seg is None],
+        "sweep": sweep,
+        "timing": {"total_seconds": round(time.time() - started, 3),
+                   "sampling_seconds": round(sum(r["sampling_seconds"] for r in rows), 3)},
+    }
+    _write_text(out_dir / "report.json", json.dumps(_clean(report), indent=2) + "\n")
+    _write_text(out_dir / "report.md", render_markdown(report))
+
+    print("\n".join(_case_table(rows, overall)))
+    final = {key: overall[key] for key in SUMMARY_KEYS}
+    final.update(cases=len(rows), hd95_nan_cases=overall["hd95_nan_cases"],
+                 dice_vs_ensemble_size=by_size, report=str(out_dir / "report.json"))
+    if sweep:
+        final["dice_vs_steps"] = {s["steps"]: s["dice_ensemble"] for s in sweep}
+    print(json.dumps(_clean(final)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""The python API of the core: diffusion sampling, respacing, ensembles and the Segmenter.
+
+Everything runs on the CPU with a tiny UNet (a few hundred thousand parameters) and a
+handful of steps, so the whole file takes seconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_diffseg import checkpoint
+from napari_diffseg.diffusion import Diffusion, DiffusionConfig, make_betas, space_timesteps
+from napari_diffseg.ensemble import ensemble_statistics, sample_ensemble
+from napari_diffseg.geometry import Geometry
+from napari_diffseg.inference import Segmenter, run_to_end
+from napari_diffseg.unet import UNet, UNetConfig
+
+TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="",
+            num_heads=1, learn_sigma=True)
+
+
+def tiny_model(seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    model = UNet(UNetConfig(**TINY))
+    with torch.no_grad():  # the output layer starts at zero: give the network something to say
+        model.out[2].weight.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def save_tiny_checkpoint(path, geometry: Geometry, seed: int = 0):
+    model = tiny_model(seed)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    checkpoint.atomic_save(checkpoint.make_payload(UNetConfig(**TINY), DiffusionConfig(), geometry,
+                                                   {"model": state}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def diffusion10():
+    return Diffusion.from_config(DiffusionConfig(), "10")
+
+
+def _images(s: int, h: int = 16, w: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.rand((s, 4, h, w), generator=torch.Generator().manual_seed(seed))
+
+
+# -- diffusion and ensemble API -------------------------------------------------------------
+
+def test_sampling_yields_every_step_with_ensemble_states(model, diffusion10):
+    assert diffusion10.num_timesteps == 10
+    steps = list(sample_ensemble(model, diffusion10, _images(2), 3, seed=1))
+    assert len(steps) == diffusion10.num_timesteps
+    assert [s.index for s in steps] == list(range(10))
+    assert all(s.total == 10 for s in steps)
+    assert all(tuple(s.x.shape) == (6, 1, 16, 16) for s in steps)
+    assert all(tuple(s.pred_x0.shape) == (6, 1, 16, 16) for s in steps)
+    ts = [s.t for s in steps]
+    assert ts == sorted(ts, reverse=True) and ts[0] == 999 and ts[-1] == 0
+    assert torch.isfinite(steps[-1].x).all()
+
+
+def _final(model, diffusion, images, n, **kwargs) -> torch.Tensor:
+    last = None
+    for last in sample_ensemble(model, diffusion, images, n, **kwargs):
+        pass
+    return last.x.clone()
+
+
+def test_seeded_sampling_is_reproducible(model, diffusion10):
+    images = _images(2)
+    a = _final(model, diffusion10, images, 2, seed=7)
+    b = _final(model, diffusion10, images, 2, seed=7)
+    c = _final(model, diffusion10, images, 2, seed=8)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    # The chains of one slice differ from each other too.
+    assert not torch.allclose(a[0], a[1])
+
+
+def test_slice_result_does_not_depend_on_its_batch(model, diffusion10):
+    images = _images(2)
+    together = _final(model, diffusion10, images, 2, seed=3, slice_keys=[4, 9])
+    alone = _final(model, diffusion10, images[1:], 2, seed=3, slice_keys=[9])
+    torch.testing.assert_close(together[2:], alone, rtol=1e-4, atol=1e-5)
+    other_key = _final(model, diffusion10, images[1:], 2, seed=3, slice_keys=[4])
+    assert not torch.allclose(alone, other_key)
+
+
+def test_ddim_eta0_is_deterministic_given_start_noise(model):
+    diffusion = Diffusion.from_config(DiffusionConfig(), "ddim10")
+    images = _images(1)
+    with torch.inference_mode():
+        condition = model.encode_condition(images.repeat(2, 1, 1, 1))
+
+    def denoise(x, t):
+        with torch.inference_mode():
+            return model.forward_conditioned(x, t, condition)
+
+    start = torch.randn((2, 1, 16, 16), generator=torch.Generator().manual_seed(0))
+
+    def run(draw):
+        last = None
+        for last in diffusion.sample(denoise, start.clone(), draw_noise=draw, sampler="ddim", eta=0.0):
+            pass
+        return last.x
+
+    gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    a = run(lambda: torch.randn((2, 1, 16, 16), generator=gen_a))
+    b = run(lambda: torch.randn((2, 1, 16, 16), generator=gen_b))
+    assert torch.equal(a, b)
+    # eta > 0 does use the noise.
+    gen_c, gen_d = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    last_c = last_d = None
+    for last_c in diffusion.sample(denoise, start.clone(), lambda: torch.randn((2, 1, 16, 16), generator=gen_c),
+                                   sampler="ddim", eta=1.0):
+        pass
+    for last_d in diffusion.sample(denoise, start.clone(), lambda: torch.randn((2, 1, 16, 16), generator=gen_d),
+                                   sampler="ddim", eta=1.0):
+        pass
+    assert not torch.allclose(last_c.x, last_d.x)
+
+
+def test_ensemble_statistics_on_hand_made_samples():
+    samples = torch.tensor([[0.0, 1.0, 0.2], [1.0, 1.0, 0.2], [1.0, 0.0, 0.2], [0.0, 1.0, 0.2]])
+    mean, variance, mask = ensemble_statistics(samples)
+    torch.testing.assert_close(mean, torch.tensor([0.5, 0.75, 0.2]))
+    torch.testing.assert_close(variance, torch.tensor([0.25, 0.1875, 0.0]))
+    assert mask.dtype == torch.uint8
+    assert mask.tolist() == [0, 1, 0]  # strictly greater than one half
+    _, _, low = ensemble_statistics(samples, threshold=0.1)
+    assert low.tolist() == [1, 1, 1]
+    m1, v1, k1 = ensemble_statistics(torch.tensor([[0.7, 0.3]]))
+    torch.testing.assert_close(m1, torch.tensor([0.7, 0.3]))
+    assert torch.count_nonzero(v1) == 0 and k1.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("spec, count", [("10", 10), ("ddim10", 10), ("25,25", 50), ("", 1000)])
+def test_respacing_counts_and_alpha_bar(spec, count):
+    use = space_timesteps(1000, spec)
+    assert len(use) == count
+    assert use == sorted(set(use)) and use[0] == 0 and use[-1] <= 999
+    if spec == "ddim10":
+        assert use == list(range(0, 1000, 100))
+    if spec == "10":
+        assert use[-1] == 999
+    if spec == "25,25":
+        assert sum(t < 500 for t in use) == 25 and sum(t >= 500 for t in use) == 25
+    diffusion = Diffusion.from_config(DiffusionConfig(), spec)
+    assert diffusion.num_timesteps == count and diffusion.timestep_map == use
+    original = np.cumprod(1.0 - make_betas("linear", 1000))
+    np.testing.assert_allclose(diffusion.arrays["alphas_cumprod"], original[use], rtol=1e-10, atol=0)
+
+
+# -- Segmenter ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def segmenters(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-checkpoints")
+    geometries = {"pad": Geometry(), "resize": Geometry(resize_to=32), "reference": Geometry.reference()}
+    return {name: Segmenter.load(save_tiny_checkpoint(folder / f"{name}.pt", g), device="cpu")
+            for name, g in geometries.items()}
+
+
+def _run(segmenter, images, **kwargs):
+    progress = []
+    result = run_to_end(segmenter.run(images, **kwargs), progress.append)
+    return result, progress
+
+
+def _check_outputs(result, shape, n):
+    assert result.probability.shape == shape and result.probability.dtype == np.float32
+    assert result.variance.shape == shape and result.variance.dtype == np.float32
+    assert result.mask.shape == shape and result.mask.dtype == np.uint8
+    assert set(np.unique(result.mask)) <= {0, 1}
+    assert np.isfinite(result.probability).all() and (result.variance >= 0).all()
+    assert result.samples is not None and result.samples.shape == (n, *shape)
+
+
+@pytest.mark.parametrize("geometry", ["pad", "resize"])
+def test_segmenter_slice_keeps_odd_input_shape(segmenters, geometry):
+    images = np.random.default_rng(0).random((4, 37, 45)).astype(np.float32)
+    result, progress = _run(segmenters[geometry], images, num_ensemble=2, respacing="3", seed=0,
+                            keep_samples=True)
+    _check_outputs(result, (37, 45), 2)
+    assert len(progress) == 3 * 1
+    assert [p.step for p in progress] == [1, 2, 3] and progress[-1].fraction == pytest.approx(1.0)
+    assert result.steps == 3 and result.num_ensemble == 2
+    np.testing.assert_allclose(result.probability, result.samples.mean(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("geometry", ["pad", "resize"])
+def test_segmenter_volume_skips_empty_slices(segmenters, geometry):
+    volume = np.random.default_rng(1).random((4, 37, 45, 4)).astype(np.float32)
+    volume[..., 1] = 0  # outside the brain: no work, no mask
+    result, progress = _run(segmenters[geometry], volume, num_ensemble=2, respacing="3", seed=0,
+                            keep_samples=True, batch_slices=2)
+    _check_outputs(result, (37, 45, 4), 2)
+    assert len(progress) == 3 * 2  # slices 0, 2, 3 in batches of two
+    assert {p.batches for p in progress} == {2}
+    assert [p.slices for p in progress[::3]] == [[0, 2], [3]]
+    for array in (result.probability, result.variance, result.mask, result.samples[..., 1]):
+        assert not np.any(array[..., 1])
+    assert np.any(result.probability[..., 0])
+
+
+def test_segmenter_reference_geometry_240(segmenters):
+    images = np.random.default_rng(2).random((4, 240, 240)).astype(np.float32)
+    result, progress = _run(segmenters["reference"], images, num_ensemble=1, respacing="3", seed=0,
+                            keep_samples=True)
+    _check_outputs(result, (240, 240), 1)
+    assert len(progress) == 3
+    border = np.ones((240, 240), bool)
+    border[8:-8, 8:-8] = False
+    for array in (result.probability, result.variance, result.mask, result.samples[0]):
+        assert not np.any(array[border])
+    assert np.any(result.probability[8:-8, 8:-8])
+    assert not np.any(result.variance)  # one member: no spread
+
+
+def test_segmenter_one_slice_equals_the_same_slice_of_a_volume_run(segmenters):
+    volume = np.random.default_rng(3).random((4, 32, 32, 3)).astype(np.float32)
+    seg = segmenters["pad"]
+    whole, _ = _run(seg, volume, num_ensemble=2, respacing="3", seed=5, batch_slices=3)
+    alone, progress = _run(seg, volume, num_ensemble=2, respacing="3", seed=5, slices=[2])
+    assert len(progress) == 3
+    np.testing.assert_allclose(alone.probability[..., 2], whole.probability[..., 2], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(alone.variance[..., 2], whole.variance[..., 2], rtol=1e-4, atol=1e-5)
+    assert not np.any(alone.probability[..., :2])
+    again, _ = _run(seg, volume, num_ensemble=2, respacing="3", seed=5, batch_slices=3)
+    np.testing.assert_array_equal(again.probability, whole.probability)
+    other, _ = _run(seg, volume, num_ensemble=2, respacing="3", seed=6, batch_slices=3)
+    assert not np.allclose(other.probability, whole.probability)

@@ -8,7 +8,7 @@ from the evaluation, and the data citation:
 import argparse
 from pathlib import Path
 
-from napari_diffseg.checkpoint import DEMO_MODEL, atomic_save, read_checkpoint
+from napari_diffseg.checkpoint import DEMO_MODEL, MASK_CLIP_RANGE, atomic_save, read_checkpoint
 
 CITATION = (
     "Trained on 9 BraTS 2018 training cases. Cite: Menze et al., IEEE TMI 34(10):1993-2024, 2015; "
@@ -28,7 +28,7 @@ def main() -> None:
     weights = payload["weights"]
     payload["weights"] = {"model": weights.get("ema") or weights["model"]}
     payload["sampling"] = {"timestep_respacing": args.respacing, "sampler": args.sampler,
-                           "num_ensemble": args.num_ensemble}
+                           "num_ensemble": args.num_ensemble, "clip_range": list(MASK_CLIP_RANGE)}
     payload["citation"] = CITATION
     payload.pop("train_args", None)
     atomic_save(payload, args.out)

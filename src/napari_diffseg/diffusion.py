@@ -269,9 +269,13 @@ class Diffusion:
         )
 
     def p_mean_variance(
-        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, clip: bool = True
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, clip: bool = True,
+        clip_range: tuple[float, float] = (-1.0, 1.0),
     ) -> dict[str, torch.Tensor]:
-        """p(x_{t-1} | x_t) from the network output (eps, and v when sigma is learned)."""
+        """p(x_{t-1} | x_t) from the network output (eps, and v when sigma is learned).
+
+        ``clip_range`` bounds the x0 estimate: the reference keeps the image code's [-1, 1];
+        a {0, 1} mask is better served by [0, 1] (our checkpoints record which)."""
         if self.learn_sigma:
             eps, v = model_output[:, :1], model_output[:, 1:2]
             frac = (v + 1) / 2
@@ -285,7 +289,7 @@ class Diffusion:
             variance = self._coef("fixed_large_variance", t, x_t).expand_as(x_t)
         pred_x0 = self.predict_x0(x_t, t, eps)
         if clip:
-            pred_x0 = pred_x0.clamp(-1, 1)
+            pred_x0 = pred_x0.clamp(*clip_range)
         mean, _, _ = self.q_posterior(pred_x0, x_t, t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_x0": pred_x0}
 
@@ -346,6 +350,7 @@ class Diffusion:
         sampler: str = "ddpm",
         eta: float = 0.0,
         clip: bool = True,
+        clip_range: tuple[float, float] = (-1.0, 1.0),
     ) -> Iterator[SamplerStep]:
         """Run the reverse chain from x_start (pure noise at the last step) down to step 0.
 
@@ -363,7 +368,7 @@ class Diffusion:
         total = self.num_timesteps
         for count, t in enumerate(reversed(range(total))):
             model_t = self.model_timesteps(t, x.shape[0], x.device)
-            out = self.p_mean_variance(denoise(x, model_t).to(x.dtype), x, t, clip=clip)
+            out = self.p_mean_variance(denoise(x, model_t).to(x.dtype), x, t, clip=clip, clip_range=clip_range)
             needs_noise = t > 0 and (sampler == "ddpm" or eta > 0)
             noise = draw_noise() if needs_noise else None
             if sampler == "ddpm":

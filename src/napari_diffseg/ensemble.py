@@ -46,6 +46,7 @@ def sample_ensemble(
     eta: float = 0.0,
     precision: str = "fp32",
     clip: bool = True,
+    clip_range: tuple[float, float] = (-1.0, 1.0),
 ) -> Iterator[SamplerStep]:
     """Yield every step of ``num_ensemble`` chains for each of the S slices in ``images``.
 
@@ -71,7 +72,8 @@ def sample_ensemble(
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return model.forward_conditioned(x.to(memory_format=layout), t, condition).float()
 
-        yield from diffusion.sample(denoise, draw(), draw_noise=draw, sampler=sampler, eta=eta, clip=clip)
+        yield from diffusion.sample(denoise, draw(), draw_noise=draw, sampler=sampler, eta=eta, clip=clip,
+                                     clip_range=clip_range)
 
 
 def ensemble_statistics(samples: torch.Tensor, threshold: float = THRESHOLD):

@@ -178,7 +178,8 @@ class Segmenter:
             batch = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume[..., zs], -1, 0))).float()
             net_in = geometry.to_network(batch, multiple).to(self.device)
             steps = sample_ensemble(self.model, diffusion, net_in, num_ensemble, seed=seed, slice_keys=zs,
-                                    sampler=sampler, eta=eta, precision=self.precision)
+                                    sampler=sampler, eta=eta, precision=self.precision,
+                                    clip_range=tuple(self.defaults["clip_range"]))
             final = None
             for step in steps:
                 final = step

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import data
-from .checkpoint import DEFAULT_SAMPLING, atomic_save, make_payload, read_checkpoint, is_ours
+from .checkpoint import DEFAULT_SAMPLING, MASK_CLIP_RANGE, atomic_save, make_payload, read_checkpoint, is_ours
 from .cli import add_model_flags, check_unsupported_flags, guarded, model_flags_from_args, positive_int
 from .diffusion import Diffusion, DiffusionConfig
 from .ensemble import autocast_context
@@ -171,7 +171,8 @@ class Trainer:
         self.unet_config = UNetConfig.from_flags(flags)
         self.diffusion_config = DiffusionConfig.from_flags(flags)
         self.geometry = Geometry(crop_border=args.crop_border, resize_to=args.resize_to or None)
-        self.sampling = {**DEFAULT_SAMPLING, "timestep_respacing": args.sample_respacing}
+        self.sampling = {**DEFAULT_SAMPLING, "timestep_respacing": args.sample_respacing,
+                         "clip_range": list(MASK_CLIP_RANGE)}
         self.diffusion = Diffusion.from_config(self.diffusion_config)
 
         torch.manual_seed(args.seed)  # identical initial weights on every rank

@@ -238,3 +238,21 @@ def test_segmenter_one_slice_equals_the_same_slice_of_a_volume_run(segmenters):
     np.testing.assert_array_equal(again.probability, whole.probability)
     other, _ = _run(seg, volume, num_ensemble=2, respacing="3", seed=6, batch_slices=3)
     assert not np.allclose(other.probability, whole.probability)
+
+
+def test_checkpoint_clip_range_reaches_the_sampler(tmp_path):
+    """A model trained here stores clip_range [0, 1]; its x0 estimates and final members
+    then stay in the mask's range, while the reference default keeps [-1, 1]."""
+    state = {k: v.detach().clone() for k, v in tiny_model(3).state_dict().items()}
+    members = {}
+    for name, clip in (("mask", [0.0, 1.0]), ("reference", [-1.0, 1.0])):
+        path = tmp_path / f"{name}.pt"
+        checkpoint.atomic_save(checkpoint.make_payload(
+            UNetConfig(**TINY), DiffusionConfig(), Geometry(), {"model": state},
+            sampling={"timestep_respacing": "5", "sampler": "ddpm", "num_ensemble": 3, "clip_range": clip}), path)
+        segmenter = Segmenter.load(path, device="cpu")
+        assert list(segmenter.defaults["clip_range"]) == clip
+        result, _ = _run(segmenter, _images(1, 16, 16, seed=4)[0].numpy(), seed=2)
+        members[name] = result.samples
+    assert members["mask"].min() >= 0.0 and members["mask"].max() <= 1.0
+    assert members["reference"].min() < 0.0  # this random model's x0 estimates go negative unclipped at 0

@@ -61,6 +61,24 @@ def add_model_flags(parser: argparse.ArgumentParser, with_defaults: bool = True,
                            metavar=type(default).__name__.upper())
 
 
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """The sampler settings diffseg-sample and diffseg-eval share."""
+    parser.add_argument("--timestep_respacing", default=None,
+                        help="sampling steps: '' for all, 50, 100, ddim50 ... (default: the model's stored "
+                        "setting; all steps for a reference checkpoint)")
+    parser.add_argument("--use_ddim", type=str2bool, nargs="?", const=True, default=None,
+                        help="deterministic DDIM steps instead of ancestral DDPM")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+
+
+def sampler_from_args(args: argparse.Namespace) -> str | None:
+    """None (the model's default) unless --use_ddim was given."""
+    return None if args.use_ddim is None else ("ddim" if args.use_ddim else "ddpm")
+
+
 def model_flags_from_args(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in MODEL_FLAG_DEFAULTS if hasattr(args, name)}
 

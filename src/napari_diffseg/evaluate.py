@@ -42,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from . import data, metrics
-from .cli import MODEL_FLAG_DEFAULTS, check_unsupported_flags, guarded, positive_int, read_flags_file, str2bool
+from .cli import (MODEL_FLAG_DEFAULTS, add_sampling_flags, check_unsupported_flags, guarded, positive_int,
+                  read_flags_file, sampler_from_args)
 from .ensemble import THRESHOLD
 from .errors import DiffSegError
 
@@ -296,14 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_dir", required=True, help="case folders with ground truth (cases without are skipped)")
     parser.add_argument("--out_dir", required=True, help="where report.json, report.md and the plots go")
     parser.add_argument("--num_ensemble", type=positive_int, default=5, help="ensemble size of the main figures")
-    parser.add_argument("--timestep_respacing", default=None,
-                        help="sampling steps: '' for all, 50, ddim50 ... (default: the model's setting)")
-    parser.add_argument("--use_ddim", type=str2bool, nargs="?", const=True, default=None,
-                        help="deterministic DDIM steps instead of ancestral DDPM")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_sampling_flags(parser)
     parser.add_argument("--max_cases", type=positive_int, default=None, help="evaluate at most this many labelled cases")
     parser.add_argument("--slices", choices=["brain", "tumour"], default="brain",
                         help="volumes: sample every brain slice, or only slices with tumour in the truth (+-2); "
@@ -424,7 +418,7 @@ def main(argv=None) -> int:
 
     segmenter = Segmenter.load(args.model_path, device=args.device, reference_flags=_reference_flags(args),
                                precision=args.precision)
-    sampler = None if args.use_ddim is None else ("ddim" if args.use_ddim else "ddpm")
+    sampler = sampler_from_args(args)
     respacing = segmenter.defaults["timestep_respacing"] if args.timestep_respacing is None else args.timestep_respacing
     sampler_name = sampler or segmenter.defaults["sampler"]
     sizes = sorted(set(args.ensemble_sizes))

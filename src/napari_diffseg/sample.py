@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from . import data, metrics
-from .cli import (MODEL_FLAG_DEFAULTS, add_model_flags, check_unsupported_flags, guarded, model_flags_from_args,
-                  read_flags_file, str2bool)
+from .cli import (MODEL_FLAG_DEFAULTS, add_model_flags, add_sampling_flags, check_unsupported_flags, guarded,
+                  model_flags_from_args, read_flags_file, sampler_from_args)
 from .errors import DiffSegError
 from .inference import Segmentation, Segmenter, run_to_end
 
@@ -38,15 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a reference checkpoint needs its model flags, given as flags or --flags_json")
     parser.add_argument("--flags_json", help="JSON of the reference model flags (e.g. the flags.json beside a checkpoint)")
     parser.add_argument("--num_ensemble", type=int, default=5, help="chains per slice (default 5)")
-    parser.add_argument("--timestep_respacing", default=None,
-                        help="sampling steps: '' for all, 50, 100, ddim50 ... (default: the model's stored "
-                        "setting; all steps for a reference checkpoint)")
-    parser.add_argument("--use_ddim", type=str2bool, nargs="?", const=True, default=None,
-                        help="deterministic DDIM steps instead of ancestral DDPM")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_sampling_flags(parser)
     parser.add_argument("--out_dir", default="results")
     parser.add_argument("--save_samples", action="store_true", help="also write every ensemble member")
     parser.add_argument("--no_progress", action="store_true")
@@ -142,7 +134,7 @@ def main(argv=None) -> int:
     cases = _cases(args)
     segmenter = Segmenter.load(args.model_path, device=device, reference_flags=_reference_flags(args),
                                precision=args.precision)
-    sampler = None if args.use_ddim is None else ("ddim" if args.use_ddim else "ddpm")
+    sampler = sampler_from_args(args)
     mine = cases[rank::world]
     rows = []
     for files in mine:

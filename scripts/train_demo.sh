@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Train the bundled demo model on the 12 BraTS 2018 cases in ../shared/brats18 (or $BRATS_DIR),
-# on the CPU, then evaluate it on the held-out cases. Re-runnable; resumes if interrupted.
+# on the CPU. Re-runnable; resumes if interrupted. Evaluate with scripts/evaluate_demo.sh.
 #   bash scripts/train_demo.sh            # ~80 min of training on 2 cores + evaluation
-# Environment: BRATS_DIR, OUT (default runs/demo), MINUTES (training wall time, default 80).
+# Environment: BRATS_DIR, OUT (default runs/demo), MINUTES (training wall time, default 80),
+# OBJECTIVE (diffusion, or segmentation for the U-Net baseline: scripts/train_baseline.sh),
+# THREADS (CPU threads, default: torch's choice).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BRATS_DIR=${BRATS_DIR:-../shared/brats18}
 OUT=${OUT:-runs/demo}
 MINUTES=${MINUTES:-80}
+OBJECTIVE=${OBJECTIVE:-diffusion}
+THREADS=${THREADS:-0}
 PY=${PY:-.venv/bin/python}
 # Held out: every fourth case in name order; no training step sees them.
 VAL_CASES="Brats18_CBICA_ABM_1 Brats18_TCIA02_135_1 Brats18_TCIA10_637_1"
@@ -27,4 +31,5 @@ RESUME=()
   --diffusion_steps 1000 --noise_schedule linear --rescale_learned_sigmas False --rescale_timesteps False \
   --crop_border 0 --resize_to 128 --batch_size 12 --lr 3e-4 --ema_rate 0.999 \
   --precision bf16 --channels_last --augment --seed 0 \
-  --save_interval 250 --log_interval 25 --max_minutes "$MINUTES" --sample_respacing 50 "${RESUME[@]}"
+  --save_interval 250 --log_interval 25 --max_minutes "$MINUTES" --sample_respacing 50 \
+  --objective "$OBJECTIVE" --threads "$THREADS" "${RESUME[@]}"

@@ -43,6 +43,9 @@ class LoadedModel:
     sampling: dict = field(default_factory=lambda: dict(DEFAULT_SAMPLING))
     source: str = ""
     is_reference: bool = False
+    # "diffusion" (the method) or "segmentation" (the deterministic U-Net baseline: one
+    # forward pass at t = 0 with an all-zero mask channel gives the mask's logit)
+    objective: str = "diffusion"
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -156,6 +159,7 @@ def load_model(
             geometry=Geometry.from_dict(payload.get("geometry", {})),
             sampling={**DEFAULT_SAMPLING, **payload.get("sampling", {})},
             source=str(path),
+            objective=str(payload.get("objective", "diffusion")),
         )
     if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
         if reference_flags is None:

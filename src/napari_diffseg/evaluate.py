@@ -71,12 +71,14 @@ def per_slice_dice(pred: np.ndarray, truth: np.ndarray, slices: list[int]) -> np
 
 
 def score_case(members: np.ndarray, truth: np.ndarray, spacing=None, radius: float = RADIUS,
-               threshold: float = THRESHOLD) -> dict:
+               threshold: float = THRESHOLD, uncertainty: np.ndarray | None = None) -> dict:
     """Score the probability members (N, *spatial) of one case against its truth mask.
 
     N = 1 (a deterministic model) is allowed: the ensemble is the single member, the
-    variance is 0 and the variance figures are nan. Returns floats (nan where undefined)
-    and a few counts; see the module docstring for the meaning of each key.
+    variance is 0 and the variance figures are nan, unless the model brings its own
+    ``uncertainty`` map (the baseline's Bernoulli variance p(1 - p)), which then stands in
+    for the ensemble variance. Returns floats (nan where undefined) and a few counts; see
+    the module docstring for the meaning of each key.
     """
     members = np.asarray(members, dtype=np.float32)
     truth = np.asarray(truth).astype(bool)
@@ -88,8 +90,11 @@ def score_case(members: np.ndarray, truth: np.ndarray, spacing=None, radius: flo
     if n < 1:
         raise ValueError("no members to score")
     probability, variance, mask = ensemble_masks(members, threshold)
+    if uncertainty is not None:
+        variance = np.asarray(uncertainty, dtype=np.float32)
+    ranked = n > 1 or uncertainty is not None
     singles = [metrics.dice(member > threshold, truth) for member in members]
-    if n > 1:
+    if ranked:
         auroc = metrics.variance_error_auroc(variance, mask, truth, radius=radius)
     else:
         auroc = {"neighbourhood": float("nan"), "all": float("nan")}
@@ -99,7 +104,7 @@ def score_case(members: np.ndarray, truth: np.ndarray, spacing=None, radius: flo
         has_tumour = (truth | mask).reshape(-1, truth.shape[-1]).any(axis=0)
         slices = [int(z) for z in np.flatnonzero(has_tumour)]
         tumour_slices = len(slices)
-        if n > 1 and len(slices) >= 2:
+        if ranked and len(slices) >= 2:
             slice_variance = variance.reshape(-1, truth.shape[-1])[:, slices].mean(axis=0)
             correlation = metrics.pearson(slice_variance, per_slice_dice(mask, truth, slices))
     return {
@@ -341,17 +346,21 @@ def tumour_slices(truth: np.ndarray, margin: int = TUMOUR_SLICE_MARGIN) -> list[
     return sorted(int(z) for z in chosen)
 
 
-def _sample(segmenter, case: data.Case, num: int, respacing, sampler, args) -> np.ndarray:
-    """The ensemble's members (num, *spatial), on the case's grid."""
+def _sample(segmenter, case: data.Case, num: int, respacing, sampler, args) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ensemble's members (num, *spatial) on the case's grid, and the model's own
+    uncertainty map where it has one instead of an ensemble (the deterministic baseline)."""
     from .inference import run_to_end
 
+    deterministic = segmenter.loaded.objective == "segmentation"
+    num = 1 if deterministic else num
     slices = tumour_slices(case.label) if args.slices == "tumour" and case.is_volume else None
     if slices is not None and not slices:  # no tumour in the truth: nothing to sample, all background
-        return np.zeros((num, *case.spatial_shape), np.float32)
+        empty = np.zeros((num, *case.spatial_shape), np.float32)
+        return empty, (empty[0] if deterministic else None)
     result = run_to_end(segmenter.run(case.images, num_ensemble=num, respacing=respacing, sampler=sampler,
                                       eta=args.eta, seed=args.seed, keep_samples=True, slices=slices,
                                       preview_interval=None))
-    return result.samples
+    return result.samples, (result.variance if deterministic else None)
 
 
 def _case_table(rows: list[dict], overall: dict) -> list[str]:
@@ -420,19 +429,23 @@ def main(argv=None) -> int:
                                precision=args.precision)
     sampler = sampler_from_args(args)
     respacing = segmenter.defaults["timestep_respacing"] if args.timestep_respacing is None else args.timestep_respacing
-    sampler_name = sampler or segmenter.defaults["sampler"]
-    sizes = sorted(set(args.ensemble_sizes))
+    deterministic = segmenter.loaded.objective == "segmentation"
+    sampler_name = "one pass (deterministic U-Net)" if deterministic else sampler or segmenter.defaults["sampler"]
+    if deterministic:  # one member; its uncertainty is the Bernoulli variance p(1 - p)
+        args.num_ensemble, args.sweep = 1, False
+    sizes = [1] if deterministic else sorted(set(args.ensemble_sizes))
     num_run = max(args.num_ensemble, max(sizes))
     total_steps = segmenter.loaded.diffusion_config.diffusion_steps
 
-    rows, sweep_members = [], {}
+    rows = []
     for index, case_files in enumerate(labelled):
         case = data.load_case(case_files)
         t0 = time.time()
-        members = _sample(segmenter, case, num_run, respacing, sampler, args)
+        members, uncertainty = _sample(segmenter, case, num_run, respacing, sampler, args)
         sampled = time.time() - t0
         truth = case.label.astype(bool)
-        row = {"case": case.name, **score_case(members[: args.num_ensemble], truth, case.voxel_size, args.radius)}
+        row = {"case": case.name, **score_case(members[: args.num_ensemble], truth, case.voxel_size, args.radius,
+                                               uncertainty=uncertainty)}
         row["dice_by_ensemble_size"] = dice_by_ensemble_size(members, truth, sizes)
         row["sampling_seconds"] = round(sampled, 3)
         row["seconds"] = round(time.time() - t0, 3)
@@ -440,6 +453,8 @@ def main(argv=None) -> int:
         row["voxel_size"] = list(case.voxel_size)
         rows.append(row)
         probability, variance, mask = ensemble_masks(members[: args.num_ensemble])
+        if uncertainty is not None:
+            variance = uncertainty
         plot_panel(case.images[3], truth, mask, variance, case.name, out_dir / f"panel_{case.name}.png")
         print(f"[{index + 1}/{len(labelled)}] {case.name}: Dice {row['dice_ensemble']:.3f} "
               f"(single {row['dice_single_mean']:.3f}), HD95 {_fmt(row['hd95'], 2)}, {row['seconds']:.1f} s",
@@ -458,7 +473,7 @@ def main(argv=None) -> int:
             sweep_rows = []
             for case_files in sweep_files:
                 case = data.load_case(case_files)
-                members = _sample(segmenter, case, args.sweep_ensemble, spacing, sampler, args)
+                members, _ = _sample(segmenter, case, args.sweep_ensemble, spacing, sampler, args)
                 sweep_rows.append({"case": case.name, **score_case(members, case.label, case.voxel_size, args.radius)})
             entry = {"steps": steps, "timestep_respacing": spacing, "seconds": round(time.time() - t0, 3),
                      **summarise(sweep_rows), "per_case": {r["case"]: r["dice_ensemble"] for r in sweep_rows}}
@@ -469,7 +484,7 @@ def main(argv=None) -> int:
 
     settings = {
         "data_dir": str(args.data_dir), "num_ensemble": args.num_ensemble, "members_sampled": num_run,
-        "ensemble_sizes": sizes, "timestep_respacing": respacing, "steps": segmenter.num_steps(respacing),
+        "ensemble_sizes": sizes, "timestep_respacing": respacing, "steps": 1 if deterministic else segmenter.num_steps(respacing),
         "sampler": sampler_name, "eta": args.eta, "seed": args.seed, "device": str(segmenter.device),
         "precision": args.precision, "slices": args.slices, "radius": args.radius, "threshold": THRESHOLD,
         "max_cases": args.max_cases, "sweep": args.sweep,

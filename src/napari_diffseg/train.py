@@ -1,5 +1,10 @@
 """``diffseg-train``: train the conditional diffusion model on slice folders or BraTS volumes.
 
+``--objective segmentation`` trains the comparison baseline instead: the same U-Net, fed
+the images with an all-zero mask channel at t = 0, predicting the mask's logit in one
+pass, with Dice + binary cross-entropy. Its checkpoint says so, and every command
+and the widget then segment with one deterministic forward pass.
+
 Runs as a plain command or under ``torchrun --nproc_per_node K`` (DistributedDataParallel:
 gloo on CPU, NCCL on CUDA). Every batch, timestep and noise draw is a function of
 (seed, rank, step), so a resumed run continues the same stream. Checkpoints hold the model,
@@ -76,6 +81,18 @@ def build_slice_set(path: str | Path, geometry: Geometry, multiple: int, require
     return SliceSet(torch.cat(images), torch.cat(masks), names)
 
 
+def segmentation_losses(logits: torch.Tensor, masks: torch.Tensor, smooth: float = 1.0) -> dict[str, torch.Tensor]:
+    """Per-sample BCE + soft Dice loss of (B, 1, h, w) logits against {0, 1} masks.
+
+    The smoothing term keeps slices without tumour from dividing by zero and rewards
+    predicting them empty."""
+    dims = tuple(range(1, logits.ndim))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks, reduction="none").mean(dims)
+    p = torch.sigmoid(logits)
+    dice = 1 - (2 * (p * masks).sum(dims) + smooth) / (p.sum(dims) + masks.sum(dims) + smooth)
+    return {"loss": bce + dice, "bce": bce, "dice_loss": dice}
+
+
 # -- distributed helpers -----------------------------------------------------------------------
 def _distributed() -> tuple[int, int, int]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -135,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     extra.add_argument("--sample_respacing", default="", help="default sampling steps stored in model.pt (e.g. 50)")
     extra.add_argument("--no_progress", action="store_true", help="no progress bar")
+    extra.add_argument("--objective", default="diffusion", choices=["diffusion", "segmentation"],
+                       help="diffusion (the method) or segmentation (deterministic U-Net baseline, Dice + BCE)")
     return parser
 
 
@@ -168,11 +187,17 @@ class Trainer:
             except OSError as exc:
                 raise DiffSegError(f"--out_dir {self.out_dir}: cannot write there ({exc.strerror}); choose a writable folder") from None
 
+        self.segmentation = args.objective == "segmentation"
+        if self.segmentation:
+            flags["learn_sigma"] = False  # one output channel: the mask logit
         self.unet_config = UNetConfig.from_flags(flags)
         self.diffusion_config = DiffusionConfig.from_flags(flags)
         self.geometry = Geometry(crop_border=args.crop_border, resize_to=args.resize_to or None)
         self.sampling = {**DEFAULT_SAMPLING, "timestep_respacing": args.sample_respacing,
                          "clip_range": list(MASK_CLIP_RANGE)}
+        if self.segmentation:
+            self.sampling["num_ensemble"] = 1
+        self.loss_terms = ("bce", "dice_loss") if self.segmentation else ("mse", "vb")
         self.diffusion = Diffusion.from_config(self.diffusion_config)
 
         torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -216,6 +241,9 @@ class Trainer:
         payload = read_checkpoint(path)
         if not is_ours(payload) or "optimizer" not in payload:
             raise DiffSegError(f"{path}: not a diffseg-train checkpoint; --resume takes the {CHECKPOINT_NAME} of an earlier run")
+        if payload.get("objective", "diffusion") != self.args.objective:
+            raise DiffSegError(f"{path}: was trained with --objective {payload.get('objective', 'diffusion')}; "
+                               "give the same objective to resume")
         if UNetConfig.from_flags(payload["unet_config"]) != self.unet_config:
             raise DiffSegError(f"{path}: was trained with other model flags; give the same flags to resume")
         self.model.load_state_dict(payload["weights"]["model"])
@@ -232,7 +260,7 @@ class Trainer:
         weights = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                    "ema": {k: v.cpu() for k, v in self.ema.shadow.items()}}
         common = dict(unet_config=self.unet_config, diffusion_config=self.diffusion_config,
-                      geometry=self.geometry, sampling=self.sampling)
+                      geometry=self.geometry, sampling=self.sampling, objective=self.args.objective)
         train_args = {k: v for k, v in vars(self.args).items()}
         atomic_save(make_payload(weights=weights, step=self.step, optimizer=self.optimizer.state_dict(),
                                  torch_rng=torch.get_rng_state(), train_args=train_args, **common),
@@ -251,7 +279,18 @@ class Trainer:
             masks[flip] = masks[flip].flip(-2)
         return images.to(self.device), masks.to(self.device)
 
+    def _segmentation_losses(self, images, masks):
+        x = torch.cat([images, torch.zeros_like(masks)], dim=1)
+        if self.args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        t = torch.zeros(images.shape[0], dtype=torch.long, device=self.device)
+        with autocast_context(self.device, self.args.precision):
+            logits = self.net(x, t)
+        return segmentation_losses(logits.float(), masks)
+
     def _losses(self, images, masks, generator: torch.Generator):
+        if self.segmentation:
+            return self._segmentation_losses(images, masks)
         n = images.shape[0]
         t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=generator).to(self.device)
         noise = torch.randn(masks.shape, generator=generator).to(self.device)
@@ -311,14 +350,15 @@ class Trainer:
             handle = open(csv_path, "w" if new_csv else "a", newline="")
             writer = csv.writer(handle)
             if new_csv:
-                writer.writerow(["step", "loss", "mse", "vb", "val_loss", "steps_per_s", "wall_s"])
+                writer.writerow(["step", "loss", *self.loss_terms, "val_loss", "steps_per_s", "wall_s"])
         tensorboard = self._tensorboard()
         bar = None
         if self.rank == 0 and not args.no_progress:
             from tqdm import tqdm
 
             bar = tqdm(total=args.max_steps or None, initial=self.step, unit="step", dynamic_ncols=True)
-        sums = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
+        names = ("loss", *self.loss_terms)
+        sums = {k: 0.0 for k in names}
         count, started, interval_start = 0, time.time(), time.time()
         if self.step == 0:
             self.save()  # a loadable checkpoint exists from the start
@@ -343,12 +383,12 @@ class Trainer:
                     self.save()
                 if self.rank == 0 and (self.step % args.log_interval == 0 or val != ""):
                     now = time.time()
-                    row = [self.step] + [sums[k] / max(count, 1) for k in ("loss", "mse", "vb")]
+                    row = [self.step] + [sums[k] / max(count, 1) for k in names]
                     row += [val, count / max(now - interval_start, 1e-9), round(now - started, 2)]
                     writer.writerow(row)
                     handle.flush()
                     if tensorboard is not None:
-                        for name, value in zip(("loss", "mse", "vb"), row[1:4]):
+                        for name, value in zip(names, row[1:4]):
                             tensorboard.add_scalar(f"train/{name}", value, self.step)
                         if val != "":
                             tensorboard.add_scalar("val/loss", val, self.step)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The comparison baseline: the demo model's U-Net and recipe (same cases, split, size, batch,
+# precision, wall time), trained as a deterministic segmenter with Dice + BCE.
+#   bash scripts/train_baseline.sh        # writes runs/baseline/model.pt
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/baseline} OBJECTIVE=segmentation exec bash scripts/train_demo.sh "$@"

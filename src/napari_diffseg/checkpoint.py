@@ -30,6 +30,8 @@ DEFAULT_SAMPLING = {"timestep_respacing": "", "sampler": "ddpm", "num_ensemble":
 # Models trained here clip the x0 estimate to the mask's own range {0, 1}: with the
 # reference's [-1, 1], chains of a briefly trained model drift to negative masks.
 MASK_CLIP_RANGE = [0.0, 1.0]
+# How results of a deterministic (segmentation-objective) model name their "sampler".
+ONE_PASS = "one pass (deterministic U-Net)"
 
 
 @dataclass
@@ -46,6 +48,10 @@ class LoadedModel:
     # "diffusion" (the method) or "segmentation" (the deterministic U-Net baseline: one
     # forward pass at t = 0 with an all-zero mask channel gives the mask's logit)
     objective: str = "diffusion"
+
+    @property
+    def deterministic(self) -> bool:
+        return self.objective == "segmentation"
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:

@@ -351,8 +351,7 @@ def _sample(segmenter, case: data.Case, num: int, respacing, sampler, args) -> t
     uncertainty map where it has one instead of an ensemble (the deterministic baseline)."""
     from .inference import run_to_end
 
-    deterministic = segmenter.loaded.objective == "segmentation"
-    num = 1 if deterministic else num
+    deterministic = segmenter.loaded.deterministic  # main() asks it for one member
     slices = tumour_slices(case.label) if args.slices == "tumour" and case.is_volume else None
     if slices is not None and not slices:  # no tumour in the truth: nothing to sample, all background
         empty = np.zeros((num, *case.spatial_shape), np.float32)
@@ -423,14 +422,15 @@ def main(argv=None) -> int:
         labelled = labelled[: args.max_cases]
     _check_out_dir(out_dir)
 
+    from .checkpoint import ONE_PASS
     from .inference import Segmenter  # torch: only once the inputs look right
 
     segmenter = Segmenter.load(args.model_path, device=args.device, reference_flags=_reference_flags(args),
                                precision=args.precision)
     sampler = sampler_from_args(args)
     respacing = segmenter.defaults["timestep_respacing"] if args.timestep_respacing is None else args.timestep_respacing
-    deterministic = segmenter.loaded.objective == "segmentation"
-    sampler_name = "one pass (deterministic U-Net)" if deterministic else sampler or segmenter.defaults["sampler"]
+    deterministic = segmenter.loaded.deterministic
+    sampler_name = ONE_PASS if deterministic else sampler or segmenter.defaults["sampler"]
     if deterministic:  # one member; its uncertainty is the Bernoulli variance p(1 - p)
         args.num_ensemble, args.sweep = 1, False
     sizes = [1] if deterministic else sorted(set(args.ensemble_sizes))

@@ -15,7 +15,7 @@ from typing import Callable, Generator
 import numpy as np
 import torch
 
-from .checkpoint import LoadedModel, load_model
+from .checkpoint import ONE_PASS, LoadedModel, load_model
 from .diffusion import Diffusion, space_timesteps
 from .ensemble import THRESHOLD, autocast_context, ensemble_statistics, sample_ensemble
 from .errors import DiffSegError
@@ -170,7 +170,7 @@ class Segmenter:
         num_ensemble = int(self.defaults["num_ensemble"] if num_ensemble is None else num_ensemble)
         if num_ensemble < 1:
             raise DiffSegError(f"the ensemble size must be at least 1 (got {num_ensemble})")
-        if self.loaded.objective == "segmentation":
+        if self.loaded.deterministic:
             num_ensemble = 1  # a deterministic model: more members would be copies
         respacing = self.defaults["timestep_respacing"] if respacing is None else respacing
         sampler = sampler or self.defaults["sampler"]
@@ -192,7 +192,7 @@ class Segmenter:
         for b, zs in enumerate(batches):
             batch = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume[..., zs], -1, 0))).float()
             net_in = geometry.to_network(batch, multiple).to(self.device)
-            if self.loaded.objective == "segmentation":
+            if self.loaded.deterministic:
                 logits = self._one_pass(net_in)
                 back = geometry.from_network(torch.sigmoid(logits), height, width)[None, :, 0]
                 yield Progress(1, 1, b, len(batches), list(zs), back[0].cpu().numpy() if preview_interval is not None else None)
@@ -230,15 +230,15 @@ class Segmenter:
         if images.ndim == 3:
             probability, variance = probability[..., 0], variance[..., 0]
             samples = samples[..., 0] if samples is not None else None
-        if self.loaded.objective == "segmentation":
-            sampler = "one pass (deterministic U-Net)"
+        if self.loaded.deterministic:
+            sampler = ONE_PASS
         return Segmentation(
             probability=probability,
             variance=variance,
             mask=(probability > threshold).astype(np.uint8),
             samples=samples,
             num_ensemble=num_ensemble,
-            steps=1 if self.loaded.objective == "segmentation" else diffusion.num_timesteps,
+            steps=1 if self.loaded.deterministic else diffusion.num_timesteps,
             sampler=sampler,
             seed=int(seed),
             threshold=threshold,

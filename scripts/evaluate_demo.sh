@@ -11,6 +11,7 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/eval}
 VAL=${VAL:-runs/demo/split/val}
 SLICES=runs/val_slices
+SWEEP_STEPS=${SWEEP_STEPS:-10,25,50,100,250,1000}
 PARTS=${*:-slices volumes fp32 sweep baseline phantoms}
 [ -d "$SLICES" ] || "$PY" scripts/make_val_slices.py --out "$SLICES"
 eval_cmd() { "$PY" -m napari_diffseg.evaluate "$@"; }
@@ -29,7 +30,7 @@ for part in $PARTS; do
         ln -sfn "$(cd "$mid" && pwd)" "$OUT/mid_slices/$(basename "$mid")"
       done
       eval_cmd --data_dir "$OUT/mid_slices" --out_dir "$OUT/sweep_bf16" --precision bf16 --ensemble_sizes 1,5 \
-        --sweep --sweep_steps 10,25,50,100,250,1000 ;;
+        --sweep --sweep_steps "$SWEEP_STEPS" ;;
     baseline)
       eval_cmd --model_path runs/baseline/model.pt --data_dir "$VAL" --out_dir "$OUT/baseline_volumes" --slices tumour
       eval_cmd --model_path runs/baseline/model.pt --data_dir "$SLICES" --out_dir "$OUT/baseline_slices" ;;

@@ -268,6 +268,36 @@ def test_synthetic_case_is_accepted(tiny_ckpt, tmp_path):
     assert nib.load(str(tmp_path / "out" / "case" / "mask.nii.gz")).shape == (32, 32)
 
 
+def test_volume_results_stream_through_disk_and_match_memory(tiny_ckpt, tmp_path, monkeypatch):
+    """diffseg-sample keeps a volume's results in memmaps beside the outputs (removed after),
+    and writes exactly what an in-memory run gives."""
+    from napari_diffseg import data, sample
+    from napari_diffseg.inference import Segmenter, run_to_end
+
+    case = write_case(tmp_path / "case", shape=(32, 32, 5), with_seg=True)
+    allocated = []
+    original = sample.disk_arrays
+
+    def spying(folder):
+        allocated.append(folder)
+        return original(folder)
+
+    monkeypatch.setattr(sample, "disk_arrays", spying)
+    out = tmp_path / "out"
+    args = sample_args(tiny_ckpt, case, out, "--num_ensemble", "2", "--save_samples")
+    assert sample.main([str(a) for a in args]) == 0
+    assert allocated == [out / ".case.partial"] and not allocated[0].exists()
+    memory = run_to_end(Segmenter.load(tiny_ckpt, device="cpu").run(
+        data.load_case(data.find_case_files(case)).images, num_ensemble=2, respacing="3", seed=0))
+    written = {name: nib.load(str(out / "case" / f"{name}.nii.gz")).get_fdata() for name in
+               ("mask", "probability", "variance", "samples")}
+    np.testing.assert_array_equal(written["mask"], memory.mask)
+    np.testing.assert_allclose(written["probability"], memory.probability, atol=1e-6)
+    np.testing.assert_allclose(written["variance"], memory.variance, atol=1e-6)
+    np.testing.assert_allclose(written["samples"], np.moveaxis(memory.samples, 0, -1), atol=1e-6)
+    assert (out / "case" / "metrics.json").is_file()
+
+
 def _break_case(kind: str, folder: Path) -> Path:
     case = write_case(folder)
     if kind == "missing":

@@ -256,3 +256,62 @@ def test_checkpoint_clip_range_reaches_the_sampler(tmp_path):
         members[name] = result.samples
     assert members["mask"].min() >= 0.0 and members["mask"].max() <= 1.0
     assert members["reference"].min() < 0.0  # this random model's x0 estimates go negative unclipped at 0
+
+
+def test_precision_auto_follows_native_bf16_and_bad_choices_are_refused(monkeypatch):
+    from napari_diffseg import inference
+    from napari_diffseg.errors import DiffSegError
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    assert inference.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    assert inference.resolve_precision("auto", cpu) == "fp32"
+    assert inference.resolve_precision("BF16", cpu) == "bf16"
+    with pytest.raises(DiffSegError, match="fp16 needs a CUDA GPU"):
+        inference.resolve_precision("fp16", cpu)
+    with pytest.raises(DiffSegError, match="unknown"):
+        inference.resolve_precision("int8", cpu)
+
+
+def test_run_precision_overrides_the_segmenter_and_bf16_stays_close(segmenters):
+    segmenter = segmenters["pad"]
+    assert segmenter.precision == "fp32"
+    images = np.random.default_rng(1).random((4, 24, 24)).astype(np.float32)
+    exact, _ = _run(segmenter, images, num_ensemble=2, respacing="3", seed=0)
+    fast, _ = _run(segmenter, images, num_ensemble=2, respacing="3", seed=0, precision="bf16")
+    assert exact.settings["precision"] == "fp32" and fast.settings["precision"] == "bf16"
+    assert segmenter.precision == "fp32"  # the override is per run
+    difference = np.abs(exact.samples - fast.samples)
+    assert 0 < difference.max() < 0.1  # bf16 arithmetic ran, and changes the members only a little
+
+
+def test_fewer_norm_groups_let_the_network_see_a_uniform_mask_offset():
+    """At 32 channels the reference's 32 groups normalise every feature map on its own, which
+    removes a uniform offset of the noisy mask: the output barely moves (chains then drift to
+    all-tumour unchecked). With 8 groups the offset reaches the output."""
+    x = torch.randn(1, 5, 32, 32, generator=torch.Generator().manual_seed(0))
+    shifted = x.clone()
+    shifted[:, 4] += 1.0
+    response = {}
+    for groups in (32, 8):
+        torch.manual_seed(0)
+        model = UNet(UNetConfig(**TINY, norm_groups=groups)).eval()
+        with torch.no_grad():
+            model.out[2].weight.normal_(0.0, 0.05)
+            change = model(shifted, torch.tensor([500])) - model(x, torch.tensor([500]))
+        response[groups] = float(change[:, 0, 4:-4, 4:-4].mean().abs())  # away from the zero padding
+    assert response[8] > 10 * response[32]
+
+
+def test_norm_groups_round_trip_and_old_checkpoints_default_to_32(tmp_path):
+    path = tmp_path / "groups.pt"
+    torch.manual_seed(0)
+    config = UNetConfig(**TINY, norm_groups=8)
+    checkpoint.atomic_save(checkpoint.make_payload(config, DiffusionConfig(), Geometry(),
+                                                   {"model": UNet(config).state_dict()}), path)
+    assert checkpoint.load_model(path).unet_config.norm_groups == 8
+    legacy = {k: v for k, v in UNetConfig(**TINY).to_dict().items() if k != "norm_groups"}
+    assert UNetConfig.from_flags(legacy).norm_groups == 32
+    with pytest.raises(ValueError, match="norm_groups 7 must divide"):
+        UNet(UNetConfig(**TINY, norm_groups=7))

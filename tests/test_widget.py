@@ -404,12 +404,15 @@ def test_settings_persist_between_sessions(make_widget, tmp_path):
     widget.model_path.setText("/some/model.pt")
     widget.model_path.editingFinished.emit()
     widget.device.setCurrentText("cpu")
+    assert widget.precision.currentText() == "auto"  # the default
+    widget.precision.setCurrentText("fp32")
     assert settings_path().parent == tmp_path / "config" and settings_path().is_file()
     again = DiffSegWidget(viewer)
     assert again.ensemble.value() == 7
     assert again.respacing() == "25"
     assert again.model_path.text() == "/some/model.pt"
     assert again.device.currentText() == "cpu"
+    assert again.precision.currentText() == "fp32"
     again.deleteLater()
 
 

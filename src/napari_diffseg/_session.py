@@ -296,6 +296,7 @@ class RunRequest:
     seed: int
     keep_members: bool
     spacing: tuple[float, ...] = ()  # voxel size, core order (for HD95)
+    precision: str = "auto"  # inference.PRECISIONS
 
 
 @dataclass
@@ -339,6 +340,7 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE) -> Generator:
         seed=request.seed,
         keep_samples=request.keep_members,
         preview_interval=PREVIEW_INTERVAL,
+        precision=request.precision,
     )
     while True:
         try:

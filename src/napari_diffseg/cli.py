@@ -71,7 +71,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
+                        help="fp32 (exact, default); bf16 (CPU or CUDA) or fp16 (CUDA) autocast, faster; "
+                        "auto: bf16 where the hardware has native bf16, else fp32")
 
 
 def sampler_from_args(args: argparse.Namespace) -> str | None:

@@ -357,7 +357,7 @@ def load_nifti(path: PathLike) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header
 
 def _cast_for_saving(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Cast to the on-disk type, refusing casts that would change integer values."""
-    if np.issubdtype(dtype, np.integer) and array.size:
+    if np.issubdtype(dtype, np.integer) and array.size and array.dtype != dtype:
         values = array.astype(np.float64)
         info = np.iinfo(dtype)
         if (

@@ -38,6 +38,40 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 autocast pays on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX); elsewhere
+    it is emulated and can be slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:  # not Linux: no cheap way to tell, stay exact
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """The precision to run: auto means bf16 where the hardware computes it natively (its Dice
+    cost is measured, docs/evaluation), else fp32; an explicit choice is checked."""
+    name = (name or "auto").lower()
+    if name not in PRECISIONS:
+        raise DiffSegError(f"precision {name!r} is unknown: use {', '.join(PRECISIONS)}")
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise DiffSegError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on this device")
+    return name
+
+
+def available_precisions() -> list[str]:
+    """What the widget offers: fp16 only where CUDA can run it."""
+    return [p for p in PRECISIONS if p != "fp16" or torch.cuda.is_available()]
+
+
 def available_devices() -> list[str]:
     found = ["auto", "cpu"]
     if torch.cuda.is_available():
@@ -90,11 +124,7 @@ class Segmenter:
                  channels_last: bool | None = None):
         self.loaded = loaded
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise DiffSegError(f"precision {precision!r} is unknown: use fp32, bf16 or fp16")
-        if precision == "fp16" and self.device.type != "cuda":
-            raise DiffSegError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on this device")
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device)
         self.model = loaded.model.to(self.device).eval()
         if channels_last is None:
             # Faster on CPU (fp32 and bf16, measured) and CUDA; untested on MPS.
@@ -129,12 +159,12 @@ class Segmenter:
         scale = max(1.0, (height * width) / (224 * 224))
         return max(1, int(budget / scale) // max(1, num_ensemble))
 
-    def _one_pass(self, images: torch.Tensor) -> torch.Tensor:
+    def _one_pass(self, images: torch.Tensor, precision: str) -> torch.Tensor:
         """The baseline's mask logits (S, 1, h, w): images with an all-zero mask channel, t = 0."""
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         zeros = torch.zeros((images.shape[0], 1, *images.shape[-2:]), device=images.device)
         t = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
-        with torch.inference_mode(), autocast_context(self.device, self.precision):
+        with torch.inference_mode(), autocast_context(self.device, precision):
             condition = self.model.encode_condition(images.to(memory_format=layout))
             return self.model.forward_conditioned(zeros.to(memory_format=layout), t, condition).float()
 
@@ -152,13 +182,21 @@ class Segmenter:
         preview_interval: float | None = 0.0,
         threshold: float = THRESHOLD,
         sink: Callable[[int, dict], None] | None = None,
+        precision: str | None = None,
+        allocate: Callable[[str, tuple, type], np.ndarray] | None = None,
     ) -> Generator[Progress, None, Segmentation]:
         """Sample an ensemble for a slice (4, H, W) or every brain slice of a volume (4, H, W, Z).
 
         preview_interval: seconds between previews (0 = every step, None = never).
         sink: called as sink(z, {"probability", "variance", "mask"}) for each finished slice,
         so a caller can stream a volume to disk.
+        precision: this run's arithmetic (auto, fp32, bf16, fp16); None = the Segmenter's.
+        allocate: called as allocate(name, shape, dtype) for each whole-input result array
+        ("probability", "variance", "mask", "samples"); returning disk-backed arrays (e.g.
+        numpy memmaps) streams a volume's results to disk as its slices finish, so memory
+        does not grow with the volume. Default: zero-filled arrays in memory.
         """
+        precision = self.precision if precision is None else resolve_precision(precision, self.device)
         images = np.asarray(images)
         cond = self.loaded.unet_config.cond_channels
         if images.ndim not in (3, 4) or images.shape[0] != cond:
@@ -181,9 +219,11 @@ class Segmenter:
         volume = images if images.ndim == 4 else images[..., None]
         height, width, depth = volume.shape[1:]
         todo = _brain_slices(volume) if slices is None else [int(z) for z in slices]
-        probability = np.zeros((height, width, depth), np.float32)
-        variance = np.zeros_like(probability)
-        samples = np.zeros((num_ensemble, height, width, depth), np.float32) if keep_samples else None
+        allocate = allocate or (lambda _name, shape, dtype: np.zeros(shape, dtype))
+        probability = allocate("probability", (height, width, depth), np.float32)
+        variance = allocate("variance", (height, width, depth), np.float32)
+        mask = allocate("mask", (height, width, depth), np.uint8)
+        samples = allocate("samples", (num_ensemble, height, width, depth), np.float32) if keep_samples else None
 
         per_batch = batch_slices or self.slice_batch_size(num_ensemble, height, width)
         batches = [todo[i : i + per_batch] for i in range(0, len(todo), per_batch)]
@@ -193,14 +233,14 @@ class Segmenter:
             batch = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume[..., zs], -1, 0))).float()
             net_in = geometry.to_network(batch, multiple).to(self.device)
             if self.loaded.deterministic:
-                logits = self._one_pass(net_in)
+                logits = self._one_pass(net_in, precision)
                 back = geometry.from_network(torch.sigmoid(logits), height, width)[None, :, 0]
                 yield Progress(1, 1, b, len(batches), list(zs), back[0].cpu().numpy() if preview_interval is not None else None)
                 mean = back[0]
                 var = mean * (1 - mean)  # Bernoulli variance of the predicted probability
             else:
                 steps = sample_ensemble(self.model, diffusion, net_in, num_ensemble, seed=seed, slice_keys=zs,
-                                        sampler=sampler, eta=eta, precision=self.precision,
+                                        sampler=sampler, eta=eta, precision=precision,
                                         clip_range=tuple(self.defaults["clip_range"]))
                 final = None
                 for step in steps:
@@ -221,28 +261,28 @@ class Segmenter:
             for i, z in enumerate(zs):
                 probability[..., z] = mean_np[i]
                 variance[..., z] = var_np[i]
+                mask[..., z] = mean_np[i] > threshold
                 if samples is not None:
                     samples[..., z] = back[:, i].cpu().numpy()
                 if sink is not None:
-                    sink(z, {"probability": mean_np[i], "variance": var_np[i],
-                             "mask": (mean_np[i] > threshold).astype(np.uint8)})
+                    sink(z, {"probability": mean_np[i], "variance": var_np[i], "mask": mask[..., z]})
 
         if images.ndim == 3:
-            probability, variance = probability[..., 0], variance[..., 0]
+            probability, variance, mask = probability[..., 0], variance[..., 0], mask[..., 0]
             samples = samples[..., 0] if samples is not None else None
         if self.loaded.deterministic:
             sampler = ONE_PASS
         return Segmentation(
             probability=probability,
             variance=variance,
-            mask=(probability > threshold).astype(np.uint8),
+            mask=mask,
             samples=samples,
             num_ensemble=num_ensemble,
             steps=1 if self.loaded.deterministic else diffusion.num_timesteps,
             sampler=sampler,
             seed=int(seed),
             threshold=threshold,
-            settings={"timestep_respacing": respacing, "eta": eta, "precision": self.precision,
+            settings={"timestep_respacing": respacing, "eta": eta, "precision": precision,
                       "device": str(self.device), "model": self.loaded.source},
         )
 

@@ -9,8 +9,10 @@ truth is present. Under ``torchrun`` the cases are shared out across the process
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -88,13 +90,29 @@ def _check_out_dir(out_dir: Path) -> None:
         raise DiffSegError(f"--out_dir {out_dir}: cannot write there ({exc.strerror or exc}); choose a writable folder") from None
 
 
+@contextlib.contextmanager
+def disk_arrays(folder: Path):
+    """An allocator for Segmenter.run that puts the result arrays in .npy memmaps under
+    ``folder`` (removed afterwards): a volume's results go to disk slice by slice, so memory
+    does not grow with the volume or the ensemble size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield lambda name, shape, dtype: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+",
+                                                                   dtype=dtype, shape=shape)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def write_results(case: data.Case, result: Segmentation, out: Path, save_samples: bool) -> None:
     save = data.save_nifti
-    save(out / "mask.nii.gz", result.mask.astype(np.uint8), case.affine, case.header, dtype=np.uint8)
-    save(out / "probability.nii.gz", result.probability.astype(np.float32), case.affine, case.header, dtype=np.float32)
-    save(out / "variance.nii.gz", result.variance.astype(np.float32), case.affine, case.header, dtype=np.float32)
+    # np.asarray, not astype: no in-memory copy of (possibly disk-backed) results.
+    save(out / "mask.nii.gz", np.asarray(result.mask, np.uint8), case.affine, case.header, dtype=np.uint8)
+    save(out / "probability.nii.gz", np.asarray(result.probability, np.float32), case.affine, case.header,
+         dtype=np.float32)
+    save(out / "variance.nii.gz", np.asarray(result.variance, np.float32), case.affine, case.header,
+         dtype=np.float32)
     if save_samples and result.samples is not None:
-        members = np.moveaxis(result.samples, 0, -1).astype(np.float32)  # members on the last axis
+        members = np.moveaxis(result.samples, 0, -1)  # members on the last axis
         save(out / "samples.nii.gz", members, case.affine, case.header, dtype=np.float32)
 
 
@@ -140,34 +158,41 @@ def main(argv=None) -> int:
     for files in mine:
         case = data.load_case(files)
         started = time.time()
-        run = segmenter.run(case.images, num_ensemble=args.num_ensemble, respacing=args.timestep_respacing,
-                            sampler=sampler, eta=args.eta, seed=args.seed, keep_samples=args.save_samples,
-                            preview_interval=None)
-        bar = None
-        if not args.no_progress:
-            from tqdm import tqdm
-
-            bar = tqdm(desc=case.name, unit="step", dynamic_ncols=True, leave=False)
-
-        def advance(progress, bar=bar):
-            if bar is not None:
-                bar.total = progress.batches * progress.total
-                bar.update(1)
-
-        result = run_to_end(run, advance)
-        if bar is not None:
-            bar.close()
         out = out_dir / case.name
-        write_results(case, result, out, args.save_samples)
-        row = {"case": case.name, "seconds": round(time.time() - started, 2), "steps": result.steps,
-               "num_ensemble": result.num_ensemble}
-        if case.label is not None:
-            row = {**case_metrics(case, result), "seconds": row["seconds"]}
-            _write_json(out / "metrics.json", row)
+        spill = disk_arrays(out_dir / f".{case.name}.partial") if case.is_volume else contextlib.nullcontext()
+        with spill as allocate:
+            result = _segment_case(segmenter, case, args, sampler, allocate)
+            write_results(case, result, out, args.save_samples)
+            row = {"case": case.name, "seconds": round(time.time() - started, 2), "steps": result.steps,
+                   "num_ensemble": result.num_ensemble}
+            if case.label is not None:
+                row = {**case_metrics(case, result), "seconds": row["seconds"]}
+                _write_json(out / "metrics.json", row)
         rows.append(row)
         print(f"{case.name}: wrote {out}", file=sys.stderr)
     _print_summary(rows)
     return 0
+
+
+def _segment_case(segmenter: Segmenter, case: data.Case, args: argparse.Namespace, sampler, allocate) -> Segmentation:
+    run = segmenter.run(case.images, num_ensemble=args.num_ensemble, respacing=args.timestep_respacing,
+                        sampler=sampler, eta=args.eta, seed=args.seed, keep_samples=args.save_samples,
+                        preview_interval=None, allocate=allocate)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=case.name, unit="step", dynamic_ncols=True, leave=False)
+
+    def advance(progress):
+        if bar is not None:
+            bar.total = progress.batches * progress.total
+            bar.update(1)
+
+    result = run_to_end(run, advance)
+    if bar is not None:
+        bar.close()
+    return result
 
 
 def _print_summary(rows: list[dict]) -> None:

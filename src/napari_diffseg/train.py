@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     extra.add_argument("--sample_respacing", default="", help="default sampling steps stored in model.pt (e.g. 50)")
     extra.add_argument("--no_progress", action="store_true", help="no progress bar")
+    extra.add_argument("--norm_groups", type=positive_int, default=32,
+                       help="GroupNorm groups (the reference: 32). At num_channels 32 that is one channel per "
+                       "group, which hides a uniform offset of the noisy mask from the network; 8 keeps it visible")
     extra.add_argument("--objective", default="diffusion", choices=["diffusion", "segmentation"],
                        help="diffusion (the method) or segmentation (deterministic U-Net baseline, Dice + BCE)")
     return parser
@@ -190,7 +193,7 @@ class Trainer:
         self.segmentation = args.objective == "segmentation"
         if self.segmentation:
             flags["learn_sigma"] = False  # one output channel: the mask logit
-        self.unet_config = UNetConfig.from_flags(flags)
+        self.unet_config = UNetConfig.from_flags({**flags, "norm_groups": args.norm_groups})
         self.diffusion_config = DiffusionConfig.from_flags(flags)
         self.geometry = Geometry(crop_border=args.crop_border, resize_to=args.resize_to or None)
         self.sampling = {**DEFAULT_SAMPLING, "timestep_respacing": args.sample_respacing,

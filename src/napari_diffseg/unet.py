@@ -42,6 +42,10 @@ class UNetConfig:
     resblock_updown: bool = False
     use_new_attention_order: bool = False
     in_channels: int = 5
+    # Not a reference flag (it fixes 32). With one channel per group, as at 32 channels, every
+    # norm removes each feature map's spatial mean, and the network cannot see a uniform offset
+    # of the noisy mask: chains then drift to all-tumour unchecked. Fewer groups keep it visible.
+    norm_groups: int = 32
 
     @classmethod
     def from_flags(cls, flags: dict) -> "UNetConfig":
@@ -102,8 +106,8 @@ class GroupNorm32(nn.GroupNorm):
         return super().forward(x.float()).type(x.dtype)
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return GroupNorm32(32, channels)
+def _norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return GroupNorm32(groups, channels)
 
 
 def _zeroed(module: nn.Module) -> nn.Module:
@@ -156,11 +160,12 @@ class ResBlock(nn.Module):
         use_scale_shift_norm: bool,
         up: bool = False,
         down: bool = False,
+        norm_groups: int = 32,
     ):
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(
-            _norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            _norm(channels, norm_groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.updown = up or down
         if up:
@@ -172,7 +177,7 @@ class ResBlock(nn.Module):
             nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels),
         )
         self.out_layers = nn.Sequential(
-            _norm(out_channels),
+            _norm(out_channels, norm_groups),
             nn.SiLU(),
             nn.Dropout(p=dropout),
             _zeroed(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
@@ -201,11 +206,12 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Spatial self-attention over all positions of a feature map."""
 
-    def __init__(self, channels: int, num_heads: int, num_head_channels: int, new_order: bool):
+    def __init__(self, channels: int, num_heads: int, num_head_channels: int, new_order: bool,
+                 norm_groups: int = 32):
         super().__init__()
         self.num_heads = num_heads if num_head_channels == -1 else channels // num_head_channels
         self.new_order = new_order
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, norm_groups)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = _zeroed(nn.Conv1d(channels, channels, 1))
 
@@ -238,14 +244,19 @@ class UNet(nn.Module):
         heads_up = cfg.num_heads if cfg.num_heads_upsample == -1 else cfg.num_heads_upsample
         attention_ds = cfg.attention_ds
         mults = cfg.mults
+        widths = {int(m * ch0) for m in mults}
+        if cfg.norm_groups < 1 or any(w % cfg.norm_groups for w in widths):
+            raise ValueError(f"norm_groups {cfg.norm_groups} must divide every level's width {sorted(widths)}")
 
         self.time_embed = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         def attention(channels: int, heads: int) -> AttentionBlock:
-            return AttentionBlock(channels, heads, cfg.num_head_channels, cfg.use_new_attention_order)
+            return AttentionBlock(channels, heads, cfg.num_head_channels, cfg.use_new_attention_order,
+                                  cfg.norm_groups)
 
         def res(c_in: int, c_out: int, **updown) -> ResBlock:
-            return ResBlock(c_in, emb_dim, cfg.dropout, c_out, cfg.use_scale_shift_norm, **updown)
+            return ResBlock(c_in, emb_dim, cfg.dropout, c_out, cfg.use_scale_shift_norm, norm_groups=cfg.norm_groups,
+                            **updown)
 
         ch = int(mults[0] * ch0)
         self.input_blocks = nn.ModuleList(
@@ -282,7 +293,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(EmbeddedSequential(*layers))
 
         self.out = nn.Sequential(
-            _norm(ch), nn.SiLU(), _zeroed(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+            _norm(ch, cfg.norm_groups), nn.SiLU(), _zeroed(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
         )
 
     # -- forward paths -------------------------------------------------------------------

@@ -1,0 +1,498 @@
+"""Sampling speed, side by side, in one run with the same weights and inputs.
+
+Modes (all draw a 5-member ensemble for one slice):
+
+(a) reference-style: what the reference implementation does, written here: the chains one
+    after another at batch 1, fp32, contiguous memory, torch.no_grad, the 4 images and the
+    mask state concatenated into a (1, 5, H, W) tensor and the full UNet.forward at every
+    step, posterior coefficients taken from numpy schedule arrays at every step, x0 clipped
+    to [-1, 1], all 1000 steps.
+(b) faithful: our sampler (ensemble.sample_ensemble, as Segmenter.run uses it) with all
+    1000 steps, fp32, channels-last: the same chain maths as (a), N chains as one batch,
+    the images through the first layer once.
+(c) fast: the model's stored sampling preset (the demo model's: 50 respaced DDPM steps),
+    in bf16 where the device computes it natively (CPU: AVX512-BF16/AMX; CUDA: fp16 too, and
+    instead where bf16 is missing); also in fp32.
+
+Full chains take hours on a CPU, so every mode times ``--steps`` steps after ``--warmup``
+untimed ones and extrapolates to its chain length; the output says so. (a) and (b) use the
+same noise, so their chain states after those steps must agree: the output reports the
+largest difference. Separately, the widget's own code path (``_session.run_job`` with a
+fresh model cache, as a first Run in napari) is timed on the demo model end to end: model
+load, the first live preview frame and the whole ensemble at the default settings.
+
+    .venv/bin/python benchmarks/bench_sampler.py                 # paper + demo, auto device
+    .venv/bin/python benchmarks/bench_sampler.py --quick         # tiny, seconds (the tests)
+
+The last line printed is the results as one JSON object (also written to --json PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as common  # noqa: E402
+
+from napari_diffseg.checkpoint import (  # noqa: E402
+    DEFAULT_SAMPLING, MASK_CLIP_RANGE, atomic_save, load_model, make_payload,
+)
+from napari_diffseg.diffusion import Diffusion, DiffusionConfig  # noqa: E402
+from napari_diffseg.ensemble import sample_ensemble, slice_generator  # noqa: E402
+from napari_diffseg.errors import DiffSegError  # noqa: E402
+from napari_diffseg.geometry import Geometry  # noqa: E402
+from napari_diffseg.unet import UNet, UNetConfig, count_parameters  # noqa: E402
+
+SEED = 0
+REFERENCE_CLIP = (-1.0, 1.0)  # the reference clamps x0 to the image code's range
+# The demo model's preset, for the paper config (random weights store no preset).
+FALLBACK_PRESET = {**DEFAULT_SAMPLING, "timestep_respacing": "50", "clip_range": list(MASK_CLIP_RANGE)}
+FIRST_FRAME_TARGET_S = 1.0  # the issue's targets on a 2-core CPU
+ENSEMBLE_TARGET_S = 10.0
+
+
+# -- the reference-style loop ----------------------------------------------------------------------
+def _extract(schedule: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One schedule value per batch element, from the float64 numpy array at every call and
+    broadcast over ``like``: the per-step host-side lookup the reference does."""
+    values = torch.from_numpy(schedule).to(device=t.device)[t].float()
+    return values.reshape(-1, *([1] * (like.ndim - 1))).expand(like.shape)
+
+
+class EnsembleNoise:
+    """``sample_ensemble``'s noise stream for one slice, handed out chain by chain.
+
+    sample_ensemble draws (N, 1, h, w) from the slice's generator once for x_T and once per
+    step with t > 0; chain i takes row i. A loop that runs chain 0 to the end before chain 1
+    needs those rows out of order, so the draws for the first ``steps`` steps are made up
+    front (a few MB for a handful of steps). ``noise(chain, 0)`` is x_T, ``noise(chain, k)``
+    the noise of step k; past the stream (the t = 0 step, whose noise is masked) it is zero.
+    """
+
+    def __init__(self, seed: int, key: int, num_ensemble: int, size: tuple[int, int], steps: int,
+                 num_timesteps: int, device: torch.device):
+        generator = slice_generator(seed, key, device)
+        shape = (num_ensemble, 1, *size)
+        draws = 1 + min(steps, num_timesteps - 1)
+        self.draws = [torch.randn(shape, generator=generator, device=device) for _ in range(draws)]
+
+    def __call__(self, chain: int, k: int) -> torch.Tensor:
+        if k < len(self.draws):
+            return self.draws[k][chain : chain + 1]
+        return torch.zeros_like(self.draws[0][chain : chain + 1])
+
+
+def reference_style_ensemble(model: UNet, diffusion: Diffusion, images: torch.Tensor, num_ensemble: int,
+                             steps: int | None = None, noise=None, clip: bool = True,
+                             on_step=None) -> torch.Tensor:
+    """Mode (a): ``num_ensemble`` chains one after another at batch 1, as the reference runs them.
+
+    images: (1, 4, h, w). ``steps`` stops each chain early (None: the whole chain, t = T-1 .. 0).
+    ``noise(chain, k)``: x_T for k = 0, the noise of step k after; None draws randn as the
+    reference does (at every step, t = 0 included). ``on_step(chain, k)`` is called after
+    every step. Returns the chains' last states, (num_ensemble, 1, h, w).
+    """
+    device = images.device
+    size = images.shape[-2:]
+    arrays = diffusion.arrays
+    timestep_map = np.asarray(diffusion.timestep_map, dtype=np.int64)
+    order = list(reversed(range(diffusion.num_timesteps)))[:steps]
+    finals = []
+    with torch.no_grad():
+        for chain in range(num_ensemble):
+            x = noise(chain, 0) if noise is not None else torch.randn((1, 1, *size), device=device)
+            for k, t in enumerate(order, start=1):
+                t_batch = torch.tensor([t], device=device)
+                model_t = torch.from_numpy(timestep_map).to(device)[t_batch]
+                if diffusion.rescale_timesteps:
+                    model_t = model_t.float() * (1000.0 / diffusion.original_num_steps)
+                output = model(torch.cat([images, x], dim=1), model_t)
+                eps, v = output[:, :1], output[:, 1:2]
+                # Learned-range variance between beta_t and the clipped posterior variance.
+                frac = (v + 1) / 2
+                log_variance = frac * _extract(np.log(arrays["betas"]), t_batch, x) + (1 - frac) * _extract(
+                    arrays["posterior_log_variance_clipped"], t_batch, x
+                )
+                pred_x0 = _extract(arrays["sqrt_recip_alphas_cumprod"], t_batch, x) * x - _extract(
+                    arrays["sqrt_recipm1_alphas_cumprod"], t_batch, x
+                ) * eps
+                if clip:
+                    pred_x0 = pred_x0.clamp(*REFERENCE_CLIP)
+                mean = _extract(arrays["posterior_mean_coef1"], t_batch, pred_x0) * pred_x0 + _extract(
+                    arrays["posterior_mean_coef2"], t_batch, x
+                ) * x
+                z = noise(chain, k) if noise is not None else torch.randn_like(x)
+                nonzero = (t_batch != 0).float().reshape(-1, 1, 1, 1)
+                x = mean + nonzero * torch.exp(0.5 * log_variance) * z
+                if on_step is not None:
+                    on_step(chain, k)
+            finals.append(x)
+    return torch.cat(finals)
+
+
+# -- inputs and configs ----------------------------------------------------------------------------
+def input_slice(size: int = 224) -> tuple[np.ndarray, str]:
+    """(4, size, size) float32 in [0, 1], core order: the bundled BraTS sample slice cropped
+    at the centre as the reference crops (240 -> 224), or a synthetic phantom without it."""
+    try:
+        from napari_diffseg._sample_data import BRATS_SLICE, sample_files
+        from napari_diffseg.data import load_case
+
+        images = load_case(sample_files(BRATS_SLICE)).images
+        source = f"bundled sample {BRATS_SLICE}"
+    except (DiffSegError, ImportError, OSError):
+        from napari_diffseg.synthetic import make_phantom
+
+        images = make_phantom(7, size=max(size, 240))["images"]
+        source = "synthetic phantom (seed 7)"
+    height, width = images.shape[-2:]
+    if height < size or width < size:
+        raise SystemExit(f"error: the input slice ({height}x{width}) is smaller than {size}x{size}")
+    top, left = (height - size) // 2, (width - size) // 2
+    return np.ascontiguousarray(images[:, top : top + size, left : left + size], dtype=np.float32), source
+
+
+@dataclass
+class Config:
+    name: str
+    model: UNet
+    diffusion_config: DiffusionConfig
+    images: torch.Tensor  # (1, 4, h, w), the network's input
+    preset: dict  # the fast mode's sampling settings
+    description: str
+    model_path: str | None = None  # for the widget timing (None: the bundled demo model)
+    extra: dict = field(default_factory=dict)
+
+
+def _tiny_checkpoint(folder: Path) -> Path:
+    """A tiny diffusion checkpoint standing in for the demo model in --quick runs."""
+    flags = common.TINY_FLAGS
+    model = common.random_model(flags, SEED)
+    path = folder / "tiny.pt"
+    sampling = {**FALLBACK_PRESET, "timestep_respacing": "4"}
+    atomic_save(make_payload(UNetConfig.from_flags(flags), DiffusionConfig.from_flags(flags),
+                             Geometry(resize_to=common.TINY_INPUT), {"model": model.state_dict()},
+                             sampling=sampling), path)
+    return path
+
+
+def build_config(name: str, quick: bool, device: torch.device, slice224: np.ndarray, workdir: Path) -> Config:
+    if name == "paper":
+        flags = common.TINY_FLAGS if quick else common.paper_flags()
+        size = common.TINY_INPUT if quick else common.PAPER_INPUT
+        model = common.random_model(flags, SEED).to(device)
+        top = (slice224.shape[-1] - size) // 2
+        images = torch.from_numpy(slice224[None, :, top : top + size, top : top + size].copy())
+        try:
+            preset = dict(load_model(None).sampling)
+        except DiffSegError:
+            preset = dict(FALLBACK_PRESET)
+        what = "tiny stand-in (--quick)" if quick else "PAPER flags (reference README), random weights"
+        return Config(name, model, DiffusionConfig.from_flags(flags), images.to(device), preset,
+                      f"{what}, {count_parameters(model):,} parameters, input {size}x{size}")
+    if name == "demo":
+        path = _tiny_checkpoint(workdir) if quick else None
+        loaded = load_model(path)
+        multiple = loaded.unet_config.size_multiple
+        images = loaded.geometry.to_network(torch.from_numpy(slice224)[None], multiple)
+        what = "tiny stand-in checkpoint (--quick)" if quick else "bundled demo model"
+        h, w = images.shape[-2:]
+        return Config(name, loaded.model.eval().to(device), loaded.diffusion_config,
+                      images.float().contiguous().to(device), dict(loaded.sampling),
+                      f"{what}, {count_parameters(loaded.model):,} parameters, a {slice224.shape[-2]}x"
+                      f"{slice224.shape[-1]} slice -> network input {h}x{w}",
+                      model_path=None if path is None else str(path))
+    raise SystemExit(f"error: --configs: unknown config {name!r}; use paper and/or demo")
+
+
+# -- timing the modes -------------------------------------------------------------------------------
+def _mode_result(label: str, chain_steps: int, timed: int, seconds: float, mem: common.PeakMemory, **extra) -> dict:
+    ms = 1000.0 * seconds / max(timed, 1)
+    return {"label": label, "steps": chain_steps, "timed_steps": timed, "ms_per_step": ms,
+            "s_per_ensemble": ms * chain_steps / 1000.0, "extrapolated_from": timed,
+            "peak_mem_mib": mem.mib, "status": "ok", **extra}
+
+
+def time_reference_style(cfg: Config, device: torch.device, num_ensemble: int, warmup: int, steps: int,
+                         noise: EnsembleNoise) -> tuple[dict, torch.Tensor]:
+    model = cfg.model.to(memory_format=torch.contiguous_format)
+    diffusion = Diffusion.from_config(cfg.diffusion_config, "")
+    warm = min(warmup, diffusion.num_timesteps - 1)
+    total = min(warm + steps, diffusion.num_timesteps)
+    marks: dict[tuple[int, int], float] = {}
+
+    def on_step(chain: int, k: int) -> None:
+        if k in (warm, total):
+            common.sync(device)
+            marks[(chain, k)] = time.perf_counter()
+
+    images = cfg.images.contiguous()
+    with common.PeakMemory(device) as mem:
+        common.sync(device)
+        began = time.perf_counter()
+        final = reference_style_ensemble(model, diffusion, images, num_ensemble, steps=total, noise=noise,
+                                         on_step=on_step)
+    # Each chain's own warm-up steps are left out; without any, timing starts at the chain's start.
+    seconds = sum(marks[(c, total)] - marks.get((c, warm), began if c == 0 else marks[(c - 1, total)])
+                  for c in range(num_ensemble))
+    result = _mode_result("(a) reference-style: chains in turn at batch 1, fp32, contiguous, no_grad",
+                          diffusion.num_timesteps, total - warm, seconds, mem, precision="fp32",
+                          channels_last=False, batch=1, sampler="ddpm", respacing="",
+                          sample_shape=list(final.shape))
+    return result, final
+
+
+def time_sampler(cfg: Config, device: torch.device, num_ensemble: int, warmup: int, steps: int, label: str,
+                 respacing: str, sampler: str, precision: str, clip_range,
+                 compiled: bool = False) -> tuple[dict, torch.Tensor]:
+    model = cfg.model.to(memory_format=torch.channels_last)  # our default layout (Segmenter)
+    diffusion = Diffusion.from_config(cfg.diffusion_config, respacing)
+    # Compiling happens in the first call: it is always a warm-up step, timed on its own.
+    warm = min(max(warmup, 1 if compiled else 0), diffusion.num_timesteps - 1)
+    total = min(warm + steps, diffusion.num_timesteps)
+    generator = sample_ensemble(model, diffusion, cfg.images, num_ensemble, seed=SEED, sampler=sampler,
+                                precision=precision, clip_range=tuple(clip_range))
+    extra = {}
+    try:
+        with common.PeakMemory(device) as mem:
+            for i in range(warm):
+                with common.Timer(device) as first:
+                    last = next(generator)
+                if compiled and i == 0:
+                    extra["compile_s"] = first.seconds
+            with common.Timer(device) as timer:
+                for _ in range(total - warm):
+                    last = next(generator)
+    finally:
+        generator.close()
+    result = _mode_result(label, diffusion.num_timesteps, total - warm, timer.seconds, mem, precision=precision,
+                          channels_last=True, batch=num_ensemble, sampler=sampler, respacing=respacing,
+                          sample_shape=list(last.x.shape), **extra)
+    return result, last.x
+
+
+def time_compiled(cfg: Config, device: torch.device, num_ensemble: int, warmup: int, steps: int,
+                  precision: str) -> dict:
+    """The fast mode with the UNet body under torch.compile; skipped or failed is reported, not raised."""
+    label = f"(c) fast {precision} + torch.compile"
+    if device.type == "cpu" and shutil.which("cc") is None and shutil.which("gcc") is None:
+        return {"label": label, "status": "skipped: no C compiler for torch.compile's CPU backend"}
+    model = cfg.model
+    try:
+        model._body = torch.compile(model._body)  # forward_conditioned calls self._body: compile just that
+        result, _ = time_sampler(cfg, device, num_ensemble, warmup, steps, label, cfg.preset["timestep_respacing"],
+                                 cfg.preset["sampler"], precision, cfg.preset["clip_range"], compiled=True)
+        return result
+    except Exception as exc:  # noqa: BLE001 - any compiler failure is a result here, not a crash
+        first = " ".join(str(exc).split())[:200]
+        return {"label": label, "status": f"failed: {type(exc).__name__}: {first}"}
+    finally:
+        model.__dict__.pop("_body", None)
+        torch._dynamo.reset()
+
+
+def bench_config(cfg: Config, device: torch.device, args) -> dict:
+    n, warmup, steps = args.ensemble, args.warmup, args.steps
+    full = Diffusion.from_config(cfg.diffusion_config, "")
+    noise = EnsembleNoise(SEED, 0, n, tuple(cfg.images.shape[-2:]), warmup + steps, full.num_timesteps, device)
+    modes: dict[str, dict] = {}
+    modes["a"], state_a = time_reference_style(cfg, device, n, warmup, steps, noise)
+    modes["b"], state_b = time_sampler(cfg, device, n, warmup, steps,
+                                       "(b) faithful: our sampler, all steps, fp32, channels-last", "", "ddpm",
+                                       "fp32", REFERENCE_CLIP)
+    preset = cfg.preset
+    respacing, sampler, clip = str(preset["timestep_respacing"]), preset["sampler"], preset["clip_range"]
+    modes["c_fp32"], _ = time_sampler(cfg, device, n, warmup, steps,
+                                      f"(c) fast: preset ({respacing or 'all'} {sampler.upper()} steps), fp32",
+                                      respacing, sampler, "fp32", clip)
+    for i, precision in enumerate(common.fast_precisions(device)):
+        key = "c" if i == 0 else f"c_{precision}"
+        if precision == "fp32":  # no fast reduced precision here: the fast mode is the fp32 one
+            modes[key] = dict(modes["c_fp32"], label="(c) fast: the fp32 row (no native bf16 here)",
+                              note="same run as c_fp32")
+            continue
+        modes[key], _ = time_sampler(cfg, device, n, warmup, steps,
+                                     f"(c) fast: preset ({respacing or 'all'} {sampler.upper()} steps), {precision}",
+                                     respacing, sampler, precision, clip)
+    if args.compile:
+        modes["c_compiled"] = time_compiled(cfg, device, n, warmup, steps, modes["c"]["precision"])
+    a = modes["a"]["s_per_ensemble"]
+    ratios = {f"{k}/a": m["s_per_ensemble"] / a for k, m in modes.items()
+              if k != "a" and m.get("status") == "ok"}
+    cfg.model.to(memory_format=torch.contiguous_format)
+    return {
+        "description": cfg.description,
+        "params": count_parameters(cfg.model),
+        "network_input": list(cfg.images.shape[-2:]),
+        "ensemble": n,
+        "preset": {"timestep_respacing": respacing, "sampler": sampler, "clip_range": list(clip)},
+        "modes": modes,
+        "ratios": ratios,
+        # Same noise, same weights, same number of steps: the claim "faithful" in one number.
+        "a_vs_b_max_abs_diff": float((state_a.float() - state_b.float()).abs().max()),
+    }
+
+
+# -- the widget's path --------------------------------------------------------------------------------
+def time_widget(model_path: str | None, slice_core: np.ndarray, device: torch.device, num_ensemble: int,
+                runs: int) -> dict:
+    """The widget's Run on one slice with its default settings: ``_session.run_job`` with a fresh
+    model cache, so the model loads inside the run as it does in napari the first time; then
+    again with it cached."""
+    from napari_diffseg import _layerdata as ld
+    from napari_diffseg._session import PREVIEW_INTERVAL, Inputs, ModelCache, RunRequest, run_job
+
+    class TimedCache(ModelCache):
+        load_s = 0.0
+
+        def get(self, *a, **k):
+            began = time.perf_counter()
+            try:
+                return super().get(*a, **k)
+            finally:
+                self.load_s = time.perf_counter() - began
+
+    cache = TimedCache()
+    arrays = [np.ascontiguousarray(ld.to_display(image)) for image in slice_core]  # layers hold display order
+    inputs = Inputs(arrays=arrays, spatial_ndim=2, display_shape=arrays[0].shape, case="benchmark", reference=None)
+    request = RunRequest(inputs=inputs, z=None, model_path=model_path, flags_path=None, device=str(device),
+                         num_ensemble=num_ensemble, respacing=None, sampler=None, seed=SEED, keep_members=False)
+    results = []
+    for run in range(runs):
+        began = time.perf_counter()
+        first_frame = None
+        previews = 0
+        job = run_job(request, cache)
+        while True:
+            try:
+                progress = next(job)
+            except StopIteration as stop:
+                outcome = stop.value
+                break
+            if progress.preview is not None:
+                previews += 1
+                if first_frame is None:
+                    first_frame = time.perf_counter() - began
+        total = time.perf_counter() - began
+        load = cache.load_s
+        seg = outcome.segmentation
+        results.append({
+            "run": "first Run (model loads at Run)" if run == 0 else "next Run (model cached)",
+            "load_s": load,
+            "first_frame_s": first_frame,
+            "first_frame_after_load_s": None if first_frame is None else first_frame - load,
+            "ensemble_s": total,
+            "ensemble_after_load_s": total - load,
+            "steps": seg.steps,
+            "num_ensemble": seg.num_ensemble,
+            "sampler": seg.sampler,
+            "precision": seg.settings.get("precision"),
+            "previews": previews,
+            "result_shape": list(seg.probability.shape),
+        })
+    return {"preview_interval_s": PREVIEW_INTERVAL, "input": list(slice_core.shape[1:]), "runs": results}
+
+
+# -- output -------------------------------------------------------------------------------------------
+def print_config(name: str, result: dict, args, device: torch.device) -> None:
+    print(f"\n== {name}: {result['description']}; ensemble {result['ensemble']}, device {device}")
+    rows = []
+    for key, mode in result["modes"].items():
+        if mode.get("status") != "ok":
+            rows.append([key, mode["label"], "-", "-", "-", "-", "-", mode["status"]])
+            continue
+        ratio = result["ratios"].get(f"{key}/a", 1.0 if key == "a" else None)
+        speedup = "" if not ratio else f" ({1 / ratio:.1f}x faster)" if ratio < 1 else ""
+        note = f"compile {mode['compile_s']:.1f} s" if "compile_s" in mode else mode.get("note", "")
+        rows.append([key, mode["label"], str(mode["steps"]), common.fmt(mode["ms_per_step"]),
+                     common.fmt(mode["s_per_ensemble"], ".2f"), common.fmt(mode["peak_mem_mib"]),
+                     common.fmt(ratio, ".3f") + speedup, note])
+    print(common.table(rows, ["key", "mode", "steps", "ms/step", "s/ensemble", "peak MiB", "vs (a)", ""]))
+    print(f"ms/step is one step of all {result['ensemble']} chains; s/ensemble is extrapolated from "
+          f"{args.steps} timed steps (after {args.warmup} warm-up) to the chain length in 'steps'.")
+    print(f"(a) vs (b), same noise, after {args.warmup + args.steps} steps: largest difference "
+          f"{result['a_vs_b_max_abs_diff']:.2e}")
+
+
+def print_widget(widget: dict) -> None:
+    print(f"\n== widget path (_session.run_job, demo model, one {widget['input'][0]}x{widget['input'][1]} slice, "
+          f"default settings, previews every {widget['preview_interval_s']} s)")
+    rows = []
+    for run in widget["runs"]:
+        rows.append([run["run"], common.fmt(run["load_s"], ".2f"), common.fmt(run["first_frame_after_load_s"], ".2f"),
+                     common.fmt(run["first_frame_s"], ".2f"), common.fmt(run["ensemble_s"], ".2f"),
+                     f"{run['num_ensemble']} x {run['steps']} {run['sampler']} {run['precision']}"])
+    print(common.table(rows, ["run", "load s", "1st frame s", "incl. load", "ensemble s", "settings"]))
+    print(f"measured, not extrapolated; targets on a 2-core CPU: first frame <= {FIRST_FRAME_TARGET_S:g} s, "
+          f"ensemble <= {ENSEMBLE_TARGET_S:g} s")
+
+
+def print_reference(device: torch.device) -> dict | None:
+    measured = common.reference_timings()
+    if measured is None or device.type != "cpu":
+        return None
+    paper = measured["paper"]["p_sample_b1"]["median"]
+    small = measured["small"]["p_sample_b1"]["median"]
+    print(f"\nreference implementation as measured ({measured['machine']}): one p_sample at batch 1 "
+          f"{paper * 1000:.0f} ms (PAPER) / {small * 1000:.0f} ms (SMALL) -> "
+          f"{measured['paper']['extrapolated_reference_ensemble_5x1000_b1_s']:.0f} s per PAPER ensemble; "
+          "compare with (a) above to see how close the reference-style loop is to it")
+    return {"paper_p_sample_b1_s": paper, "small_p_sample_b1_s": small,
+            "paper_ensemble_s": measured["paper"]["extrapolated_reference_ensemble_5x1000_b1_s"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_shared_flags(parser)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 5; 1 with --quick)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    parser.add_argument("--configs", default="paper,demo", help="comma-separated: paper, demo")
+    parser.add_argument("--ensemble", type=int, default=5, help="chains per slice")
+    parser.add_argument("--widget_runs", type=int, default=2,
+                        help="widget-path runs on the demo model (the first loads the model; 0: none)")
+    parser.add_argument("--compile", action="store_true", help="also time the fast mode under torch.compile")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    args.steps = (1 if args.quick else 5) if args.steps is None else args.steps
+    if args.steps < 1 or args.warmup < 0 or args.ensemble < 1:
+        raise SystemExit("error: --steps and --ensemble must be at least 1, --warmup at least 0")
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    device, info = common.start(args, "sampler")
+    slice224, source = input_slice()
+    print(f"input: {source}, {slice224.shape[1]}x{slice224.shape[2]}")
+    results = {"benchmark": "sampler", "quick": args.quick, "device": str(device), "machine": info,
+               "timed_steps": args.steps, "warmup_steps": args.warmup, "ensemble": args.ensemble,
+               "input": source, "configs": {}, "widget": None}
+    with tempfile.TemporaryDirectory(prefix="diffseg-bench-") as tmp:
+        configs = [build_config(name, args.quick, device, slice224, Path(tmp)) for name in names]
+        demo = next((c for c in configs if c.name == "demo"), None)
+        if demo is not None and args.widget_runs > 0:
+            # First, so that its first run is this process's first use of the model.
+            results["widget"] = time_widget(demo.model_path, slice224, device, args.ensemble, args.widget_runs)
+            print_widget(results["widget"])
+        for cfg in configs:
+            torch.manual_seed(SEED)
+            results["configs"][cfg.name] = bench_config(cfg, device, args)
+            print_config(cfg.name, results["configs"][cfg.name], args, device)
+    results["reference_measured"] = print_reference(device)
+    line = common.write_json(results, args.json)
+    print(line)
+    return results
+
+
+if __name__ == "__main__":
+    main()

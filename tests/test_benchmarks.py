@@ -1,0 +1,163 @@
+"""The benchmark scripts run (--quick: tiny networks, one or two steps) and report sane numbers,
+and the reference-style loop they time against agrees with our faithful sampler.
+
+No timing is asserted: the figures depend on the machine. What is checked is the structure
+of the results, that the numbers are positive and finite, and that the modes compared
+produce the same thing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import _common as common  # noqa: E402
+import bench_sampler  # noqa: E402
+import bench_train  # noqa: E402
+
+from napari_diffseg.diffusion import Diffusion, DiffusionConfig  # noqa: E402
+from napari_diffseg.ensemble import sample_ensemble  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    # The scripts set torch's thread count for the whole process; put it back for other tests.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_sampler_benchmark_quick(tmp_path, capsys):
+    out = tmp_path / "sampler.json"
+    results = bench_sampler.main(["--quick", "--steps", "1", "--warmup", "1", "--widget_runs", "1",
+                                  "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert _last_json_line(printed) == json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert "extrapolated from 1 timed steps" in printed
+    assert results["benchmark"] == "sampler" and results["quick"] is True
+
+    for name in ("paper", "demo"):
+        config = results["configs"][name]
+        modes = config["modes"]
+        assert {"a", "b", "c_fp32", "c"} <= set(modes)
+        preset_steps = modes["c"]["steps"]
+        for key, mode in modes.items():
+            assert mode["status"] == "ok", (name, key, mode)
+            assert _positive(mode["ms_per_step"]) and _positive(mode["s_per_ensemble"]), (name, key)
+            assert mode["extrapolated_from"] == mode["timed_steps"] == 1
+            assert mode["peak_mem_mib"] is None or mode["peak_mem_mib"] >= 0
+            # s/ensemble is ms/step scaled to the chain length
+            assert mode["s_per_ensemble"] == pytest.approx(mode["ms_per_step"] * mode["steps"] / 1000)
+        assert modes["a"]["steps"] == modes["b"]["steps"] == 1000
+        assert modes["c"]["steps"] == modes["c_fp32"]["steps"] == preset_steps < 1000
+        assert modes["a"]["batch"] == 1 and modes["b"]["batch"] == 5
+        assert not modes["a"]["channels_last"] and modes["b"]["channels_last"]
+        # Every mode ends with the same thing: 5 chains of one mask at the network's size.
+        shapes = {tuple(m["sample_shape"]) for m in modes.values()}
+        assert shapes == {(5, 1, *config["network_input"])}
+        assert set(config["ratios"]) >= {"b/a", "c/a", "c_fp32/a"}
+        assert all(_positive(r) for r in config["ratios"].values())
+        assert config["a_vs_b_max_abs_diff"] < 1e-4
+
+    widget = results["widget"]
+    run = widget["runs"][0]
+    assert run["load_s"] >= 0 and _positive(run["first_frame_s"]) and _positive(run["ensemble_s"])
+    assert run["load_s"] <= run["first_frame_s"] <= run["ensemble_s"]
+    assert run["num_ensemble"] == 5 and run["steps"] == results["configs"]["demo"]["modes"]["c"]["steps"]
+    assert run["result_shape"] == widget["input"] and run["previews"] >= 1
+
+
+def test_train_benchmark_quick(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    results = bench_train.main(["--quick", "--iters", "1", "--warmup", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert _last_json_line(printed) == json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert results["benchmark"] == "train" and results["batch"] == 2
+    for name in ("demo", "paper"):
+        config = results["configs"][name]
+        assert set(config["modes"]) == {"plain", "ours"}
+        for key, mode in config["modes"].items():
+            assert mode["status"] == "ok", (name, key, mode)
+            assert _positive(mode["it_per_s"]) and _positive(mode["s_per_it"]), (name, key)
+            assert mode["it_per_s"] * mode["s_per_it"] == pytest.approx(1.0)
+            assert math.isfinite(mode["loss"]) and mode["loss"] > 0
+        assert config["modes"]["plain"]["precision"] == "fp32"
+        assert config["modes"]["ours"]["precision"] in ("bf16", "fp16", "fp32")
+        assert _positive(config["ratio_ours_over_plain"])
+
+
+# -- (a) reference-style loop == (b) our faithful sampler ------------------------------------------
+
+N = 3
+SIZE = (16, 16)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    model = common.random_model(common.TINY_FLAGS, seed=3)
+    images = torch.rand((1, 4, *SIZE), generator=torch.Generator().manual_seed(5))
+    return model, images
+
+
+def _faithful(model, diffusion, images, steps, seed):
+    """Our sampler as the faithful mode runs it (fp32, channels-last), stopped after ``steps``."""
+    model = model.to(memory_format=torch.channels_last)
+    try:
+        last = None
+        for count, step in enumerate(sample_ensemble(model, diffusion, images, N, seed=seed), start=1):
+            last = step
+            if count == steps:
+                break
+        return last.x
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+@pytest.mark.parametrize("respacing, steps", [("", 4), ("5", 5)], ids=["first 4 of 1000 steps", "whole 5-step chain"])
+def test_reference_style_loop_matches_faithful_sampler(tiny, respacing, steps):
+    model, images = tiny
+    diffusion = Diffusion.from_config(DiffusionConfig(), respacing)
+    seed = 11
+    noise = bench_sampler.EnsembleNoise(seed, 0, N, SIZE, steps, diffusion.num_timesteps, images.device)
+    ours = _faithful(model, diffusion, images, steps, seed)
+    reference_style = bench_sampler.reference_style_ensemble(model, diffusion, images, N, steps=steps, noise=noise)
+    assert reference_style.shape == ours.shape == (N, 1, *SIZE)
+    torch.testing.assert_close(reference_style, ours, atol=1e-5, rtol=1e-5)
+    if steps == diffusion.num_timesteps:  # ended at t = 0: the sample is the clipped x0 estimate
+        assert reference_style.abs().max() <= 1.0
+
+    # Not vacuous: other noise gives other chains.
+    other = bench_sampler.EnsembleNoise(seed + 1, 0, N, SIZE, steps, diffusion.num_timesteps, images.device)
+    moved = bench_sampler.reference_style_ensemble(model, diffusion, images, N, steps=steps, noise=other)
+    assert (moved - ours).abs().max() > 1e-3
+
+
+def test_compile_failure_is_reported_not_raised(tiny, monkeypatch):
+    model, images = tiny
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(bench_sampler.torch, "compile", broken)
+    cfg = bench_sampler.Config("tiny", model, DiffusionConfig(), images,
+                               {"timestep_respacing": "4", "sampler": "ddpm", "clip_range": [0.0, 1.0]}, "tiny")
+    result = bench_sampler.time_compiled(cfg, torch.device("cpu"), N, 1, 1, "fp32")
+    assert result["status"].startswith("failed: RuntimeError: no compiler here")
+    assert "_body" not in vars(model)  # the model is left as it was

@@ -133,11 +133,12 @@ def sync(device: torch.device) -> None:
 def fast_precisions(device: torch.device) -> list[str]:
     """Precisions for the fast modes: the first is the headline one, the rest are also timed.
 
-    CUDA: bf16 (fp16 where bf16 is missing), and fp16 besides. CPU: bf16 where the CPU computes it
-    natively (AVX512-BF16/AMX, the rule of the widget's "auto"), else fp32 first and
-    oneDNN's emulated bf16 after it, to show what it would cost."""
+    The headline one is what precision "auto" picks (inference.resolve_precision). CUDA: fp16,
+    and bf16 besides where the GPU has it. CPU: bf16 where the CPU computes it natively
+    (AVX512-BF16/AMX), else fp32 first and oneDNN's emulated bf16 after it, to show what it
+    would cost."""
     if device.type == "cuda":
-        return ["bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp16"]
+        return ["fp16", "bf16"] if torch.cuda.is_bf16_supported() else ["fp16"]
     if cpu_has_native_bf16():
         return ["bf16"]
     try:
@@ -145,6 +146,14 @@ def fast_precisions(device: torch.device) -> list[str]:
     except (AttributeError, RuntimeError):
         emulated = False
     return ["fp32", "bf16"] if emulated else ["fp32"]
+
+
+def train_precision(device: torch.device) -> str:
+    """Training's reduced precision: bf16 on CUDA where the GPU has it (fp16 training needs loss
+    scaling), else the sampling rule."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return fast_precisions(device)[0]
 
 
 def machine() -> dict:

@@ -9,10 +9,14 @@ Modes (all draw a 5-member ensemble for one slice):
     to [-1, 1], all 1000 steps.
 (b) faithful: our sampler (ensemble.sample_ensemble, as Segmenter.run uses it) with all
     1000 steps, fp32, channels-last: the same chain maths as (a), N chains as one batch,
-    the images through the first layer once.
+    the images through the first layer once. Also timed in the fast mode's reduced precision
+    (b_bf16, b_fp16 on CUDA): all steps, not bit-faithful.
 (c) fast: the model's stored sampling preset (the demo model's: 50 respaced DDPM steps),
     in bf16 where the device computes it natively (CPU: AVX512-BF16/AMX; CUDA: fp16 too, and
     instead where bf16 is missing); also in fp32.
+--compile adds c_compiled (and b_compiled when --modes names it): the same with the UNet body
+under torch.compile (--compile_mode reduce-overhead replays CUDA graphs), as
+``Segmenter(compile=True)`` and ``--compile`` on the command line run it.
 
 Full chains take hours on a CPU, so every mode times ``--steps`` steps after ``--warmup``
 untimed ones and extrapolates to its chain length; the output says so. (a) and (b) use the
@@ -281,17 +285,20 @@ def time_sampler(cfg: Config, device: torch.device, num_ensemble: int, warmup: i
     return result, last.x
 
 
-def time_compiled(cfg: Config, device: torch.device, num_ensemble: int, warmup: int, steps: int,
-                  precision: str) -> dict:
-    """The fast mode with the UNet body under torch.compile; skipped or failed is reported, not raised."""
-    label = f"(c) fast {precision} + torch.compile"
+def time_compiled(cfg: Config, device: torch.device, num_ensemble: int, warmup: int, steps: int, label: str,
+                  respacing: str, sampler: str, precision: str, clip_range, mode: str = "default") -> dict:
+    """A mode with the UNet body under torch.compile; skipped or failed is reported, not raised.
+
+    mode "reduce-overhead" replays CUDA graphs: on a GPU, launching the network's few hundred
+    small kernels one by one can cost as much as running them."""
+    label += " + torch.compile" + ("" if mode == "default" else f" ({mode})")
     if device.type == "cpu" and shutil.which("cc") is None and shutil.which("gcc") is None:
         return {"label": label, "status": "skipped: no C compiler for torch.compile's CPU backend"}
     model = cfg.model
     try:
-        model._body = torch.compile(model._body)  # forward_conditioned calls self._body: compile just that
-        result, _ = time_sampler(cfg, device, num_ensemble, warmup, steps, label, cfg.preset["timestep_respacing"],
-                                 cfg.preset["sampler"], precision, cfg.preset["clip_range"], compiled=True)
+        model.compile_body(mode)  # what Segmenter(compile=True) does
+        result, _ = time_sampler(cfg, device, num_ensemble, warmup, steps, label, respacing, sampler, precision,
+                                 clip_range, compiled=True)
         return result
     except Exception as exc:  # noqa: BLE001 - any compiler failure is a result here, not a crash
         first = " ".join(str(exc).split())[:200]
@@ -303,34 +310,56 @@ def time_compiled(cfg: Config, device: torch.device, num_ensemble: int, warmup: 
 
 def bench_config(cfg: Config, device: torch.device, args) -> dict:
     n, warmup, steps = args.ensemble, args.warmup, args.steps
-    full = Diffusion.from_config(cfg.diffusion_config, "")
-    noise = EnsembleNoise(SEED, 0, n, tuple(cfg.images.shape[-2:]), warmup + steps, full.num_timesteps, device)
-    modes: dict[str, dict] = {}
-    modes["a"], state_a = time_reference_style(cfg, device, n, warmup, steps, noise)
-    modes["b"], state_b = time_sampler(cfg, device, n, warmup, steps,
-                                       "(b) faithful: our sampler, all steps, fp32, channels-last", "", "ddpm",
-                                       "fp32", REFERENCE_CLIP)
+    reference_steps = args.reference_steps or steps
+    wanted = set(args.modes.split(",")) if args.modes else None
+    fast = common.fast_precisions(device)
     preset = cfg.preset
     respacing, sampler, clip = str(preset["timestep_respacing"]), preset["sampler"], preset["clip_range"]
-    modes["c_fp32"], _ = time_sampler(cfg, device, n, warmup, steps,
-                                      f"(c) fast: preset ({respacing or 'all'} {sampler.upper()} steps), fp32",
-                                      respacing, sampler, "fp32", clip)
-    for i, precision in enumerate(common.fast_precisions(device)):
-        key = "c" if i == 0 else f"c_{precision}"
-        if precision == "fp32":  # no fast reduced precision here: the fast mode is the fp32 one
-            modes[key] = dict(modes["c_fp32"], label="(c) fast: the fp32 row (no native bf16 here)",
-                              note="same run as c_fp32")
-            continue
-        modes[key], _ = time_sampler(cfg, device, n, warmup, steps,
-                                     f"(c) fast: preset ({respacing or 'all'} {sampler.upper()} steps), {precision}",
-                                     respacing, sampler, precision, clip)
+    fast_label = f"(c) fast: preset ({respacing or 'all'} {sampler.upper()} steps)"
+    # key -> (label, respacing, sampler, precision, clip); (a) is separate, "compiled" rows need --compile
+    plan = {"b": ("(b) faithful: our sampler, all steps, fp32, channels-last", "", "ddpm", "fp32", REFERENCE_CLIP)}
+    for precision in fast:  # the same 1000 steps in reduced precision: faster, not bit-faithful
+        if precision != "fp32":
+            plan[f"b_{precision}"] = (f"(b) all steps, {precision}, channels-last", "", "ddpm", precision,
+                                      REFERENCE_CLIP)
+    plan["c_fp32"] = (f"{fast_label}, fp32", respacing, sampler, "fp32", clip)
+    for i, precision in enumerate(fast):
+        if precision != "fp32":
+            plan["c" if i == 0 else f"c_{precision}"] = (f"{fast_label}, {precision}", respacing, sampler,
+                                                         precision, clip)
+    compiled = {"b_compiled": (f"(b) all steps, {fast[0]}", "", "ddpm", fast[0], REFERENCE_CLIP),
+                "c_compiled": (f"{fast_label}, {fast[0]}", respacing, sampler, fast[0], clip)}
+
+    def run(key: str) -> bool:
+        return wanted is None or key in wanted
+
+    full = Diffusion.from_config(cfg.diffusion_config, "")
+    noise = EnsembleNoise(SEED, 0, n, tuple(cfg.images.shape[-2:]), warmup + max(steps, reference_steps),
+                          full.num_timesteps, device)
+    modes: dict[str, dict] = {}
+    states = {}
+    if run("a"):
+        modes["a"], states["a"] = time_reference_style(cfg, device, n, warmup, reference_steps, noise)
+    for key, (label, spacing, kind, precision, clip_range) in plan.items():
+        if run(key):
+            modes[key], state = time_sampler(cfg, device, n, warmup, steps, label, spacing, kind, precision,
+                                             clip_range)
+            states.setdefault(key, state)
+    if fast[0] == "fp32" and run("c"):  # no fast reduced precision here: the fast mode is the fp32 one
+        modes["c"] = dict(modes.get("c_fp32") or {}, label="(c) fast: the fp32 row (no native bf16 here)",
+                          note="same run as c_fp32")
     if args.compile:
-        modes["c_compiled"] = time_compiled(cfg, device, n, warmup, steps, modes["c"]["precision"])
-    a = modes["a"]["s_per_ensemble"]
-    ratios = {f"{k}/a": m["s_per_ensemble"] / a for k, m in modes.items()
-              if k != "a" and m.get("status") == "ok"}
+        for key, (label, spacing, kind, precision, clip_range) in compiled.items():
+            if run(key) or (wanted is None and key == "c_compiled"):
+                modes[key] = time_compiled(cfg, device, n, warmup, steps, label, spacing, kind, precision,
+                                           clip_range, args.compile_mode)
+    ratios = {}
+    if "a" in modes:
+        a = modes["a"]["s_per_ensemble"]
+        ratios = {f"{k}/a": m["s_per_ensemble"] / a for k, m in modes.items()
+                  if k != "a" and m.get("status") == "ok"}
     cfg.model.to(memory_format=torch.contiguous_format)
-    return {
+    result = {
         "description": cfg.description,
         "params": count_parameters(cfg.model),
         "network_input": list(cfg.images.shape[-2:]),
@@ -338,9 +367,11 @@ def bench_config(cfg: Config, device: torch.device, args) -> dict:
         "preset": {"timestep_respacing": respacing, "sampler": sampler, "clip_range": list(clip)},
         "modes": modes,
         "ratios": ratios,
-        # Same noise, same weights, same number of steps: the claim "faithful" in one number.
-        "a_vs_b_max_abs_diff": float((state_a.float() - state_b.float()).abs().max()),
     }
+    if "a" in states and "b" in states and reference_steps == steps:
+        # Same noise, same weights, same number of steps: the claim "faithful" in one number.
+        result["a_vs_b_max_abs_diff"] = float((states["a"].float() - states["b"].float()).abs().max())
+    return result
 
 
 # -- the widget's path --------------------------------------------------------------------------------
@@ -400,7 +431,10 @@ def time_widget(model_path: str | None, slice_core: np.ndarray, device: torch.de
             "previews": previews,
             "result_shape": list(seg.probability.shape),
         })
-    return {"preview_interval_s": PREVIEW_INTERVAL, "input": list(slice_core.shape[1:]), "runs": results}
+    # A shared 2-core machine varies by +-10 % from run to run: the median is the figure to quote.
+    return {"preview_interval_s": PREVIEW_INTERVAL, "input": list(slice_core.shape[1:]), "runs": results,
+            "median_first_frame_s": float(np.median([r["first_frame_s"] for r in results if r["first_frame_s"]])),
+            "median_ensemble_s": float(np.median([r["ensemble_s"] for r in results]))}
 
 
 # -- output -------------------------------------------------------------------------------------------
@@ -418,10 +452,12 @@ def print_config(name: str, result: dict, args, device: torch.device) -> None:
                      common.fmt(mode["s_per_ensemble"], ".2f"), common.fmt(mode["peak_mem_mib"]),
                      common.fmt(ratio, ".3f") + speedup, note])
     print(common.table(rows, ["key", "mode", "steps", "ms/step", "s/ensemble", "peak MiB", "vs (a)", ""]))
+    reference = f" ((a): {args.reference_steps})" if args.reference_steps else ""
     print(f"ms/step is one step of all {result['ensemble']} chains; s/ensemble is extrapolated from "
-          f"{args.steps} timed steps (after {args.warmup} warm-up) to the chain length in 'steps'.")
-    print(f"(a) vs (b), same noise, after {args.warmup + args.steps} steps: largest difference "
-          f"{result['a_vs_b_max_abs_diff']:.2e}")
+          f"{args.steps} timed steps{reference} (after {args.warmup} warm-up) to the chain length in 'steps'.")
+    if "a_vs_b_max_abs_diff" in result:
+        print(f"(a) vs (b), same noise, after {args.warmup + args.steps} steps: largest difference "
+              f"{result['a_vs_b_max_abs_diff']:.2e}")
 
 
 def print_widget(widget: dict) -> None:
@@ -433,6 +469,8 @@ def print_widget(widget: dict) -> None:
                      common.fmt(run["first_frame_s"], ".2f"), common.fmt(run["ensemble_s"], ".2f"),
                      f"{run['num_ensemble']} x {run['steps']} {run['sampler']} {run['precision']}"])
     print(common.table(rows, ["run", "load s", "1st frame s", "incl. load", "ensemble s", "settings"]))
+    print(f"median over the {len(widget['runs'])} runs: first frame {widget['median_first_frame_s']:.2f} s, "
+          f"ensemble {widget['median_ensemble_s']:.2f} s")
     print(f"measured, not extrapolated; targets on a 2-core CPU: first frame <= {FIRST_FRAME_TARGET_S:g} s, "
           f"ensemble <= {ENSEMBLE_TARGET_S:g} s")
 
@@ -458,32 +496,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 5; 1 with --quick)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--configs", default="paper,demo", help="comma-separated: paper, demo")
+    parser.add_argument("--modes", default="",
+                        help="comma-separated mode keys to run (a, b, b_bf16, c_fp32, c, c_fp16, b_compiled, "
+                        "c_compiled); default: all but b_compiled")
+    parser.add_argument("--reference_steps", type=int, default=None,
+                        help="timed steps for (a) alone (default: --steps); (a) then is not compared with (b)")
     parser.add_argument("--ensemble", type=int, default=5, help="chains per slice")
     parser.add_argument("--widget_runs", type=int, default=2,
                         help="widget-path runs on the demo model (the first loads the model; 0: none)")
     parser.add_argument("--compile", action="store_true", help="also time the fast mode under torch.compile")
+    parser.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile's mode for --compile (reduce-overhead: CUDA graphs)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     args.steps = (1 if args.quick else 5) if args.steps is None else args.steps
-    if args.steps < 1 or args.warmup < 0 or args.ensemble < 1:
-        raise SystemExit("error: --steps and --ensemble must be at least 1, --warmup at least 0")
+    if args.steps < 1 or args.warmup < 0 or args.ensemble < 1 or (args.reference_steps or 1) < 1:
+        raise SystemExit("error: --steps, --reference_steps and --ensemble must be at least 1, --warmup at least 0")
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     device, info = common.start(args, "sampler")
     slice224, source = input_slice()
     print(f"input: {source}, {slice224.shape[1]}x{slice224.shape[2]}")
     results = {"benchmark": "sampler", "quick": args.quick, "device": str(device), "machine": info,
-               "timed_steps": args.steps, "warmup_steps": args.warmup, "ensemble": args.ensemble,
+               "timed_steps": args.steps, "reference_timed_steps": args.reference_steps or args.steps,
+               "warmup_steps": args.warmup, "ensemble": args.ensemble,
                "input": source, "configs": {}, "widget": None}
     with tempfile.TemporaryDirectory(prefix="diffseg-bench-") as tmp:
-        configs = [build_config(name, args.quick, device, slice224, Path(tmp)) for name in names]
-        demo = next((c for c in configs if c.name == "demo"), None)
-        if demo is not None and args.widget_runs > 0:
-            # First, so that its first run is this process's first use of the model.
-            results["widget"] = time_widget(demo.model_path, slice224, device, args.ensemble, args.widget_runs)
+        if "demo" in names and args.widget_runs > 0:
+            # Before any config is built: the first run is this process's first use of the model,
+            # with no 114 M-parameter paper model in memory beside it, as in napari.
+            path = str(_tiny_checkpoint(Path(tmp))) if args.quick else None
+            results["widget"] = time_widget(path, slice224, device, args.ensemble, args.widget_runs)
             print_widget(results["widget"])
+        configs = [build_config(name, args.quick, device, slice224, Path(tmp)) for name in names]
         for cfg in configs:
             torch.manual_seed(SEED)
             results["configs"][cfg.name] = bench_config(cfg, device, args)

@@ -164,7 +164,7 @@ def bench_config(name: str, args, device: torch.device, workdir: Path) -> dict:
     write_phantoms(data_dir, PHANTOM_CASES if not args.quick else 2, SEED, size=phantom_size)
     multiple = UNetConfig.from_flags(flags).size_multiple
     slices = train.build_slice_set(data_dir, geometry, multiple, log=lambda *_: None)
-    precision = common.fast_precisions(device)[0]
+    precision = common.train_precision(device)
     argv = trainer_argv(flags, geometry, data_dir, workdir / f"{name}-out", args.batch, device, precision,
                         args.threads)
     modes = {

@@ -81,6 +81,19 @@ def test_sampler_benchmark_quick(tmp_path, capsys):
     assert run["load_s"] <= run["first_frame_s"] <= run["ensemble_s"]
     assert run["num_ensemble"] == 5 and run["steps"] == results["configs"]["demo"]["modes"]["c"]["steps"]
     assert run["result_shape"] == widget["input"] and run["previews"] >= 1
+    assert widget["median_ensemble_s"] == run["ensemble_s"]  # one run: its own median
+
+
+def test_sampler_benchmark_mode_selection():
+    """--modes runs only the keys named; --reference_steps times (a) on its own count, and then
+    (a) and (b) are not compared state for state."""
+    results = bench_sampler.main(["--quick", "--configs", "paper", "--modes", "a,b", "--steps", "1",
+                                  "--reference_steps", "2", "--warmup", "0", "--widget_runs", "0"])
+    config = results["configs"]["paper"]
+    assert set(config["modes"]) == {"a", "b"}
+    assert config["modes"]["a"]["timed_steps"] == 2 and config["modes"]["b"]["timed_steps"] == 1
+    assert set(config["ratios"]) == {"b/a"} and "a_vs_b_max_abs_diff" not in config
+    assert results["widget"] is None and results["reference_timed_steps"] == 2
 
 
 def test_train_benchmark_quick(tmp_path, capsys):
@@ -158,6 +171,7 @@ def test_compile_failure_is_reported_not_raised(tiny, monkeypatch):
     monkeypatch.setattr(bench_sampler.torch, "compile", broken)
     cfg = bench_sampler.Config("tiny", model, DiffusionConfig(), images,
                                {"timestep_respacing": "4", "sampler": "ddpm", "clip_range": [0.0, 1.0]}, "tiny")
-    result = bench_sampler.time_compiled(cfg, torch.device("cpu"), N, 1, 1, "fp32")
+    result = bench_sampler.time_compiled(cfg, torch.device("cpu"), N, 1, 1, "(c) fast", "4", "ddpm", "fp32",
+                                         (0.0, 1.0))
     assert result["status"].startswith("failed: RuntimeError: no compiler here")
     assert "_body" not in vars(model)  # the model is left as it was

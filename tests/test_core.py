@@ -21,9 +21,10 @@ TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2"
             num_heads=1, learn_sigma=True)
 
 
-def tiny_model(seed: int = 0) -> UNet:
+def tiny_model(seed: int = 0, **config) -> UNet:
+    """A tiny UNet (TINY, with ``config`` on top) whose output layer is not zero."""
     torch.manual_seed(seed)
-    model = UNet(UNetConfig(**TINY))
+    model = UNet(UNetConfig(**{**TINY, **config}))
     with torch.no_grad():  # the output layer starts at zero: give the network something to say
         model.out[2].weight.normal_(0.0, 0.05)
     return model.eval()
@@ -268,6 +269,7 @@ def test_precision_auto_follows_native_bf16_and_bad_choices_are_refused(monkeypa
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
     assert inference.resolve_precision("auto", cpu) == "fp32"
     assert inference.resolve_precision("BF16", cpu) == "bf16"
+    assert inference.resolve_precision("auto", torch.device("cuda")) == "fp16"  # the closer to fp32 there
     with pytest.raises(DiffSegError, match="fp16 needs a CUDA GPU"):
         inference.resolve_precision("fp16", cpu)
     with pytest.raises(DiffSegError, match="unknown"):
@@ -284,6 +286,42 @@ def test_run_precision_overrides_the_segmenter_and_bf16_stays_close(segmenters):
     assert segmenter.precision == "fp32"  # the override is per run
     difference = np.abs(exact.samples - fast.samples)
     assert 0 < difference.max() < 0.1  # bf16 arithmetic ran, and changes the members only a little
+
+
+def test_compile_option_runs_the_network_under_torch_compile(tmp_path):
+    """Segmenter(compile=True), as --compile: the same chains through the compiled network (a few
+    seconds of compiling for this tiny one; CUDA graphs are checked on a GPU in test_cuda)."""
+    path = save_tiny_checkpoint(tmp_path / "tiny.pt", Geometry())
+    images = np.random.default_rng(5).random((4, 16, 16)).astype(np.float32)
+    segmenter = Segmenter.load(path, device="cpu", compile=True)
+    assert "_body" in vars(segmenter.model)  # the instance's body is the compiled one
+    try:
+        compiled, _ = _run(segmenter, images, num_ensemble=2, respacing="3")
+    finally:
+        torch._dynamo.reset()
+    plain, _ = _run(Segmenter.load(path, device="cpu"), images, num_ensemble=2, respacing="3")
+    np.testing.assert_allclose(compiled.samples, plain.samples, atol=1e-4)
+
+
+def test_group_norm_takes_bf16_directly_when_sampling_on_the_cpu():
+    """Sampling in bf16 on the CPU skips the float round trip of GroupNorm32: same result to
+    bf16 rounding, bf16 out; with gradients on (training) the float path stays."""
+    from napari_diffseg.unet import GroupNorm32
+
+    norm = GroupNorm32(8, 32)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (3 * torch.randn(2, 32, 8, 8, generator=torch.Generator().manual_seed(0)) + 1).bfloat16()
+    x = x.to(memory_format=torch.channels_last)
+    exact = torch.nn.functional.group_norm(x.float(), 8, norm.weight, norm.bias, norm.eps)
+    with torch.inference_mode():
+        fast = norm(x)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), exact, rtol=1e-2, atol=2e-2)
+    trained = norm(x.detach().requires_grad_())
+    assert trained.dtype == torch.bfloat16
+    torch.testing.assert_close(trained.float(), exact.bfloat16().float(), rtol=0, atol=0)  # cast once at the end
 
 
 def test_fewer_norm_groups_let_the_network_see_a_uniform_mask_offset():

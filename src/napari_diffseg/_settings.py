@@ -27,7 +27,7 @@ DEFAULTS: dict = {
     "steps": "",  # "" = the model's default respacing; else a respacing spec ("50", "ddim25")
     "sampler": "",  # "" = the model's default; "ddpm" or "ddim"
     "device": "auto",
-    "precision": "auto",  # bf16 where the hardware has it natively, else fp32
+    "precision": "auto",  # fp16 on CUDA, bf16 on a CPU with native bf16, else fp32
     "seed": 0,
     "scope": "slice",  # "slice" or "volume"
     "keep_members": True,

@@ -193,8 +193,8 @@ class DiffSegWidget(QWidget):
         form.addRow("device", self.device)
         self.precision = QComboBox()
         self.precision.addItems(available_precisions())
-        self.precision.setToolTip("auto: bf16 where the hardware computes it natively (about 1.7x faster on "
-                                  "CPU, Dice within 0.002 of fp32), else fp32; fp16 needs CUDA")
+        self.precision.setToolTip("auto: fp16 on a CUDA GPU, bf16 on a CPU that computes it natively (about "
+                                  "1.7x faster), else fp32; fp16 needs CUDA")
         form.addRow("precision", self.precision)
         self.seed = QSpinBox()
         self.seed.setRange(0, 2**31 - 1)

@@ -426,7 +426,7 @@ def main(argv=None) -> int:
     from .inference import Segmenter  # torch: only once the inputs look right
 
     segmenter = Segmenter.load(args.model_path, device=args.device, reference_flags=_reference_flags(args),
-                               precision=args.precision)
+                               precision=args.precision, compile=args.compile)
     sampler = sampler_from_args(args)
     respacing = segmenter.defaults["timestep_respacing"] if args.timestep_respacing is None else args.timestep_respacing
     deterministic = segmenter.loaded.deterministic
@@ -486,7 +486,7 @@ def main(argv=None) -> int:
         "data_dir": str(args.data_dir), "num_ensemble": args.num_ensemble, "members_sampled": num_run,
         "ensemble_sizes": sizes, "timestep_respacing": respacing, "steps": 1 if deterministic else segmenter.num_steps(respacing),
         "sampler": sampler_name, "eta": args.eta, "seed": args.seed, "device": str(segmenter.device),
-        "precision": args.precision, "slices": args.slices, "radius": args.radius, "threshold": THRESHOLD,
+        "precision": args.precision, "compile": args.compile, "slices": args.slices, "radius": args.radius, "threshold": THRESHOLD,
         "max_cases": args.max_cases, "sweep": args.sweep,
         "sweep_steps": args.sweep_steps if args.sweep else None,
         "sweep_ensemble": args.sweep_ensemble if args.sweep else None,

@@ -53,14 +53,16 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """The precision to run: auto means bf16 where the hardware computes it natively (its Dice
-    cost is measured, docs/evaluation), else fp32; an explicit choice is checked."""
+    """The precision to run; an explicit choice is checked. auto means fp16 on CUDA, bf16 on a
+    CPU that computes it natively, else fp32 (their Dice cost is measured, docs/evaluation)."""
     name = (name or "auto").lower()
     if name not in PRECISIONS:
         raise DiffSegError(f"precision {name!r} is unknown: use {', '.join(PRECISIONS)}")
     if name == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+            # On an H200, fp16 moved the held-out Dice by 0.001 and bf16 by 0.008, at the same
+            # speed; every CUDA GPU has fp16.
+            return "fp16"
         return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise DiffSegError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on this device")
@@ -121,7 +123,7 @@ class Segmenter:
     """A loaded model on a device, with its geometry and sampling defaults."""
 
     def __init__(self, loaded: LoadedModel, device: str | torch.device = "auto", precision: str = "fp32",
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, compile: bool = False):
         self.loaded = loaded
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.precision = resolve_precision(precision, self.device)
@@ -132,6 +134,10 @@ class Segmenter:
         self.channels_last = bool(channels_last)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if compile:
+            # CUDA graphs on a GPU (3x per step for the paper config on an H200, measured);
+            # plain compilation elsewhere.
+            self.model.compile_body("reduce-overhead" if self.device.type == "cuda" else "default")
         self._diffusions: dict[str, Diffusion] = {}
 
     @classmethod

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     _check_out_dir(out_dir)
     cases = _cases(args)
     segmenter = Segmenter.load(args.model_path, device=device, reference_flags=_reference_flags(args),
-                               precision=args.precision)
+                               precision=args.precision, compile=args.compile)
     sampler = sampler_from_args(args)
     mine = cases[rank::world]
     rows = []

@@ -34,7 +34,6 @@ The last line printed is the results as one JSON object (also written to --json 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
@@ -55,6 +54,7 @@ from napari_diffseg.diffusion import Diffusion, DiffusionConfig  # noqa: E402
 from napari_diffseg.ensemble import sample_ensemble, slice_generator  # noqa: E402
 from napari_diffseg.errors import DiffSegError  # noqa: E402
 from napari_diffseg.geometry import Geometry  # noqa: E402
+from napari_diffseg.inference import has_c_compiler  # noqa: E402
 from napari_diffseg.unet import UNet, UNetConfig, count_parameters  # noqa: E402
 
 SEED = 0
@@ -292,7 +292,7 @@ def time_compiled(cfg: Config, device: torch.device, num_ensemble: int, warmup: 
     mode "reduce-overhead" replays CUDA graphs: on a GPU, launching the network's few hundred
     small kernels one by one can cost as much as running them."""
     label += " + torch.compile" + ("" if mode == "default" else f" ({mode})")
-    if device.type == "cpu" and shutil.which("cc") is None and shutil.which("gcc") is None:
+    if device.type == "cpu" and not has_c_compiler():
         return {"label": label, "status": "skipped: no C compiler for torch.compile's CPU backend"}
     model = cfg.model
     try:

@@ -303,6 +303,15 @@ def test_compile_option_runs_the_network_under_torch_compile(tmp_path):
     np.testing.assert_allclose(compiled.samples, plain.samples, atol=1e-4)
 
 
+def test_compile_without_a_c_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    from napari_diffseg import inference
+    from napari_diffseg.errors import DiffSegError
+
+    monkeypatch.setattr(inference.shutil, "which", lambda name: None)
+    with pytest.raises(DiffSegError, match="needs a C compiler"):
+        Segmenter.load(save_tiny_checkpoint(tmp_path / "tiny.pt", Geometry()), device="cpu", compile=True)
+
+
 def test_group_norm_takes_bf16_directly_when_sampling_on_the_cpu():
     """Sampling in bf16 on the CPU skips the float round trip of GroupNorm32: same result to
     bf16 rounding, bf16 out; with gradients on (training) the float path stays."""

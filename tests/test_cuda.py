@@ -55,13 +55,16 @@ def test_unet_on_cuda_matches_the_cpu(exact_cuda):
     torch.testing.assert_close(layout, on_cpu, rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def segmenter(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cuda") / "tiny.pt"
+def write_tiny_checkpoint(path):
     state = {k: v.detach().clone() for k, v in tiny_model().state_dict().items()}
     checkpoint.atomic_save(checkpoint.make_payload(UNetConfig(**TINY), DiffusionConfig(), Geometry(resize_to=32),
                                                    {"model": state}), path)
-    return Segmenter.load(path, device="cuda")
+    return path
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    return Segmenter.load(write_tiny_checkpoint(tmp_path_factory.mktemp("cuda") / "tiny.pt"), device="cuda")
 
 
 def test_fp16_and_bf16_are_accepted_on_cuda():
@@ -113,10 +116,7 @@ def test_training_on_cuda_in_reduced_precision(tmp_path, precision):
 
 def test_compiled_network_on_cuda_gives_the_same_chains(tmp_path, exact_cuda):
     """--compile: CUDA graphs replayed by torch.compile, the same maths as the plain network."""
-    path = tmp_path / "tiny.pt"
-    state = {k: v.detach().clone() for k, v in tiny_model().state_dict().items()}
-    checkpoint.atomic_save(checkpoint.make_payload(UNetConfig(**TINY), DiffusionConfig(), Geometry(resize_to=32),
-                                                   {"model": state}), path)
+    path = write_tiny_checkpoint(tmp_path / "tiny.pt")
     images = np.random.default_rng(4).random((4, 32, 32)).astype(np.float32)
     plain = run_to_end(Segmenter.load(path, device="cuda").run(images, num_ensemble=3, respacing="5", seed=2))
     compiled = Segmenter.load(path, device="cuda", compile=True)

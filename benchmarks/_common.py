@@ -23,7 +23,7 @@ import torch
 
 from napari_diffseg.diffusion import DiffusionConfig
 from napari_diffseg.errors import DiffSegError
-from napari_diffseg.inference import cpu_has_native_bf16, resolve_device
+from napari_diffseg.inference import resolve_device, resolve_precision
 from napari_diffseg.unet import UNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +101,14 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
+def make_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring's first paragraph as description, and the shared flags."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shared_flags(parser)
+    return parser
+
+
 def add_shared_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None,
@@ -133,19 +141,20 @@ def sync(device: torch.device) -> None:
 def fast_precisions(device: torch.device) -> list[str]:
     """Precisions for the fast modes: the first is the headline one, the rest are also timed.
 
-    The headline one is what precision "auto" picks (inference.resolve_precision). CUDA: fp16,
-    and bf16 besides where the GPU has it. CPU: bf16 where the CPU computes it natively
-    (AVX512-BF16/AMX), else fp32 first and oneDNN's emulated bf16 after it, to show what it
-    would cost."""
+    The headline one is what precision "auto" picks (inference.resolve_precision). Besides it:
+    bf16 on a CUDA GPU that has it, and on a CPU without native bf16 oneDNN's emulated bf16,
+    to show what it would cost."""
+    headline = resolve_precision("auto", device)
     if device.type == "cuda":
-        return ["fp16", "bf16"] if torch.cuda.is_bf16_supported() else ["fp16"]
-    if cpu_has_native_bf16():
-        return ["bf16"]
-    try:
-        emulated = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        emulated = False
-    return ["fp32", "bf16"] if emulated else ["fp32"]
+        others = ["bf16"] if torch.cuda.is_bf16_supported() else []
+    elif headline == "fp32":
+        try:
+            others = ["bf16"] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else []
+        except (AttributeError, RuntimeError):
+            others = []
+    else:
+        others = []
+    return [headline, *(p for p in others if p != headline)]
 
 
 def train_precision(device: torch.device) -> str:

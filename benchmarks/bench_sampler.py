@@ -490,9 +490,7 @@ def print_reference(device: torch.device) -> dict | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_shared_flags(parser)
+    parser = common.make_parser(__doc__)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 5; 1 with --quick)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--configs", default="paper,demo", help="comma-separated: paper, demo")

@@ -200,9 +200,7 @@ def print_config(name: str, result: dict, device: torch.device) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_shared_flags(parser)
+    parser = common.make_parser(__doc__)
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 5; 1 with --quick)")
     parser.add_argument("--paper_iters", type=int, default=2, help="timed iterations for the paper config")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")

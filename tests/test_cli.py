@@ -7,6 +7,7 @@ reference's result within tolerance is marked slow (about a minute on two idle c
 from __future__ import annotations
 
 import collections
+import json
 import os
 import random
 import shutil
@@ -381,6 +382,24 @@ def test_checkpoint_with_pickled_code_is_refused(payload, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("kind", ["empty", "truncated", "text", "binary", "classifier", "flags_json"])
+def test_bad_checkpoint_is_one_line_error(kind, tiny_ckpt, tmp_path):
+    """README: a wrong --model_path is one line naming the file, exit 2, no traceback."""
+    from test_checkpoint import BAD_KINDS, write_bad_checkpoint
+
+    case = write_case(tmp_path / "case")
+    bad = write_bad_checkpoint(kind, tmp_path, tiny_ckpt)
+    proc = run_cli("sample", *sample_args(bad, case, tmp_path / "out"))
+    assert_user_error(proc, str(bad), *BAD_KINDS[kind])
+
+
+def test_reference_checkpoint_without_flags_points_to_the_flags_json(reference_dir, tmp_path):
+    """Without flags the CLI tries the reference's defaults, which do not fit this small model."""
+    case = write_case(tmp_path / "case")
+    proc = run_cli("sample", *sample_args(reference_dir / "savedmodel000300.pt", case, tmp_path / "out"))
+    assert_user_error(proc, "savedmodel000300.pt", "do not fit", "--flags_json", "--num_channels")
+
+
 def test_unwritable_out_dir(tiny_ckpt, tmp_path):
     case = write_case(tmp_path / "case")
     blocker = tmp_path / "not-a-folder"
@@ -434,3 +453,40 @@ def test_reference_acceptance_dice(reference_dir, seed_data_dir, tmp_path):
     dice = _dice(ours, ref_mask)
     print(f"acceptance Dice vs reference: {dice:.3f}")
     assert dice >= 0.55, dice
+
+
+def test_slices_restrict_a_volume_in_sample_and_eval(tiny_ckpt, tmp_path):
+    """--slices START:STOP: diffseg-sample segments only that slab (the rest is written as
+    background), and diffseg-eval scores only that slab."""
+    from napari_diffseg import data, evaluate, sample
+    from napari_diffseg.inference import Segmenter, run_to_end
+
+    case = write_case(tmp_path / "case", shape=(32, 32, 6), with_seg=True)
+    out = tmp_path / "out"
+    assert sample.main([str(a) for a in sample_args(tiny_ckpt, case, out, "--num_ensemble", "2",
+                                                    "--slices", "2:4")]) == 0
+    probability = nib.load(str(out / "case" / "probability.nii.gz")).get_fdata()
+    full = run_to_end(Segmenter.load(tiny_ckpt, device="cpu").run(
+        data.load_case(data.find_case_files(case)).images, num_ensemble=2, respacing="3", seed=0))
+    assert probability.shape == (32, 32, 6)
+    assert not probability[..., [0, 1, 4, 5]].any()
+    # Each slice's chains are seeded by the slice, so the slab equals the same slices of a full run.
+    np.testing.assert_allclose(probability[..., 2:4], full.probability[..., 2:4], atol=1e-6)
+
+    report_dir = tmp_path / "eval"
+    assert evaluate.main(["--model_path", str(tiny_ckpt), "--data_dir", str(case), "--out_dir", str(report_dir),
+                          "--timestep_respacing", "3", "--num_ensemble", "1", "--ensemble_sizes", "1",
+                          "--device", "cpu", "--slices", "1:3"]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["settings"]["slices"] == "1:3"
+    with pytest.raises(SystemExit):
+        sample.build_parser().parse_args(["--slices", "40"])
+
+
+def test_slice_range_parses_python_slices():
+    from napari_diffseg.cli import slice_range
+
+    assert slice_range("40:90") == slice(40, 90)
+    assert slice_range(":12") == slice(None, 12)
+    assert slice_range("3:") == slice(3, None)
+    assert list(range(10)[slice_range("-3:")]) == [7, 8, 9]

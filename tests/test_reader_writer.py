@@ -168,10 +168,15 @@ def test_reader_selected_files_single_files_and_refusals(tmp_path):
     assert len(files) == 5
     layers = _by_name(read_paths(files))  # the five files of a case picked together
     assert set(layers) == {"t1", "t1ce", "t2", "flair", "ground truth"}
-    one = _by_name(read_paths(str(tmp_path / "c" / "p7_t2.nii.gz")))["p7_t2"]
-    assert one[2] == "image" and one[0].dtype == np.int16  # a lone file keeps its stored values
-    seg = _by_name(read_paths(str(tmp_path / "c" / "p7_seg.nii.gz")))["p7_seg"]
-    assert seg[2] == "labels"
+    # A file that names no modality keeps its stored values: an int map of few values as Labels,
+    # else an Image, named after the file.
+    rng = np.random.default_rng(3)
+    nib.save(nib.Nifti1Image(rng.integers(0, 3000, size=SHAPE).astype(np.int16), AFFINE),
+             tmp_path / "p7_brain.nii.gz")
+    nib.save(nib.Nifti1Image(rng.integers(0, 3, size=SHAPE).astype(np.uint8), AFFINE), tmp_path / "p7_mask.nii.gz")
+    raw = _by_name(read_paths(str(tmp_path / "p7_brain.nii.gz")))["p7_brain"]
+    assert raw[2] == "image" and raw[0].dtype == np.int16 and raw[0].max() > 1
+    assert _by_name(read_paths(str(tmp_path / "p7_mask.nii.gz")))["p7_mask"][2] == "labels"
     assert napari_get_reader(str(tmp_path / "notes.txt")) is None
     (tmp_path / "empty").mkdir()
     assert napari_get_reader(str(tmp_path / "empty")) is None
@@ -182,6 +187,60 @@ def test_reader_selected_files_single_files_and_refusals(tmp_path):
     (tmp_path / "c" / "p7_flair.nii.gz").unlink()
     with pytest.raises(DiffSegError, match="flair"):
         read_paths(str(tmp_path / "c"))
+
+
+def test_modality_files_opened_one_by_one_form_the_case(tmp_path):
+    """File > Open with several files calls the reader once per file: each modality file comes in
+    as its case's layer, named and normalised as the case folder's, and the pickers match them."""
+    from napari_diffseg._session import LayerInfo, match_layers
+
+    arrays = _write_case(tmp_path / "folder", name="Brats18_X_1")
+    folder = _by_name(read_paths(str(tmp_path / "folder")))
+    one_by_one = {}
+    for path in sorted((tmp_path / "folder").iterdir()):
+        assert napari_get_reader(str(path)) is not None
+        (layer,) = read_paths(str(path))
+        one_by_one[layer[1]["name"]] = layer
+    assert set(one_by_one) == {f"Brats18_X_1 {m}" for m in MODALITIES} | {"Brats18_X_1 ground truth"}
+    for what in (*MODALITIES, "ground truth"):
+        data, kwargs, kind = one_by_one[f"Brats18_X_1 {what}"]
+        ref_data, ref_kwargs, ref_kind = folder[what]
+        assert kind == ref_kind
+        np.testing.assert_array_equal(data, ref_data)  # normalised exactly as in the folder
+        assert data.dtype == ref_data.dtype and kwargs["scale"] == ref_kwargs["scale"]
+        assert kwargs.get("contrast_limits") == ref_kwargs.get("contrast_limits")
+        meta = kwargs["metadata"]
+        assert meta[ld.CASE] == "Brats18_X_1" and meta[ld.KIND] == ref_kwargs["metadata"][ld.KIND]
+        np.testing.assert_array_equal(meta[ld.AFFINE], STORED)
+    t1 = one_by_one["Brats18_X_1 t1"][0]
+    assert t1.dtype == np.float32 and 0 <= t1.min() and t1.max() == 1  # not the stored int16
+    np.testing.assert_array_equal(ld.to_core(one_by_one["Brats18_X_1 ground truth"][0]), arrays["seg"])
+    infos = [LayerInfo(name, kind, kwargs["metadata"][ld.CASE]) for name, (_, kwargs, kind) in one_by_one.items()]
+    chosen, truth = match_layers(infos)
+    assert chosen == {m: f"Brats18_X_1 {m}" for m in MODALITIES} and truth == "Brats18_X_1 ground truth"
+
+
+@pytest.mark.parametrize("file_name, case", [
+    ("BraTS-GLI-00001-000-t2f.nii.gz", "BraTS-GLI-00001-000"),  # dashes kept
+    ("p9_seg.nii.gz", "p9"),
+    ("brats_train_001_seg_080_w.nii.gz", "brats_train_001_080_w"),  # the reference's slice names
+    ("flair.nii", "sub"),  # no case in the name: the folder's
+])
+def test_lone_file_case_names(tmp_path, file_name, case):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / file_name
+    nib.save(nib.Nifti1Image(np.arange(1, 17, dtype=np.int16).reshape(4, 4), AFFINE), path)
+    (layer,) = read_paths(str(path))
+    assert layer[1]["metadata"][ld.CASE] == case
+    assert layer[1]["name"].startswith(f"{case} ")
+
+
+def test_lone_modality_file_with_nan_is_one_line(tmp_path):
+    data = np.ones(SHAPE, np.float32)
+    data[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, AFFINE), tmp_path / "p7_flair.nii.gz")
+    with pytest.raises(DiffSegError, match=r"p7_flair\.nii\.gz: 1 voxels are NaN"):
+        read_paths(str(tmp_path / "p7_flair.nii.gz"))
 
 
 @pytest.mark.parametrize("loader, shape", [(brats_slice, (240, 240)), (brats_volume, (16, 240, 240)),
@@ -222,3 +281,9 @@ def test_viewer_open_and_save_through_napari(make_napari_viewer, tmp_path):
     _write_case(tmp_path / "case02", name="case02")
     viewer.open(str(tmp_path / "case02"), plugin="napari-diffseg")
     assert "case02 t1" in [layer.name for layer in viewer.layers]
+    # File > Open with the four files of a third case: napari reads them one at a time.
+    _write_case(tmp_path / "case03", name="case03", seg=False)
+    files = [str(tmp_path / "case03" / f"case03_{m}.nii.gz") for m in MODALITIES]
+    viewer.open(files, plugin="napari-diffseg")
+    assert [layer.name for layer in viewer.layers][-4:] == [f"case03 {m}" for m in MODALITIES]
+    assert all(viewer.layers[f"case03 {m}"].data.dtype == np.float32 for m in MODALITIES)

@@ -14,6 +14,7 @@ from napari_diffseg import _session
 from napari_diffseg._session import LayerInfo, ResultState, case_prefix, match_layers, modality_of, rank_slices
 from napari_diffseg.checkpoint import atomic_save, make_payload
 from napari_diffseg.diffusion import DiffusionConfig
+from napari_diffseg.errors import DiffSegError
 from napari_diffseg.geometry import Geometry
 from napari_diffseg.unet import UNet, UNetConfig
 
@@ -189,21 +190,21 @@ def _session_tuples(files):
 
 def test_run_creates_mask_and_uncertainty_layers(make_widget, qtbot, tmp_path):
     viewer, widget = make_widget(truth=True)
-    assert {m: box.currentText() for m, box in widget.layer_boxes.items()} == {
-        "t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}  # filled from the layer names
-    assert widget.truth_box.currentText() == "ground truth"
-    widget.ensemble.setValue(4)
+    assert widget.chosen_names() == {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair",
+                                     "seg": "ground truth"}  # filled from the layer names
+    widget.ensemble.value = 4
     _run(qtbot, widget)
     assert not [s for s, _ in widget.messages if s == "error"], widget.messages
     t1 = viewer.layers["t1"]
-    mask = viewer.layers[f"{CASE} diffseg mask"]
+    mask = viewer.layers[f"{CASE} diffseg proposal"]
     uncertainty = viewer.layers[f"{CASE} diffseg uncertainty"]
     members = viewer.layers[f"{CASE} diffseg members"]
     assert type(mask).__name__ == "Labels" and mask.data.dtype == np.uint8 and mask.data.shape == (32, 32)
     assert type(uncertainty).__name__ == "Image" and uncertainty.data.dtype == np.float32
     assert uncertainty.data.shape == (32, 32)
-    assert uncertainty.colormap.name == "inferno" and str(uncertainty.blending) == "additive"
-    assert uncertainty.contrast_limits[1] == pytest.approx(float(uncertainty.data.max()))
+    # A translucent heatmap on a fixed scale (variance of {0, 1} members <= 0.25) with a legend.
+    assert str(uncertainty.blending) == "translucent" and uncertainty.colormap.map([0.0])[0, 3] == 0
+    assert list(uncertainty.contrast_limits) == [0.0, 0.25] and uncertainty.colorbar.visible
     for layer in (mask, uncertainty):
         np.testing.assert_allclose(layer.scale, t1.scale)
         np.testing.assert_allclose(layer.translate, t1.translate)
@@ -216,10 +217,10 @@ def test_run_creates_mask_and_uncertainty_layers(make_widget, qtbot, tmp_path):
                                atol=1e-5)
     assert widget.preview_updates >= 1  # the live preview was drawn
     assert not [name for name in _result_names(viewer) if "preview" in name]  # and removed at the end
-    assert "Dice" in widget.metrics_label.text() and "HD95" in widget.metrics_label.text()
+    assert "Dice" in widget.metrics_label.value and "HD95" in widget.metrics_label.value
     assert widget.metrics is not None and 0 <= widget.metrics["dice"] <= 1
 
-    # The result is an ordinary Labels layer: the writer puts it back on the source grid.
+    # The proposal is an ordinary Labels layer: the writer puts it back on the source grid.
     import nibabel as nib
 
     from napari_diffseg._writer import write_labels
@@ -230,15 +231,15 @@ def test_run_creates_mask_and_uncertainty_layers(make_widget, qtbot, tmp_path):
     np.testing.assert_array_equal(np.asarray(written.dataobj), ld.to_core(mask.data))
 
     # The review tools: re-threshold instantly, flip through the members.
-    widget.threshold.setValue(90)
+    widget.threshold.value = 0.9
     np.testing.assert_array_equal(mask.data, (ld.to_display(state.probability) > 0.9).astype(np.uint8))
-    widget.member.setValue(2)
+    widget.member.value = 2
     assert members.visible and viewer.dims.current_step[0] == 1
 
     # Running again replaces the results; the model is cached.
     loads = widget.cache.loads
     names = _result_names(viewer)
-    widget.ensemble.setValue(2)
+    widget.ensemble.value = 2
     _run(qtbot, widget)
     assert _result_names(viewer) == names
     assert viewer.layers[f"{CASE} diffseg members"].data.shape == (2, 32, 32)
@@ -248,7 +249,7 @@ def test_run_creates_mask_and_uncertainty_layers(make_widget, qtbot, tmp_path):
 def test_volume_scope_ranking_and_current_slice(make_widget, qtbot, tmp_path):
     viewer, widget = make_widget(shape=(32, 32, 4), num_ensemble=2)
     _run(qtbot, widget)
-    mask = viewer.layers[f"{CASE} diffseg mask"]
+    mask = viewer.layers[f"{CASE} diffseg proposal"]
     assert mask.data.shape == (4, 32, 32)
     np.testing.assert_allclose(mask.scale, (3.0, 1.5, 1.5))
     assert viewer.layers[f"{CASE} diffseg members"].data.shape == (2, 4, 32, 32)
@@ -284,16 +285,16 @@ def test_cancel_mid_run_leaves_no_results(make_widget, qtbot):
     viewer, widget = make_widget(steps="400", num_ensemble=2)
     before = [layer.name for layer in viewer.layers]
     widget.run()
-    qtbot.waitUntil(lambda: widget.progress_bar.value() >= 2, timeout=RUN_TIMEOUT_MS)
-    assert widget.running and widget.cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: widget.progress_bar.native.value() >= 2, timeout=RUN_TIMEOUT_MS)
+    assert widget.running and widget.cancel_button.enabled
     worker = widget.worker
     widget.cancel()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
     assert worker.abort_requested
     qtbot.waitUntil(lambda: not worker.is_running, timeout=10_000)
     assert [layer.name for layer in viewer.layers] == before  # no result layers, preview gone
-    assert widget.progress_bar.value() < 400
-    assert widget.run_button.isEnabled() and "cancelled" in widget.status.text()
+    assert widget.progress_bar.native.value() < 400
+    assert widget.run_button.enabled and "cancelled" in widget.status.value
     assert CASE not in widget.results
 
 
@@ -312,7 +313,7 @@ def _assert_refused(qtbot, viewer, widget, expected: str):
     assert errors and expected in errors[-1], errors
     assert [layer.name for layer in viewer.layers] == names  # nothing added, nothing removed
     assert all(a is b for a, b in zip(data, [layer.data for layer in viewer.layers]))
-    assert widget.run_button.isEnabled()
+    assert widget.run_button.enabled
     viewer.add_points([[1, 1]], name="still alive")  # the viewer keeps working
     viewer.layers.remove("still alive")
 
@@ -328,10 +329,11 @@ def test_bad_inputs_give_notifications(make_widget, qtbot):
     _assert_refused(qtbot, viewer, widget, "different shapes")
     widget.set_layer("t1ce", "t1ce")
 
-    viewer.add_labels(np.ones((32, 32), np.uint8), name="a labels layer")
-    widget.set_layer("flair", "a labels layer")
-    _assert_refused(qtbot, viewer, widget, "not an image")
-    widget.set_layer("flair", "flair")
+    labels = viewer.add_labels(np.ones((32, 32), np.uint8), name="a labels layer")
+    with pytest.raises(ValueError, match="a labels layer"):  # the modality pickers offer Image layers only
+        widget.set_layer("flair", "a labels layer")
+    with pytest.raises(DiffSegError, match="not an image"):  # and the check behind them says why
+        _session.check_inputs({**widget.chosen_layers(), "flair": labels})
 
     holes = viewer.layers["t1"].data.copy()
     holes[3, 4] = np.nan
@@ -344,7 +346,7 @@ def test_bad_inputs_give_notifications(make_widget, qtbot):
     _assert_refused(qtbot, viewer, widget, "chosen for both")
     widget.set_layer("t1ce", "t1ce")
 
-    widget.steps.setCurrentText("fifty")
+    widget.set_steps("fifty")
     _assert_refused(qtbot, viewer, widget, "fifty")
     assert not _result_names(viewer)
 
@@ -375,7 +377,7 @@ def test_bad_checkpoints_and_out_of_memory_give_notifications(make_widget, qtbot
     monkeypatch.setattr(Segmenter, "run", out_of_memory)
     widget.configure(persist=False, model_path=str(tiny_checkpoint))
     _assert_refused(qtbot, viewer, widget, "out of memory")
-    assert "ensemble size" in widget.status.text() and "cpu" in widget.status.text()
+    assert "ensemble size" in widget.status.value and "cpu" in widget.status.value
     assert not _result_names(viewer)
 
 
@@ -385,7 +387,7 @@ def test_missing_demo_model_is_explained(make_widget, qtbot, monkeypatch):
     monkeypatch.setattr(widget_module, "demo_model_available", lambda: False)
     viewer, widget = make_widget(model_path="")
     qtbot.waitUntil(lambda: any("no bundled demo model" in text for _, text in widget.messages), timeout=5000)
-    assert "choose a checkpoint" in widget.model_status.text()
+    assert "choose a checkpoint" in widget.model_status.value
     _assert_refused(qtbot, viewer, widget, "choose a checkpoint")
 
 
@@ -399,20 +401,21 @@ def test_settings_persist_between_sessions(make_widget, tmp_path):
     from napari_diffseg._widget import DiffSegWidget
 
     viewer, widget = make_widget()
-    widget.ensemble.setValue(7)
-    widget.steps.setCurrentText("25 steps")
-    widget.model_path.setText("/some/model.pt")
-    widget.model_path.editingFinished.emit()
-    widget.device.setCurrentText("cpu")
-    assert widget.precision.currentText() == "auto"  # the default
-    widget.precision.setCurrentText("fp32")
+    widget.ensemble.value = 7
+    widget.set_steps("25 steps")
+    widget.model_path.value = "/some/model.pt"
+    widget.device.value = "cpu"
+    assert widget.precision.value == "auto"  # the default
+    widget.precision.value = "fp32"
+    widget.threshold.value = 0.35
     assert settings_path().parent == tmp_path / "config" and settings_path().is_file()
     again = DiffSegWidget(viewer)
-    assert again.ensemble.value() == 7
+    assert again.ensemble.value == 7
     assert again.respacing() == "25"
-    assert again.model_path.text() == "/some/model.pt"
-    assert again.device.currentText() == "cpu"
-    assert again.precision.currentText() == "fp32"
+    assert again.current_settings()["model_path"] == "/some/model.pt"
+    assert again.device.value == "cpu"
+    assert again.precision.value == "fp32"
+    assert again.threshold.value == pytest.approx(0.35)
     again.deleteLater()
 
 
@@ -452,15 +455,3 @@ def test_demo_runs_headless(qapp, tmp_path):
     from napari_diffseg._settings import settings_path
 
     assert not settings_path().exists()  # the demo leaves the user's settings alone
-
-
-def test_widget_opens_from_the_plugins_menu(make_napari_viewer):
-    from napari_diffseg._widget import DiffSegWidget
-
-    viewer = make_napari_viewer()
-    viewer.open_sample("napari-diffseg", "phantom")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-diffseg", "Diffusion segmentation")
-    assert isinstance(widget, DiffSegWidget)
-    assert [widget.layer_boxes[m].currentText() for m in ("t1", "t1ce", "t2", "flair")] == [
-        "t1", "t1ce", "t2", "flair"]
-    assert widget.truth_box.currentText() == "ground truth"

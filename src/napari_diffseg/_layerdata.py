@@ -38,7 +38,8 @@ AXES = "axes"  # display axis i shows core spatial axis AXES[i]: (1, 0) or (2, 1
 SPATIAL_SHAPE = "spatial_shape"  # core order
 CASE = "case"  # case name, "" when unknown
 SOURCE = "source"  # the file the layer came from, "" when computed
-KIND = "kind"  # "t1" ... "flair", "seg", "mask", "uncertainty", "probability", "members", "image"
+KIND = "kind"  # "t1" ... "flair", "seg", "image"; the widget's: "proposal", "uncertainty", "members",
+# "preview", "segmentation"
 
 GROUND_TRUTH = "ground truth"
 
@@ -167,8 +168,13 @@ def layer_name(case: str, what: str, prefix: bool) -> str:
 
 
 def result_name(case: str, what: str) -> str:
-    """``<case> diffseg mask`` etc.; just ``diffseg mask`` when the case has no name."""
+    """``<case> diffseg proposal`` etc.; just ``diffseg proposal`` when the case has no name."""
     return f"{case} diffseg {what}".strip()
+
+
+def segmentation_name(case: str) -> str:
+    """The user's editable result: ``<case> segmentation``."""
+    return layer_name(case, "segmentation", True)
 
 
 def image_layer_tuple(core: np.ndarray, meta: dict, name: str, visible: bool = True) -> tuple:

@@ -4,28 +4,42 @@
   opens as Image layers ``t1``, ``t1ce``, ``t2``, ``flair`` (intensities normalised as the
   model sees them) and a Labels layer ``ground truth`` when a seg file is present; names are
   prefixed by the case name when several cases are opened or already open;
-* the four files of a case selected together open the same way;
-* any other .nii/.nii.gz opens as one layer named after the file: a segmentation (by name) or a
-  small-integer map as Labels, everything else as an Image with its stored values.
+* the four files of a case passed together (File > Open Files as Stack, or ``read_paths`` given
+  the list) open the same way;
+* a file named after a modality opens as that modality of its case: an Image layer
+  ``<case> t1`` (etc.), normalised per volume exactly as in a case folder, and a seg file as the
+  Labels layer ``<case> ground truth``. File > Open with several files calls the reader once per
+  file, so the four modality files picked there arrive one by one; each becomes its case's
+  modality layer and the widget's pickers fill from the names. (Opening the whole case whenever
+  one of its files is picked was the other choice; it was not taken because it opens files the
+  user did not pick, and picking the four files would open the case four times.)
+* any other .nii/.nii.gz opens as one layer named after the file: a small-integer map as Labels,
+  everything else as an Image with its stored values.
 
 Arrays are shown in display order (see ``_layerdata``): (Z, Y, X) for volumes.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from . import MODALITIES
 from . import _layerdata as ld
 from .data import (
+    SEG,
+    SEG_TOKENS,
     CaseFiles,
+    _name_without_modality,
     case_files_from_paths,
     classify_file,
     find_cases,
     load_case,
     load_nifti,
+    normalise_intensity,
 )
 from .errors import DiffSegError
 
@@ -96,6 +110,32 @@ def _case_tuples(files: CaseFiles, prefix: bool) -> list[tuple]:
     return ld.case_layer_tuples(case.name, case.images, case.affine, case.header, label, sources, prefix)
 
 
+def _case_name(path: Path, kind: str) -> str:
+    """The case a modality or seg file belongs to: its name without the modality/seg token."""
+    if kind != SEG:
+        return _name_without_modality(path)
+    stem = _nifti_stem(path.name) or path.name
+    parts = re.split(r"([_\-.]+)", stem)
+    kept = [part for part in parts[::2] if part and part.lower() not in SEG_TOKENS]
+    separator = next((part for part in parts[1::2]), "_")  # the name's own, as in data
+    return separator.join(kept) or path.parent.name or stem
+
+
+def _modality_file_tuple(path: Path, kind: str, data: np.ndarray, affine, header) -> tuple:
+    """One file of a case as the case folder would show it: ``<case> <modality>``, normalised,
+    or ``<case> ground truth`` as BraTS labels."""
+    case = _case_name(path, kind)
+    meta = ld.spatial_metadata(affine, header, data.shape, case=case, source=path, kind=kind)
+    if kind == SEG:
+        return ld.labels_layer_tuple(ld.seg_labels(data), meta, ld.layer_name(case, ld.GROUND_TRUTH, True))
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        raise DiffSegError(f"{path}: {bad} voxels are NaN or Inf; replace them (e.g. with 0) and save the file again")
+    layer = ld.image_layer_tuple(normalise_intensity(data), meta, ld.layer_name(case, kind, True))
+    layer[1]["contrast_limits"] = (0.0, max(1.0, float(layer[1]["contrast_limits"][1])))  # as case_layer_tuples
+    return layer
+
+
 def _single_file_tuple(path: Path) -> tuple:
     data, affine, header = load_nifti(path)
     if data.ndim not in (2, 3, 4):
@@ -105,18 +145,17 @@ def _single_file_tuple(path: Path) -> tuple:
         kind = classify_file(path)
     except DiffSegError:
         kind = None
+    if kind in (*MODALITIES, SEG) and data.ndim <= 3:
+        return _modality_file_tuple(path, kind, data, affine, header)
     # A 4D file is a stack of volumes (e.g. ensemble members written by the writer): stack first.
     spatial_ndim = min(data.ndim, 3)
     leading = data.ndim - spatial_ndim
     core = np.moveaxis(data, -1, 0) if leading else data
     meta = ld.spatial_metadata(affine, header, core.shape[leading:], source=path, kind=kind or "image")
-    is_labels = kind == "seg" or (
-        data.dtype.kind in "biu" and len(np.unique(data[:: max(1, data.size // 2_000_000)])) <= MAX_LABEL_VALUES
-    )
+    is_labels = data.dtype.kind in "biu" and len(np.unique(data[:: max(1, data.size // 2_000_000)])) <= MAX_LABEL_VALUES
     display = np.ascontiguousarray(ld.to_display(core, spatial_ndim))
     if is_labels and not leading:
-        labels = ld.seg_labels(display) if kind == "seg" else display
-        return labels, ld.layer_kwargs(meta, name=name, opacity=0.5), "labels"
+        return display, ld.layer_kwargs(meta, name=name, opacity=0.5), "labels"
     finite = display[np.isfinite(display)] if display.dtype.kind == "f" else display
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     kwargs = ld.layer_kwargs(meta, leading, name=name, colormap="gray",

@@ -108,8 +108,20 @@ def match_layers(layers: Sequence[LayerInfo]) -> tuple[dict[str, str | None], st
 # ---------------------------------------------------------------------------------------------
 
 
-def _kind(layer) -> str:
-    return type(layer).__name__.lower()
+def layer_kind(layer) -> str:
+    """"image", "labels", ... of a napari layer, or the class name of anything else.
+
+    isinstance, not type(): a widget docked through napari's public API receives the viewer
+    wrapped in a PublicOnlyProxy, and so are the layers it hands out; the proxy reports the
+    wrapped class to isinstance (``__class__``) but ``type()`` of it is the proxy.
+    """
+    from napari import layers
+
+    for kind in ("Image", "Labels", "Points", "Shapes", "Surface", "Tracks", "Vectors"):
+        cls = getattr(layers, kind, None)
+        if cls is not None and isinstance(layer, cls):
+            return kind.lower()
+    return layer.__class__.__name__.lower()
 
 
 def _shape_text(shape: Iterable[int]) -> str:
@@ -148,9 +160,9 @@ def check_inputs(chosen: dict[str, object | None], truth_layer=None) -> Inputs:
             )
         seen[id(layer)] = modality
     for modality, layer in zip(MODALITIES, layers):
-        if _kind(layer) != "image":
+        if layer_kind(layer) != "image":
             raise DiffSegError(
-                f"layer '{layer.name}' (chosen as {modality}) is a {type(layer).__name__} layer, not an image; "
+                f"layer '{layer.name}' (chosen as {modality}) is a {layer.__class__.__name__} layer, not an image; "
                 f"choose the {modality} Image layer"
             )
         if getattr(layer, "rgb", False):
@@ -257,7 +269,12 @@ class ModelCache:
 
                 flags = read_flags_file(Path(flags_path).expanduser())
             path = Path(model_path).expanduser() if model_path else None
-            segmenter = Segmenter.load(path, device=device, reference_flags=flags)
+            try:
+                segmenter = Segmenter.load(path, device=device, reference_flags=flags)
+            except DiffSegError:
+                if path is not None and flags is None and _is_reference_state_dict(path):
+                    raise DiffSegError(REFERENCE_HINT.format(path=path)) from None
+                raise
             self.loads += 1
             self._items[key] = segmenter
             while len(self._items) > self.size:
@@ -270,6 +287,25 @@ class ModelCache:
 
 
 MODEL_CACHE = ModelCache()
+
+# The widget's words for a reference checkpoint chosen without its flags: the core's message
+# speaks to the command line (--num_channels ...), the widget has a "flags JSON" field.
+REFERENCE_HINT = (
+    "{path}: a checkpoint of the reference code holds no model configuration; choose its model "
+    "flags in the 'flags JSON' field (a JSON file of the flags it was trained with, e.g. "
+    '{{"num_channels": 128, "num_res_blocks": 2, "attention_resolutions": "16", "learn_sigma": true}})'
+)
+
+
+def _is_reference_state_dict(path: Path) -> bool:
+    """A bare state dict of the improved-diffusion UNet (what the reference code saves)."""
+    from .checkpoint import is_ours, read_checkpoint
+
+    try:
+        payload = read_checkpoint(path)
+    except DiffSegError:
+        return False
+    return not is_ours(payload) and isinstance(payload, dict) and "input_blocks.0.0.weight" in payload
 
 
 def demo_model_available() -> bool:
@@ -324,14 +360,42 @@ def prepare_images(inputs: Inputs, z: int | None) -> np.ndarray:
     return np.ascontiguousarray(np.stack([_normalised(array, z) for array in inputs.arrays]))
 
 
-def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE) -> Generator:
-    """Load (or reuse) the model, sample, evaluate: yields inference.Progress, returns RunOutcome."""
+class Partial:
+    """The finished slices of a volume run, filled from the worker thread as they finish, so
+    that a cancelled run still hands over what it completed (read after the worker has stopped)."""
+
+    def __init__(self):
+        self.total = 0  # slices the run would sample
+        self.probability: dict[int, np.ndarray] = {}
+        self.variance: dict[int, np.ndarray] = {}
+        self.num_ensemble = 0
+
+    def add(self, z: int, result: dict) -> None:
+        self.probability[int(z)] = np.array(result["probability"], np.float32)
+        self.variance[int(z)] = np.array(result["variance"], np.float32)
+
+    @property
+    def finished(self) -> list[int]:
+        return sorted(self.probability)
+
+
+def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Partial | None = None) -> Generator:
+    """Load (or reuse) the model, sample, evaluate: yields inference.Progress, returns RunOutcome.
+
+    ``partial`` (volume runs) collects each slice as it finishes, for a cancelled run."""
+    from .inference import _brain_slices
+
     start = time.monotonic()
     segmenter = cache.get(request.model_path, request.flags_path, request.device)
     images = prepare_images(request.inputs, request.z)
     if request.respacing is not None:
         segmenter.num_steps(request.respacing)  # a bad spec fails here, before any work
     slices: set[int] = set()
+    todo = None
+    if partial is not None and images.ndim == 4:
+        todo = _brain_slices(images)  # what run() would choose; known up front for "7/16 slices"
+        partial.total = len(todo)
+        partial.num_ensemble = request.num_ensemble
     generator = segmenter.run(
         images,
         num_ensemble=request.num_ensemble,
@@ -341,6 +405,8 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE) -> Generator:
         keep_samples=request.keep_members,
         preview_interval=PREVIEW_INTERVAL,
         precision=request.precision,
+        slices=todo,
+        sink=partial.add if todo is not None else None,
     )
     while True:
         try:
@@ -371,10 +437,10 @@ class JobFailed(Exception):
         self.original = original
 
 
-def guarded_job(request: RunRequest, cache: ModelCache = MODEL_CACHE) -> Generator:
+def guarded_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Partial | None = None) -> Generator:
     """``run_job`` for a thread_worker: every exception reaches the worker's errored signal."""
     try:
-        return (yield from run_job(request, cache))
+        return (yield from run_job(request, cache, partial))
     except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
         raise JobFailed(exc) from exc
 
@@ -402,7 +468,7 @@ def error_message(exc: BaseException, request: RunRequest | None) -> str:
     """What to tell the user about an exception from the worker (one line)."""
     exc = _unwrap(exc)
     if isinstance(exc, DiffSegError):
-        return str(exc)
+        return " ".join(str(exc).split())  # one line, whatever the message holds
     if is_out_of_memory(exc):
         members = f"{request.num_ensemble} chains" if request else "the chains"
         where = request.device if request else "the device"
@@ -438,6 +504,8 @@ class ResultState:
     slices: list[int] = field(default_factory=list)  # sampled slices (volume), [0] for 2D
     num_ensemble: int = 0
     summary: str = ""
+    last_z: int | None = None  # the slice of the last run; None: it covered the whole input
+    partial: tuple[int, int] | None = None  # (finished, total) slices when the last run was cancelled
 
     @classmethod
     def empty(cls, case: str, spatial_shape: Sequence[int], threshold: float = 0.5) -> "ResultState":
@@ -469,6 +537,21 @@ class ResultState:
             self.members = None if seg.samples is None else np.asarray(seg.samples, np.float32)[..., None]
             self.members_z = z
             self.slices = sorted(set(self.slices) | {z})
+
+        self.last_z = outcome.z
+        self.partial = None
+
+    def merge_partial(self, partial: Partial) -> None:
+        """Put in the finished slices of a cancelled volume run (the other slices are kept)."""
+        for z in partial.finished:
+            self.probability[..., z] = partial.probability[z]
+            self.variance[..., z] = partial.variance[z]
+        self.num_ensemble = partial.num_ensemble
+        self.members = None  # the members of unfinished batches were never complete
+        self.members_z = None
+        self.slices = sorted(set(self.slices) | set(partial.finished))
+        self.last_z = None
+        self.partial = (len(partial.finished), partial.total)
 
     def ranked_slices(self) -> list[tuple[int, float]]:
         return rank_slices(self.variance, self.slices) if self.is_volume else []
@@ -506,3 +589,49 @@ def format_metrics(metrics: dict | None, where: str = "") -> str:
     hd = metrics.get("hd95", float("nan"))
     hd_text = "n/a (one mask empty)" if not np.isfinite(hd) else f"{hd:.1f} mm"
     return f"Dice {metrics['dice']:.3f}   HD95 {hd_text}{where}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Accepting a proposal into the user's segmentation
+# ---------------------------------------------------------------------------------------------
+
+
+def mark_painted(painted: np.ndarray, atoms) -> None:
+    """Record the voxels of a napari Labels paint event (its ``value``: the history atoms of
+    one edit) in the boolean array ``painted`` (the layer's shape).
+
+    An atom is either (indices, old values, new values) or, for brush/fill/polygon edits in
+    recent napari, a record with ``slice_key`` (bounding box) and ``mask`` (None = all of it).
+    """
+    for atom in atoms or ():
+        slice_key = getattr(atom, "slice_key", None)
+        if slice_key is not None:
+            mask = getattr(atom, "mask", None)
+            if mask is None:
+                painted[tuple(slice_key)] = True
+            else:
+                painted[tuple(slice_key)] |= np.asarray(mask, bool)
+        else:
+            indices = atom[0]
+            painted[tuple(indices)] = True
+
+
+def commit_changes(segmentation: np.ndarray, proposal: np.ndarray, painted: np.ndarray,
+                   zs: Sequence[int] | None = None) -> tuple[tuple[np.ndarray, ...], np.ndarray, int]:
+    """What accepting ``proposal`` into ``segmentation`` changes (arrays in display order).
+
+    Only slices ``zs`` (display axis 0) are touched, all of it when None. Voxels the user
+    painted are left alone. Returns (indices, new values, number of painted voxels kept that
+    the proposal would have changed): indices and values go to ``Labels.data_setitem`` so the
+    accept is one step of napari's undo history.
+    """
+    region = np.zeros(segmentation.shape, bool)
+    if zs is None:
+        region[...] = True
+    else:
+        region[list(zs)] = True
+    differs = region & (np.asarray(segmentation) != np.asarray(proposal))
+    kept = int(np.count_nonzero(differs & painted))
+    change = differs & ~painted
+    indices = np.nonzero(change)
+    return indices, np.asarray(proposal)[indices], kept

@@ -2,9 +2,17 @@
 
 Layout, top to bottom: input layer pickers (t1, t1ce, t2, flair, optional ground truth); the
 model (bundled demo model or a checkpoint, plus a flags JSON for the reference's checkpoints);
-sampling settings (ensemble size, steps, sampler, device, seed, scope, keep members); Run and
-Cancel with a progress bar; and the review tools (probability threshold, ensemble member,
-Dice/HD95 against the ground truth, slices ranked by uncertainty).
+sampling settings (ensemble size, steps, sampler, device, precision, seed, scope, keep members);
+Run and Cancel with a progress bar; and the review tools (Accept, probability threshold,
+ensemble member, Dice/HD95 against the ground truth, slices ranked by uncertainty). The form is
+made of magicgui widgets: the layer pickers are typed as napari Image/Labels layers, so they
+follow the layer list by themselves (napari calls ``reset_choices`` on layer changes).
+
+Results: a Run writes only the proposal layers (``<case> diffseg proposal`` and
+``<case> diffseg uncertainty``, optionally ``members``); Accept copies the proposal of the current
+slice (all sampled slices after a whole-volume run) into ``<case> segmentation``, the user's
+editable Labels layer. Runs and the threshold never write there, and Accept leaves voxels the
+user painted there alone.
 
 Sampling runs in a napari ``thread_worker`` generator (``_session.run_job``): every denoising
 step is yielded to the main thread, which advances the progress bars and, at most ten times a
@@ -14,44 +22,43 @@ second, redraws the preview layer. Layers are only ever touched here, on the mai
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import TYPE_CHECKING
 
 import numpy as np
-from qtpy.QtCore import Qt, QTimer
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QListWidget,
-    QListWidgetItem,
-    QProgressBar,
-    QPushButton,
-    QSlider,
-    QSpinBox,
-    QToolButton,
-    QVBoxLayout,
-    QWidget,
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    Label,
+    ProgressBar,
+    PushButton,
+    Slider,
+    SpinBox,
+    create_widget,
 )
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import QComboBox, QGroupBox, QListWidget, QListWidgetItem, QVBoxLayout, QWidget
 
 from . import MODALITIES
 from . import _layerdata as ld
 from ._session import (
     MODEL_CACHE,
     LayerInfo,
+    Partial,
     ResultState,
     RunRequest,
     check_inputs,
+    commit_changes,
     demo_model_available,
     error_message,
     evaluate,
     format_metrics,
     guarded_job,
     is_out_of_memory,
+    mark_painted,
     match_layers,
     slice_index,
 )
@@ -63,7 +70,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NONE = "—"
 MAX_ENSEMBLE = 20
 MAX_MEMBERS_BYTES = 1_000_000_000  # larger member stacks are not kept (the core allocates them too)
 STEP_PRESETS = [  # (label, respacing); None = the checkpoint's default
@@ -77,6 +83,17 @@ STEP_PRESETS = [  # (label, respacing); None = the checkpoint's default
 ]
 SAMPLERS = [("model default", ""), ("DDPM", "ddpm"), ("DDIM", "ddim")]
 SCOPES = [("current slice", "slice"), ("whole volume", "volume")]
+ACCEPT_KEY = "Shift-C"  # "commit"; free in napari's default shortcuts for every layer type
+
+# Colours. napari's default label colours for the BraTS labels 1, 2, 4 are brown, light blue and
+# purple; the proposal is yellow and the accepted segmentation green, so neither is mistaken for
+# a ground-truth label (which is drawn as an outline besides).
+PROPOSAL_RGBA = (1.0, 0.85, 0.0, 1.0)
+SEGMENTATION_RGBA = (0.2, 0.95, 0.35, 1.0)
+OTHER_LABEL_RGBA = (1.0, 0.3, 1.0, 1.0)  # labels other than 1 painted into the segmentation
+# The variance of the mean of {0, 1} members is p(1 - p) <= 1/4: a fixed scale, comparable between runs.
+UNCERTAINTY_LIMITS = (0.0, 0.25)
+RESULT_KINDS = ("proposal", "uncertainty", "members", "preview", "segmentation")
 
 
 def _notify(message: str, severity: str = "info") -> None:
@@ -85,29 +102,62 @@ def _notify(message: str, severity: str = "info") -> None:
     {"error": show_error, "warning": show_warning}.get(severity, show_info)(message)
 
 
-def _quit_worker(holder: dict, *_):
+def _label_colormap(rgba):
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: OTHER_LABEL_RGBA, 0: (0, 0, 0, 0), 1: rgba})
+
+
+def _fading_colormap(name: str, rgb, alpha: float = 0.9):
+    """One colour whose opacity grows with the value: 0 is fully transparent (anatomy shows)."""
+    from napari.utils.colormaps import Colormap
+
+    return Colormap([[*rgb, 0.0], [*rgb, alpha]], name=name)
+
+
+def _uncertainty_colormap():
+    """inferno's colours with an opacity ramp: certain pixels leave the anatomy visible."""
+    from napari.utils.colormaps import Colormap
+
+    colors = [[0.0, 0.0, 0.0, 0.0], [0.34, 0.06, 0.43, 0.3], [0.73, 0.21, 0.33, 0.5],
+              [0.98, 0.55, 0.04, 0.65], [0.99, 1.0, 0.64, 0.8]]
+    return Colormap(colors, controls=[0.0, 0.04, 0.4, 0.75, 1.0], name="diffseg uncertainty")
+
+
+def _on_destroyed(holder: dict, viewer) -> None:
     worker = holder.get("worker")
     if worker is not None:
         worker.quit()
+    try:
+        viewer.bind_key(ACCEPT_KEY, None, overwrite=True)
+    except Exception:  # the viewer may be gone already
+        pass
 
 
 class DiffSegWidget(QWidget):
-    """Dock widget: sample a diffusion ensemble for the chosen modalities and review it."""
+    """Dock widget: sample a diffusion ensemble for the chosen modalities, review and accept it."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
+        # Docked through the Plugins menu this is the viewer; through add_plugin_dock_widget (and
+        # `napari -w`) napari passes a PublicOnlyProxy of it, whose layers are proxies too. The
+        # code works with both: layer types are checked with isinstance, our own layers are found
+        # by their metadata, and the pickers list the real layers of the viewer they sit in.
         self.viewer = napari_viewer
         self.cache = MODEL_CACHE
         self.settings = load_settings()
         self.worker = None
         self._worker_holder: dict = {}  # lets the destroyed signal stop a running worker
         self._request: RunRequest | None = None
+        self._partial: Partial | None = None
         self._pbar = None
         self._preview_layer = None
         self._last_batch = -1
         self.results: dict[str, ResultState] = {}
         self.current_case: str | None = None
         self._result_reference = None  # the t1 layer of the shown result (scale, translate, metadata)
+        self._painted: dict[str, np.ndarray] = {}  # per case: voxels the user painted in the segmentation
+        self._accepting = False
         self.preview_updates = 0
         self.messages: list[tuple[str, str]] = []
         self.metrics: dict | None = None
@@ -120,192 +170,139 @@ class DiffSegWidget(QWidget):
         self._build()
         self._apply_settings()
         self._loading_settings = False
-        self._connect_viewer()
-        self.refresh_layers(autofill=True)
+        self.reset_choices()
+        self.autofill()
+        self._bind_keys()
         # Deferred, so that a caller configuring the widget right away (the demo) is not warned.
         QTimer.singleShot(0, self._warn_if_no_model)
-        self.destroyed.connect(lambda *_, holder=self._worker_holder: _quit_worker(holder))
+        self.destroyed.connect(lambda *_, h=self._worker_holder, v=self.viewer: _on_destroyed(h, v))
 
     # -----------------------------------------------------------------------------------------
     # Building the interface
     # -----------------------------------------------------------------------------------------
 
     def _build(self) -> None:
+        from napari.layers import Image, Labels
+
+        from .inference import available_devices, available_precisions
+
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
 
-        inputs = QGroupBox("Input layers")
-        form = QFormLayout(inputs)
-        self.layer_boxes: dict[str, QComboBox] = {}
-        for modality in MODALITIES:
-            box = QComboBox()
-            box.setToolTip(f"the {modality} image (filled automatically from layer names)")
-            box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-            self.layer_boxes[modality] = box
-            form.addRow(modality, box)
-        self.truth_box = QComboBox()
-        self.truth_box.setToolTip("optional ground truth: Dice and HD95 of the result are shown below")
-        self.truth_box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        form.addRow("ground truth", self.truth_box)
-        layout.addWidget(inputs)
+        self.layer_pickers = {
+            m: create_widget(annotation=Image, label=m, options={
+                "nullable": True, "tooltip": f"the {m} image (filled automatically from layer names)"})
+            for m in MODALITIES
+        }
+        self.truth_picker = create_widget(annotation=Labels, label="ground truth", options={
+            "nullable": True, "tooltip": "optional ground truth: Dice and HD95 of the result are shown below"})
+        self.inputs = Container(widgets=[*self.layer_pickers.values(), self.truth_picker])
+        layout.addWidget(self._group("Input layers", self.inputs.native))
 
-        model = QGroupBox("Model")
-        form = QFormLayout(model)
-        self.model_path = QLineEdit()
-        self.model_path.setPlaceholderText("bundled demo model")
-        self.model_path.setToolTip("a checkpoint (.pt) of napari-diffseg or of the reference code; empty = demo model")
-        form.addRow("checkpoint", self._with_browse(self.model_path, self._browse_model))
-        self.flags_path = QLineEdit()
-        self.flags_path.setPlaceholderText("only for the reference's checkpoints")
-        self.flags_path.setToolTip("model flags JSON of a reference checkpoint (savedmodelNNNNNN.pt)")
-        form.addRow("flags JSON", self._with_browse(self.flags_path, self._browse_flags))
-        self.model_status = QLabel()
-        self.model_status.setWordWrap(True)
-        form.addRow(self.model_status)
-        layout.addWidget(model)
+        self.model_path = FileEdit(mode="r", filter="Checkpoints (*.pt *.pth *.ckpt)", nullable=True,
+                                   label="checkpoint",
+                                   tooltip="a checkpoint (.pt) of napari-diffseg or of the reference code; "
+                                           "empty = the bundled demo model")
+        self.model_path.line_edit.native.setPlaceholderText("bundled demo model")
+        self.flags_path = FileEdit(mode="r", filter="JSON (*.json)", nullable=True, label="flags JSON",
+                                   tooltip="the model flags (JSON) of a reference-code checkpoint "
+                                           "(savedmodelNNNNNN.pt), e.g. {\"num_channels\": 128, ...}")
+        self.flags_path.line_edit.native.setPlaceholderText("only for the reference code's checkpoints")
+        self.model_status = Label(label="")
+        self.model_status.native.setWordWrap(True)
+        self.model_box = Container(widgets=[self.model_path, self.flags_path, self.model_status])
+        layout.addWidget(self._group("Model", self.model_box.native))
 
-        sampling = QGroupBox("Sampling")
-        form = QFormLayout(sampling)
-        self.ensemble = QSlider(Qt.Orientation.Horizontal)
-        self.ensemble.setRange(1, MAX_ENSEMBLE)
-        self.ensemble.setValue(5)
-        self.ensemble.setToolTip("number of chains: their mean is the mask, their variance the uncertainty")
-        self.ensemble_label = QLabel("5")
-        self.ensemble_label.setMinimumWidth(24)
-        row = QHBoxLayout()
-        row.addWidget(self.ensemble)
-        row.addWidget(self.ensemble_label)
-        form.addRow("ensemble size", row)
-        self.steps = QComboBox()
-        self.steps.setEditable(True)
-        for label, _ in STEP_PRESETS:
-            self.steps.addItem(label)
-        self.steps.setToolTip("denoising steps (timestep respacing); type e.g. 75 or ddim50 for others")
-        form.addRow("steps", self.steps)
-        self.sampler = QComboBox()
-        for label, _ in SAMPLERS:
-            self.sampler.addItem(label)
-        form.addRow("sampler", self.sampler)
-        self.device = QComboBox()
-        from .inference import available_devices, available_precisions
+        self.ensemble = Slider(min=1, max=MAX_ENSEMBLE, value=5, label="ensemble size",
+                               tooltip="number of chains: their mean is the mask, their variance the uncertainty")
+        self.steps = ComboBox(choices=[label for label, _ in STEP_PRESETS], label="steps",
+                              tooltip="denoising steps (timestep respacing); type e.g. 75 or ddim50 for others")
+        self.steps.native.setEditable(True)  # presets, or any respacing spec typed in
+        self.steps.native.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
+        self.sampler = ComboBox(choices=SAMPLERS, label="sampler")
+        self.device = ComboBox(choices=available_devices(), label="device")
+        self.precision = ComboBox(choices=available_precisions(), label="precision",
+                                  tooltip="auto: fp16 on a CUDA GPU, bf16 on a CPU that computes it natively "
+                                          "(about 1.7x faster), else fp32; fp16 needs CUDA")
+        self.seed = SpinBox(min=0, max=2**31 - 1, label="seed", tooltip="the same seed gives the same ensemble")
+        self.scope = ComboBox(choices=SCOPES, label="scope",
+                              tooltip="for a 3D volume: only the slice shown, or every slice with brain")
+        self.keep_members = CheckBox(text="add the ensemble members as a layer")
+        self.sampling = Container(widgets=[self.ensemble, self.steps, self.sampler, self.device, self.precision,
+                                           self.seed, self.scope, self.keep_members])
+        layout.addWidget(self._group("Sampling", self.sampling.native))
 
-        self.device.addItems(available_devices())
-        form.addRow("device", self.device)
-        self.precision = QComboBox()
-        self.precision.addItems(available_precisions())
-        self.precision.setToolTip("auto: fp16 on a CUDA GPU, bf16 on a CPU that computes it natively (about "
-                                  "1.7x faster), else fp32; fp16 needs CUDA")
-        form.addRow("precision", self.precision)
-        self.seed = QSpinBox()
-        self.seed.setRange(0, 2**31 - 1)
-        self.seed.setToolTip("the same seed gives the same ensemble")
-        form.addRow("seed", self.seed)
-        self.scope = QComboBox()
-        for label, _ in SCOPES:
-            self.scope.addItem(label)
-        self.scope.setToolTip("for a 3D volume: only the slice shown, or every slice with brain")
-        form.addRow("scope", self.scope)
-        self.keep_members = QCheckBox("add the ensemble members as a layer")
-        form.addRow(self.keep_members)
-        layout.addWidget(sampling)
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False,
+                                        tooltip="stop at the next step; finished slices of a volume are kept")
+        self.progress_bar = ProgressBar(min=0, max=1, value=0, label="")
+        self.progress_bar.native.setFormat("step %v / %m")
+        self.status = Label(value="ready")
+        self.status.native.setWordWrap(True)
+        # Room for a wrapped message: a crowded dock would otherwise squeeze it to one cut line.
+        self.status.native.setMinimumHeight(3 * self.status.native.fontMetrics().lineSpacing())
+        run_row = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False)
+        run_row.margins = (0, 0, 0, 0)
+        self.run_box = Container(widgets=[run_row, self.progress_bar, self.status], labels=False)
+        layout.addWidget(self.run_box.native)
 
-        buttons = QHBoxLayout()
-        self.run_button = QPushButton("Run")
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        layout.addLayout(buttons)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
-        self.progress_bar.setFormat("step %v / %m")
-        layout.addWidget(self.progress_bar)
-        self.status = QLabel("ready")
-        self.status.setWordWrap(True)
-        layout.addWidget(self.status)
-
-        review = QGroupBox("Review")
-        form = QFormLayout(review)
-        self.threshold = QSlider(Qt.Orientation.Horizontal)
-        self.threshold.setRange(1, 99)
-        self.threshold.setValue(50)
-        self.threshold.setToolTip("mask = ensemble mean above this; changes the mask without sampling again")
-        self.threshold_label = QLabel("0.50")
-        row = QHBoxLayout()
-        row.addWidget(self.threshold)
-        row.addWidget(self.threshold_label)
-        form.addRow("threshold", row)
-        self.member = QSpinBox()
-        self.member.setRange(0, 0)
-        self.member.setSpecialValueText("mean")
-        self.member.setToolTip("flip through the individual ensemble members (shown in the members layer)")
-        form.addRow("ensemble member", self.member)
-        self.metrics_label = QLabel("")
-        self.metrics_label.setWordWrap(True)
-        form.addRow(self.metrics_label)
+        self.accept_button = PushButton(
+            text=f"Accept proposal ({ACCEPT_KEY})",
+            tooltip="copy the proposal of the current slice (every sampled slice after a whole-volume run) "
+                    "into '<case> segmentation'; voxels you painted there are kept")
+        self.threshold = FloatSlider(min=0.01, max=0.99, step=0.01, value=0.5, label="threshold",
+                                     tooltip="proposal = ensemble mean above this; changes the proposal "
+                                             "without sampling again (never the segmentation)")
+        self.member = ComboBox(choices=[("mean", 0)], label="ensemble member",
+                               tooltip="flip through the individual ensemble members (shown in the members layer)")
+        self.metrics_label = Label(value="")
+        self.metrics_label.native.setWordWrap(True)
+        self.metrics_label.native.setMinimumHeight(2 * self.metrics_label.native.fontMetrics().lineSpacing())
+        self.ranking_label = Label(value="most uncertain slices")
+        self.review = Container(widgets=[self.accept_button, self.threshold, self.member, self.metrics_label,
+                                         self.ranking_label])
         self.ranking = QListWidget()
         self.ranking.setToolTip("sampled slices, most uncertain (mean variance) first; click to go there")
         self.ranking.setMaximumHeight(140)
-        self.ranking_label = QLabel("most uncertain slices")
-        form.addRow(self.ranking_label)
-        form.addRow(self.ranking)
+        review = self._group("Review", self.review.native)
+        review.layout().addWidget(self.ranking)
         layout.addWidget(review)
         layout.addStretch(1)
-        self._set_review_visible(False)
+        self._set_review_enabled(None)
 
-        self.ensemble.valueChanged.connect(lambda v: self.ensemble_label.setText(str(v)))
-        self.layer_boxes["t1"].currentTextChanged.connect(self._update_scope_enabled)
-        self.threshold.valueChanged.connect(self._on_threshold)
-        self.member.valueChanged.connect(self._on_member)
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.accept_button.changed.connect(self.accept)
+        self.layer_pickers["t1"].changed.connect(self._update_scope_enabled)
+        self.threshold.changed.connect(self._on_threshold)
+        self.member.changed.connect(self._on_member)
         self.ranking.itemClicked.connect(self._on_ranking_clicked)
         self.ranking.currentItemChanged.connect(lambda item, _prev: self._on_ranking_clicked(item))
-        self.model_path.editingFinished.connect(self._update_model_status)
-        self.flags_path.editingFinished.connect(self._update_model_status)
-        for signal in (self.ensemble.valueChanged, self.steps.currentTextChanged, self.sampler.currentIndexChanged,
-                       self.device.currentIndexChanged, self.precision.currentIndexChanged, self.seed.valueChanged,
-                       self.scope.currentIndexChanged, self.keep_members.toggled, self.model_path.editingFinished, self.flags_path.editingFinished):
-            signal.connect(self._save_settings)
+        for edit in (self.model_path, self.flags_path):
+            edit.changed.connect(self._update_model_status)
+        for control in (self.ensemble, self.sampler, self.device, self.precision, self.seed, self.scope,
+                        self.keep_members, self.model_path, self.flags_path):
+            control.changed.connect(self._save_settings)
+        self.steps.native.currentTextChanged.connect(self._save_settings)
         self._metrics_timer = QTimer(self)
         self._metrics_timer.setSingleShot(True)
         self._metrics_timer.setInterval(250)
         self._metrics_timer.timeout.connect(self._recompute_metrics)
 
-    def _with_browse(self, edit: QLineEdit, handler) -> QWidget:
-        holder = QWidget()
-        row = QHBoxLayout(holder)
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(edit)
-        button = QToolButton()
-        button.setText("…")
-        button.clicked.connect(handler)
-        row.addWidget(button)
-        return holder
+    @staticmethod
+    def _group(title: str, inner: QWidget) -> QGroupBox:
+        box = QGroupBox(title)
+        box_layout = QVBoxLayout(box)
+        box_layout.setContentsMargins(2, 2, 2, 2)
+        box_layout.addWidget(inner)
+        return box
 
-    def _browse_model(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Choose a checkpoint", self.model_path.text(),
-                                              "Checkpoints (*.pt *.pth *.ckpt);;All files (*)")
-        if path:
-            self.model_path.setText(path)
-            self._update_model_status()
-            self._save_settings()
-
-    def _browse_flags(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Choose the model flags", self.flags_path.text(),
-                                              "JSON (*.json);;All files (*)")
-        if path:
-            self.flags_path.setText(path)
-            self._update_model_status()
-            self._save_settings()
-
-    def _set_review_visible(self, volume: bool | None) -> None:
-        """None hides the review tools (no result yet); the ranking is for volumes only."""
-        for widget in (self.threshold, self.threshold_label, self.member, self.metrics_label):
-            widget.setEnabled(volume is not None)
+    def _set_review_enabled(self, volume: bool | None) -> None:
+        """None: no result yet, the review tools are disabled; the ranking is for volumes only."""
+        for widget in (self.accept_button, self.threshold, self.member, self.metrics_label):
+            widget.enabled = volume is not None
         self.ranking.setVisible(bool(volume))
-        self.ranking_label.setVisible(bool(volume))
+        self.ranking_label.visible = bool(volume)
 
     # -----------------------------------------------------------------------------------------
     # Settings
@@ -313,22 +310,24 @@ class DiffSegWidget(QWidget):
 
     def _apply_settings(self) -> None:
         s = self.settings
-        self.model_path.setText(s["model_path"])
-        self.flags_path.setText(s["flags_path"])
-        self.ensemble.setValue(int(np.clip(s["num_ensemble"], 1, MAX_ENSEMBLE)))
-        index = self.steps.findText(s["steps"]) if s["steps"] else 0
+        self.model_path.value = s["model_path"] or None
+        self.flags_path.value = s["flags_path"] or None
+        self.ensemble.value = int(np.clip(s["num_ensemble"], 1, MAX_ENSEMBLE))
+        box = self.steps.native
+        index = box.findText(s["steps"]) if s["steps"] else 0
         if index >= 0:
-            self.steps.setCurrentIndex(index)
+            box.setCurrentIndex(index)
         else:
-            self.steps.setEditText(s["steps"])
-        self.sampler.setCurrentIndex(next((i for i, (_, v) in enumerate(SAMPLERS) if v == s["sampler"]), 0))
-        device = self.device.findText(s["device"])
-        self.device.setCurrentIndex(max(0, device))
-        self.precision.setCurrentIndex(max(0, self.precision.findText(s["precision"])))
-        self.seed.setValue(int(s["seed"]))
-        self.scope.setCurrentIndex(next((i for i, (_, v) in enumerate(SCOPES) if v == s["scope"]), 0))
-        self.keep_members.setChecked(bool(s["keep_members"]))
-        self.threshold.setValue(int(round(np.clip(s["threshold"], 0.01, 0.99) * 100)))
+            box.setEditText(s["steps"])
+        self.sampler.value = s["sampler"] if s["sampler"] in [value for _, value in SAMPLERS] else ""
+        if s["device"] in self.device.choices:
+            self.device.value = s["device"]
+        if s["precision"] in self.precision.choices:
+            self.precision.value = s["precision"]
+        self.seed.value = int(np.clip(s["seed"], 0, 2**31 - 1))
+        self.scope.value = s["scope"] if s["scope"] in ("slice", "volume") else "slice"
+        self.keep_members.value = bool(s["keep_members"])
+        self.threshold.value = round(float(np.clip(s["threshold"], 0.01, 0.99)), 2)
 
     def configure(self, persist: bool = True, **values) -> None:
         """Set controls by settings key (model_path, num_ensemble, steps, sampler, device,
@@ -347,19 +346,23 @@ class DiffSegWidget(QWidget):
         if persist and self.persist_settings:
             save_settings(self.settings)
 
+    @staticmethod
+    def _path_text(edit: FileEdit) -> str:
+        return edit.line_edit.value.strip()
+
     def current_settings(self) -> dict:
         return {
-            "model_path": self.model_path.text().strip(),
-            "flags_path": self.flags_path.text().strip(),
-            "num_ensemble": self.ensemble.value(),
-            "steps": self.steps.currentText().strip(),
-            "sampler": SAMPLERS[self.sampler.currentIndex()][1],
-            "device": self.device.currentText(),
-            "precision": self.precision.currentText(),
-            "seed": self.seed.value(),
-            "scope": SCOPES[self.scope.currentIndex()][1],
-            "keep_members": self.keep_members.isChecked(),
-            "threshold": self.threshold.value() / 100,
+            "model_path": self._path_text(self.model_path),
+            "flags_path": self._path_text(self.flags_path),
+            "num_ensemble": int(self.ensemble.value),
+            "steps": self.steps.native.currentText().strip(),
+            "sampler": self.sampler.value,
+            "device": self.device.value,
+            "precision": self.precision.value,
+            "seed": int(self.seed.value),
+            "scope": self.scope.value,
+            "keep_members": bool(self.keep_members.value),
+            "threshold": round(float(self.threshold.value), 2),
         }
 
     def _save_settings(self, *_) -> None:
@@ -370,7 +373,7 @@ class DiffSegWidget(QWidget):
 
     def respacing(self) -> str | None:
         """The respacing spec of the steps box: None = the model's default."""
-        text = self.steps.currentText().strip()
+        text = self.steps.native.currentText().strip()
         for label, value in STEP_PRESETS:
             if text == label:
                 return value
@@ -378,65 +381,79 @@ class DiffSegWidget(QWidget):
             text = text[: -len("steps")].strip()
         return text or None
 
+    def set_steps(self, text: str) -> None:
+        """Choose a preset by its label or type a respacing spec ("75", "ddim50")."""
+        self.steps.native.setCurrentText(text)
+
     # -----------------------------------------------------------------------------------------
     # Layers
     # -----------------------------------------------------------------------------------------
 
-    def _connect_viewer(self) -> None:
-        events = self.viewer.layers.events
-        for name in ("inserted", "removed", "reordered", "renamed"):
-            emitter = getattr(events, name, None)
-            if emitter is not None:
-                emitter.connect(self._on_layers_changed)
-
-    def _on_layers_changed(self, event=None) -> None:
+    def reset_choices(self, event=None) -> None:
+        """Re-list the layers in the pickers (napari calls this on every layer-list change of the
+        viewer the widget is docked in); a new layer may fill an empty picker by its name."""
         try:
-            self.refresh_layers(autofill=getattr(event, "type", "") == "inserted")
+            self.inputs.reset_choices()
+            self._update_scope_enabled()
+            if getattr(event, "type", "") == "inserted":
+                self.autofill()
         except RuntimeError:  # the widget is being deleted
             pass
 
-    def _layer(self, name: str):
-        if not name or name == NONE:
-            return None
-        try:
-            return self.viewer.layers[name]
-        except (KeyError, ValueError):
-            return None
+    def _is_ours(self, layer) -> bool:
+        return (getattr(layer, "metadata", None) or {}).get(ld.KIND) in RESULT_KINDS
 
-    def refresh_layers(self, autofill: bool = False) -> None:
-        """Re-list the layers in the pickers, keep the choices, fill empty pickers by name."""
-        names = [layer.name for layer in self.viewer.layers]
-        infos = [LayerInfo(layer.name, type(layer).__name__.lower(), (layer.metadata or {}).get(ld.CASE, ""))
-                 for layer in self.viewer.layers]
-        picked, truth = match_layers(infos) if autofill else ({}, None)
-        boxes = [(m, self.layer_boxes[m]) for m in MODALITIES] + [("seg", self.truth_box)]
-        for key, box in boxes:
-            current = box.currentText()
-            box.blockSignals(True)
-            box.clear()
-            box.addItem(NONE)
-            box.addItems(names)
+    def autofill(self) -> None:
+        """Fill the empty pickers by layer name (t1, Brats18_x_flair, ... ground truth)."""
+        candidates = [layer for layer in self.viewer.layers if not self._is_ours(layer)]
+        from ._session import layer_kind
+
+        infos = [LayerInfo(layer.name, layer_kind(layer), (layer.metadata or {}).get(ld.CASE, ""))
+                 for layer in candidates]
+        picked, truth = match_layers(infos)
+        for key, picker in [*self.layer_pickers.items(), ("seg", self.truth_picker)]:
             suggestion = truth if key == "seg" else picked.get(key)
-            if current in names:
-                box.setCurrentText(current)
-            elif suggestion:
-                box.setCurrentText(suggestion)
-            else:
-                box.setCurrentIndex(0)
-            box.blockSignals(False)
+            if picker.value is None and suggestion:
+                self._choose(picker, suggestion)
         self._update_scope_enabled()
 
-    def _update_scope_enabled(self, *_) -> None:
-        t1 = self._layer(self.layer_boxes["t1"].currentText())
-        self.scope.setEnabled(t1 is None or getattr(t1, "ndim", 3) >= 3)
+    @staticmethod
+    def _choose(picker, name: str | None) -> None:
+        if name is None:
+            picker.value = None
+            return
+        for choice in picker.choices:
+            if choice is not None and choice.name == name:
+                picker.value = choice
+                return
+        raise ValueError(f"no layer named {name!r} can be chosen for {picker.label}")
 
     def set_layer(self, modality: str, name: str | None) -> None:
         """Choose a layer (by name) for t1/t1ce/t2/flair or "ground truth"; None clears it."""
-        box = self.truth_box if modality in ("seg", ld.GROUND_TRUTH) else self.layer_boxes[modality]
-        box.setCurrentText(name or NONE)
+        picker = self.truth_picker if modality in ("seg", ld.GROUND_TRUTH) else self.layer_pickers[modality]
+        picker.reset_choices()
+        self._choose(picker, name)
 
     def chosen_layers(self) -> dict:
-        return {m: self._layer(self.layer_boxes[m].currentText()) for m in MODALITIES}
+        return {m: picker.value for m, picker in self.layer_pickers.items()}
+
+    def chosen_names(self) -> dict:
+        """The chosen layers' names (None where empty), ground truth under "seg"."""
+        pickers = [*self.layer_pickers.items(), ("seg", self.truth_picker)]
+        return {key: (picker.value.name if picker.value is not None else None) for key, picker in pickers}
+
+    def _update_scope_enabled(self, *_) -> None:
+        t1 = self.layer_pickers["t1"].value
+        self.scope.enabled = t1 is None or getattr(t1, "ndim", 3) >= 3
+
+    def _our_layer(self, kind: str, case: str | None):
+        """Our layer of that kind for the case (found by metadata: names may change, and a user's
+        layer of the same name is never touched)."""
+        for layer in self.viewer.layers:
+            meta = getattr(layer, "metadata", None) or {}
+            if meta.get(ld.KIND) == kind and meta.get(ld.CASE, "") == (case or ""):
+                return layer
+        return None
 
     # -----------------------------------------------------------------------------------------
     # Model
@@ -448,16 +465,21 @@ class DiffSegWidget(QWidget):
         except RuntimeError:  # deleted before the event loop ran
             pass
 
-    def _update_model_status(self, warn: bool = False) -> None:
-        path = self.model_path.text().strip()
+    def _update_model_status(self, *_, warn: bool = False) -> None:
+        path = self._path_text(self.model_path)
         if path:
-            self.model_status.setText(f"checkpoint: {path}")
+            text = f"checkpoint: {path}"
+            name = path.replace("\\", "/").rsplit("/", 1)[-1].lower()
+            if "savedmodel" in name and not self._path_text(self.flags_path):
+                text += ("\nthis looks like a checkpoint of the reference code: choose its model flags "
+                         "in the 'flags JSON' field")
+            self.model_status.value = text
         elif demo_model_available():
-            self.model_status.setText("the bundled demo model (BraTS 2018, 2D slices)")
+            self.model_status.value = "the bundled demo model (BraTS 2018, 2D slices)"
         else:
             text = ("no bundled demo model in this installation: choose a checkpoint file (.pt) "
-                    "with the … button next to 'checkpoint'")
-            self.model_status.setText(text)
+                    "in the 'checkpoint' field")
+            self.model_status.value = text
             if warn:
                 self.notify(f"napari-diffseg: {text}", "warning")
 
@@ -467,7 +489,7 @@ class DiffSegWidget(QWidget):
 
     def notify(self, message: str, severity: str = "info") -> None:
         self.messages.append((severity, message))
-        self.status.setText(message)
+        self.status.value = message
         _notify(message, severity)
 
     @property
@@ -475,42 +497,42 @@ class DiffSegWidget(QWidget):
         return self.worker is not None
 
     def _build_request(self):
-        inputs = check_inputs(self.chosen_layers(), self._layer(self.truth_box.currentText()))
+        inputs = check_inputs(self.chosen_layers(), self.truth_picker.value)
         reference = inputs.reference
         z = None
-        if inputs.spatial_ndim == 3 and SCOPES[self.scope.currentIndex()][1] == "slice":
+        if inputs.spatial_ndim == 3 and self.scope.value == "slice":
             z = slice_index(self.viewer.dims.point, reference.scale, reference.translate, inputs.display_shape[0])
         meta = reference.metadata or {}
         if ld.VOXEL_SIZE in meta and len(meta[ld.VOXEL_SIZE]) == inputs.spatial_ndim:
             spacing = tuple(meta[ld.VOXEL_SIZE])
         else:
             spacing = tuple(float(s) for s in reversed(tuple(reference.scale)[-inputs.spatial_ndim:]))
-        sampler = SAMPLERS[self.sampler.currentIndex()][1] or None
-        keep_members = self.keep_members.isChecked()
+        keep_members = bool(self.keep_members.value)
+        ensemble = int(self.ensemble.value)
         voxels = int(np.prod(inputs.display_shape if z is None else inputs.display_shape[1:]))
-        members_bytes = 4 * voxels * self.ensemble.value()
+        members_bytes = 4 * voxels * ensemble
         if keep_members and members_bytes > MAX_MEMBERS_BYTES:
             keep_members = False
             inputs.warnings.append(
-                f"the {self.ensemble.value()} ensemble members of the whole volume would take "
+                f"the {ensemble} ensemble members of the whole volume would take "
                 f"{members_bytes / 1e9:.1f} GB: not kept this time (segment the current slice to see them)"
             )
         return RunRequest(
             inputs=inputs,
             z=z,
-            model_path=self.model_path.text().strip() or None,
-            flags_path=self.flags_path.text().strip() or None,
-            device=self.device.currentText(),
-            num_ensemble=self.ensemble.value(),
+            model_path=self._path_text(self.model_path) or None,
+            flags_path=self._path_text(self.flags_path) or None,
+            device=self.device.value,
+            num_ensemble=ensemble,
             respacing=self.respacing(),
-            sampler=sampler,
-            seed=self.seed.value(),
+            sampler=self.sampler.value or None,
+            seed=int(self.seed.value),
             keep_members=keep_members,
             spacing=spacing,
-            precision=self.precision.currentText(),
+            precision=self.precision.value,
         )
 
-    def run(self) -> None:
+    def run(self, *_) -> None:
         """Check the inputs and start sampling in a worker thread (no-op while one runs)."""
         if self.running:
             return
@@ -521,7 +543,7 @@ class DiffSegWidget(QWidget):
             return
         if request.model_path is None and not demo_model_available():
             self.notify("no model: the bundled demo model is not installed; choose a checkpoint file (.pt) "
-                        "with the … button next to 'checkpoint'", "error")
+                        "in the 'checkpoint' field", "error")
             return
         for warning in request.inputs.warnings:
             self.notify(warning, "warning")
@@ -533,13 +555,14 @@ class DiffSegWidget(QWidget):
         from napari.utils import cancelable_progress
 
         self._request = request
+        self._partial = Partial() if request.z is None and request.inputs.spatial_ndim == 3 else None
         self.preview_updates = 0
         self._last_batch = -1
         self._make_preview_layer(request)
         self._pbar = cancelable_progress(total=0, desc="diffseg: loading the model")
-        self.progress_bar.setRange(0, 0)
-        self.status.setText("loading the model…")
-        worker = create_worker(guarded_job, request, self.cache, _ignore_errors=True)
+        self.progress_bar.native.setRange(0, 0)  # busy until the first step
+        self.status.value = "loading the model…"
+        worker = create_worker(guarded_job, request, self.cache, self._partial, _ignore_errors=True)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)
         worker.errored.connect(self._on_errored)
@@ -547,14 +570,14 @@ class DiffSegWidget(QWidget):
         worker.finished.connect(self._on_finished)
         self.worker = worker
         self._worker_holder["worker"] = worker
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
         worker.start()
 
-    def cancel(self) -> None:
-        """Stop at the next denoising step; no result layers are made."""
+    def cancel(self, *_) -> None:
+        """Stop at the next denoising step; the finished slices of a volume are kept."""
         if self.worker is not None:
-            self.status.setText("cancelling…")
+            self.status.value = "cancelling…"
             self.worker.quit()
 
     def _on_progress(self, progress) -> None:
@@ -562,11 +585,10 @@ class DiffSegWidget(QWidget):
             return
         total = progress.total * progress.batches
         done = progress.batch * progress.total + progress.step
-        self.progress_bar.setRange(0, total)
-        self.progress_bar.setValue(done)
+        self.progress_bar.native.setRange(0, total)
+        self.progress_bar.native.setValue(done)
         where = f", slices batch {progress.batch + 1}/{progress.batches}" if progress.batches > 1 else ""
-        text = f"sampling: step {progress.step}/{progress.total}{where}"
-        self.status.setText(text)
+        self.status.value = f"sampling: step {progress.step}/{progress.total}{where}"
         pbar = self._pbar  # napari's progress may process events: the run can end meanwhile
         if pbar is not None:
             if pbar.total != total:
@@ -590,18 +612,16 @@ class DiffSegWidget(QWidget):
         if request.z is not None:  # one slice of a volume: a one-slice layer placed at z
             translate[0] += request.z * scale[0]
             shape = (1, *shape[1:])
-        layer = self.viewer.add_image(
+        self._preview_layer = self.viewer.add_image(
             np.zeros(shape, np.float32),
             name=ld.result_name(inputs.case, "preview (sampling…)"),
             scale=scale,
             translate=translate,
-            colormap="magma",
-            blending="additive",
+            colormap=_fading_colormap("diffseg preview", PROPOSAL_RGBA[:3]),
+            blending="translucent",
             contrast_limits=(0.0, 1.0),
-            opacity=0.8,
-            metadata={ld.KIND: "preview"},
+            metadata={ld.KIND: "preview", ld.CASE: inputs.case},
         )
-        self._preview_layer = layer
 
     def _update_preview(self, progress) -> None:
         layer = self._preview_layer
@@ -662,7 +682,18 @@ class DiffSegWidget(QWidget):
 
     def _on_aborted(self) -> None:
         self._remove_preview()
-        self.notify("diffseg: sampling cancelled; no result layers were made")
+        partial, request = self._partial, self._request
+        if partial is None or not partial.finished:
+            self.notify("diffseg: sampling cancelled; no slice had finished, no result layers were made")
+            return
+        try:
+            self._show_partial(request, partial)
+        except Exception as exc:  # a bug here must not leave the widget stuck
+            log.exception("showing the partial result failed")
+            self.notify(error_message(exc, request), "error")
+            return
+        self.notify(f"diffseg: sampling cancelled; the {len(partial.finished)} of {partial.total} slices "
+                    "that had finished are shown as a partial proposal")
 
     def _on_finished(self) -> None:
         if self._pbar is not None:
@@ -670,55 +701,69 @@ class DiffSegWidget(QWidget):
             self._pbar = None
         self.worker = None
         self._worker_holder.pop("worker", None)
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
-        if self.progress_bar.maximum() == 0:
-            self.progress_bar.setRange(0, 1)
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+        if self.progress_bar.native.maximum() == 0:
+            self.progress_bar.native.setRange(0, 1)
 
     # -----------------------------------------------------------------------------------------
     # Results
     # -----------------------------------------------------------------------------------------
 
-    def _show_result(self, request: RunRequest, outcome) -> None:
+    def _state_for(self, request: RunRequest, whole: bool) -> ResultState:
+        """The case's result state, fresh when the input changed shape (or a run covers it all)."""
         inputs = request.inputs
         core_shape = tuple(reversed(inputs.display_shape))
         state = self.results.get(inputs.case)
-        if state is None or state.spatial_shape != core_shape or outcome.z is None:
-            state = ResultState.empty(inputs.case, core_shape, self.threshold.value() / 100)
-        state.threshold = self.threshold.value() / 100
+        if state is None or state.spatial_shape != core_shape or whole:
+            state = ResultState.empty(inputs.case, core_shape, float(self.threshold.value))
+        state.threshold = float(self.threshold.value)
+        return state
+
+    def _show_result(self, request: RunRequest, outcome) -> None:
+        state = self._state_for(request, whole=outcome.z is None)
         state.merge(outcome)
+        self._present(request, state, keep_members=request.keep_members, metrics=outcome.metrics
+                      if outcome.z is None else None)
+
+    def _show_partial(self, request: RunRequest, partial: Partial) -> None:
+        state = self._state_for(request, whole=False)
+        state.merge_partial(partial)
+        self._present(request, state, keep_members=False, metrics=None)
+
+    def _present(self, request: RunRequest, state: ResultState, keep_members: bool, metrics) -> None:
+        inputs = request.inputs
         self.results[inputs.case] = state
         self.current_case = inputs.case
         self._result_reference = inputs.reference
         self._truth_for_metrics = (inputs.truth, request.spacing)
-        self._update_result_layers(state, inputs.reference, keep_members=request.keep_members)
-        self._set_review_visible(state.is_volume)
-        self.member.blockSignals(True)
-        self.member.setRange(0, state.num_ensemble if state.members is not None else 0)
-        self.member.setValue(0)
-        self.member.blockSignals(False)
+        truth_layer = self.truth_picker.value
+        if inputs.truth is not None and truth_layer is not None and not truth_layer.contour:
+            # Outlined, so that the filled proposal drawn with it can be told apart.
+            truth_layer.contour = 1
+            truth_layer.opacity = max(truth_layer.opacity, 0.9)
+        self._update_result_layers(state, inputs.reference, keep_members=keep_members)
+        self._ensure_segmentation_layer(state, inputs.reference)
+        self._set_review_enabled(state.is_volume)
+        shown = state.num_ensemble if self._our_layer("members", state.case) is not None else 0
+        with self.member.changed.blocked():
+            self.member.choices = [("mean", 0)] + [(f"member {i}", i) for i in range(1, shown + 1)]
+            self.member.value = 0
         self._fill_ranking(state)
         self._metrics_generation += 1
         if inputs.truth is not None:
-            if outcome.z is None:
-                self.metrics = outcome.metrics
-                self.metrics_label.setText(format_metrics(outcome.metrics))
+            if metrics is not None:
+                self.metrics = metrics
+                self.metrics_label.value = format_metrics(metrics)
             else:
                 self._recompute_metrics()
         else:
             self.metrics = None
-            self.metrics_label.setText("choose a ground truth layer to see Dice and HD95")
+            self.metrics_label.value = "choose a ground truth layer to see Dice and HD95"
 
-    def _result_layer(self, name: str, kind: str, layer_type: str):
-        """Our existing result layer of that name, or None (a user's layer of the same name is kept)."""
-        layer = self._layer(name)
-        if layer is None:
-            return None
-        ours = (layer.metadata or {}).get(ld.KIND) == kind and type(layer).__name__.lower() == layer_type
-        return layer if ours else None
-
-    def _put_layer(self, name: str, kind: str, layer_type: str, data: np.ndarray, reference, leading: int = 0,
+    def _put_layer(self, kind: str, name: str, layer_type: str, data: np.ndarray, reference, leading: int = 0,
                    z: int | None = None, **style) -> object:
+        """Create or update our result layer of that kind (data, geometry, name; style on creation)."""
         scale = (1.0,) * leading + tuple(reference.scale)
         translate = [0.0] * leading + list(reference.translate)
         metadata = ld.derived_metadata(reference.metadata, kind, self.current_case)
@@ -731,38 +776,115 @@ class DiffSegWidget(QWidget):
                 metadata[ld.SPATIAL_SHAPE] = (*metadata[ld.SPATIAL_SHAPE][:2], 1)
         if leading:
             metadata["leading_axes"] = leading
-        layer = self._result_layer(name, kind, layer_type)
-        if layer is not None and layer.data.shape == data.shape:
+        layer = self._our_layer(kind, self.current_case)
+        if layer is not None and layer.data.shape == data.shape and layer.ndim == data.ndim:
             layer.data = data
             layer.scale = scale
             layer.translate = translate
             layer.metadata = metadata
-            for key, value in style.items():
-                if key not in ("visible",):
-                    setattr(layer, key, value)
+            layer.name = name
             return layer
         if layer is not None:
             self.viewer.layers.remove(layer)
         add = self.viewer.add_labels if layer_type == "labels" else self.viewer.add_image
         return add(data, name=name, scale=scale, translate=translate, metadata=metadata, **style)
 
+    def _proposal_name(self, state: ResultState) -> str:
+        if state.partial is not None:
+            done, total = state.partial
+            return ld.result_name(state.case, f"proposal (partial: {done}/{total} slices)")
+        return ld.result_name(state.case, "proposal")
+
     def _update_result_layers(self, state: ResultState, reference, keep_members: bool = True) -> None:
         case = state.case
-        mask = np.ascontiguousarray(ld.to_display(state.mask()))
-        self._put_layer(ld.result_name(case, "mask"), "mask", "labels", mask, reference, opacity=0.5)
+        # The heatmap first, so that the proposal is drawn over it.
         variance = np.ascontiguousarray(ld.to_display(state.variance))
-        top = float(variance.max())
-        self._put_layer(ld.result_name(case, "uncertainty"), "uncertainty", "image", variance, reference,
-                        colormap="inferno", blending="additive", contrast_limits=(0.0, top if top > 0 else 1e-6))
-        members_name = ld.result_name(case, "members")
+        uncertainty = self._put_layer("uncertainty", ld.result_name(case, "uncertainty"), "image", variance,
+                                      reference, colormap=_uncertainty_colormap(), blending="translucent",
+                                      contrast_limits=UNCERTAINTY_LIMITS)
+        uncertainty.colorbar.visible = True  # its legend: 0 .. 0.25 (ensemble variance)
+        mask = np.ascontiguousarray(ld.to_display(state.mask()))
+        self._put_layer("proposal", self._proposal_name(state), "labels", mask, reference, opacity=0.6,
+                        colormap=_label_colormap(PROPOSAL_RGBA))
+        spatial_ndim = len(state.spatial_shape)
         if state.members is not None and keep_members:
-            members = np.ascontiguousarray(ld.to_display(state.members, len(state.spatial_shape)))
-            self._put_layer(members_name, "members", "image", members, reference, leading=1, z=state.members_z,
-                            colormap="gray", contrast_limits=(0.0, 1.0), visible=False)
+            members = np.ascontiguousarray(ld.to_display(state.members, spatial_ndim))
+            axes = ("member", "z", "y", "x")[-(spatial_ndim + 1):] if spatial_ndim == 3 else ("member", "y", "x")
+            self._put_layer("members", ld.result_name(case, "members"), "image", members, reference, leading=1,
+                            z=state.members_z, colormap=_fading_colormap("diffseg members", PROPOSAL_RGBA[:3]),
+                            blending="translucent", contrast_limits=(0.0, 1.0), visible=False, axis_labels=axes)
         else:
-            old = self._result_layer(members_name, "members", "image")
+            old = self._our_layer("members", case)
             if old is not None:
                 self.viewer.layers.remove(old)
+
+    # -- the user's segmentation ----------------------------------------------------------------
+
+    def _ensure_segmentation_layer(self, state: ResultState, reference):
+        """``<case> segmentation``: made (empty) with the case's first result, then only Accept and
+        the user change it."""
+        shape = tuple(reversed(state.spatial_shape))
+        layer = self._our_layer("segmentation", state.case)
+        if layer is not None and tuple(layer.data.shape) == shape:
+            return layer
+        metadata = ld.derived_metadata(reference.metadata, "segmentation", state.case)
+        layer = self.viewer.add_labels(np.zeros(shape, np.uint8), name=ld.segmentation_name(state.case),
+                                       scale=tuple(reference.scale), translate=tuple(reference.translate),
+                                       metadata=metadata, opacity=0.7, colormap=_label_colormap(SEGMENTATION_RGBA))
+        self._painted[state.case] = np.zeros(shape, bool)
+        layer.events.paint.connect(lambda event, case=state.case: self._on_painted(case, event))
+        return layer
+
+    def _on_painted(self, case: str, event) -> None:
+        painted = self._painted.get(case)
+        if painted is None or self._accepting:
+            return
+        mark_painted(painted, getattr(event, "value", None))
+
+    def accept(self, *_) -> None:
+        """Copy the proposal into the segmentation layer: the current slice after a slice run,
+        every sampled slice after a volume run. Voxels painted by hand there are kept."""
+        state = self.results.get(self.current_case or "")
+        if state is None:
+            self.notify("nothing to accept yet: press Run first", "warning")
+            return
+        reference = self._result_reference
+        layer = self._ensure_segmentation_layer(state, reference)
+        painted = self._painted.setdefault(state.case, np.zeros(layer.data.shape, bool))
+        proposal = ld.to_display(state.mask()).astype(layer.data.dtype)
+        if not state.is_volume:
+            zs, where = None, "the slice"
+        elif state.last_z is None:
+            zs = state.slices
+            where = f"{len(zs)} sampled slices"
+        else:
+            z = slice_index(self.viewer.dims.point, reference.scale, reference.translate, layer.data.shape[0])
+            if z not in state.slices:
+                self.notify(f"slice {z} has no proposal yet: run it first (or go to a sampled slice)", "warning")
+                return
+            zs, where = [z], f"slice {z}"
+        indices, values, kept = commit_changes(layer.data, proposal, painted, zs)
+        self._accepting = True
+        try:
+            layer.data_setitem(indices, values)  # one step of napari's undo (Ctrl-Z in the layer)
+        finally:
+            self._accepting = False
+        kept_text = f"; {kept} voxels you painted were kept" if kept else ""
+        self.notify(f"accepted the proposal of {where} into '{layer.name}'{kept_text}")
+        self.viewer.layers.selection.active = layer
+
+    def _bind_keys(self) -> None:
+        ref = weakref.ref(self)
+
+        def accept_key(_viewer):
+            widget = ref()
+            if widget is not None:
+                widget.accept()
+
+        accept_key.__doc__ = "napari-diffseg: accept the proposal into the segmentation layer"
+        self.viewer.bind_key(ACCEPT_KEY, accept_key, overwrite=True)
+
+    # -- review ---------------------------------------------------------------------------------
 
     def _fill_ranking(self, state: ResultState) -> None:
         self.ranking.blockSignals(True)
@@ -787,22 +909,20 @@ class DiffSegWidget(QWidget):
         if item is not None:
             self.go_to_slice(int(item.data(Qt.ItemDataRole.UserRole)))
 
-    def _on_threshold(self, value: int) -> None:
-        threshold = value / 100
-        self.threshold_label.setText(f"{threshold:.2f}")
+    def _on_threshold(self, value: float) -> None:
         state = self.results.get(self.current_case or "")
         if state is not None:
-            state.threshold = threshold
-            layer = self._result_layer(ld.result_name(state.case, "mask"), "mask", "labels")
+            state.threshold = float(value)
+            layer = self._our_layer("proposal", state.case)
             if layer is not None:
                 layer.data = np.ascontiguousarray(ld.to_display(state.mask()))
             if self._truth_for_metrics[0] is not None:
-                self.metrics_label.setText("Dice/HD95: …")
+                self.metrics_label.value = "Dice/HD95: …"
                 self._metrics_timer.start()
         self._save_settings()
 
     def _recompute_metrics(self) -> None:
-        """Dice and HD95 of the current mask in a worker (HD95 can take a moment on a volume)."""
+        """Dice and HD95 of the current proposal in a worker (HD95 can take a moment on a volume)."""
         state = self.results.get(self.current_case or "")
         truth, spacing = self._truth_for_metrics
         if state is None or truth is None:
@@ -820,7 +940,7 @@ class DiffSegWidget(QWidget):
             if generation != self._metrics_generation:
                 return  # a newer threshold or run has taken over
             try:
-                label.setText(text)
+                label.value = text
             except RuntimeError:  # the widget was closed meanwhile
                 return
             self.metrics = metrics
@@ -839,7 +959,7 @@ class DiffSegWidget(QWidget):
         state = self.results.get(self.current_case or "")
         if state is None:
             return
-        layer = self._result_layer(ld.result_name(state.case, "members"), "members", "image")
+        layer = self._our_layer("members", state.case)
         if layer is None:
             return
         layer.visible = value > 0
@@ -847,4 +967,3 @@ class DiffSegWidget(QWidget):
             self.viewer.dims.set_current_step(0, value - 1)
         if value > 0:
             self.viewer.layers.selection.active = layer
-

@@ -7,6 +7,7 @@ folder and are renamed into place, so a crash never leaves a half-written checkp
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import MODEL_FLAG_DEFAULTS
 from .diffusion import DiffusionConfig
 from .errors import DiffSegError
 from .geometry import Geometry
@@ -74,23 +76,101 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         raise
 
 
+# What to give instead, shared by the messages below (they show in the CLI and in the widget).
+WANTED = "give model.pt written by diffseg-train or a reference savedmodelNNNNNN.pt"
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+_PICKLE_PROTO = 0x80  # the first opcode of torch.save's legacy format (a pickle, protocol >= 2)
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A multi-byte character cut off by the end of ``head`` is still text.
+        return exc.start >= len(head) - 3
+    return True
+
+
+def _not_torch_file(path: Path, head: bytes) -> DiffSegError:
+    """The error for a file whose first bytes are not a torch.save file's."""
+    if not head:
+        return DiffSegError(f"{path}: the file is empty (0 bytes), not a checkpoint; an interrupted copy or "
+                            f"download leaves this: copy it again, or {WANTED}")
+    if _looks_like_text(head):
+        if _is_flags_json(path):
+            return DiffSegError(f"{path}: is a model-flags JSON, not a checkpoint; give it as the flags JSON "
+                                "(--flags_json) and the .pt weights file as the checkpoint")
+        return DiffSegError(f"{path}: is a text file, not a PyTorch checkpoint; {WANTED}")
+    kind = {b"\x1f\x8b": "gzip data (e.g. a .nii.gz image)", b"\x89H": "an HDF5 file (a Keras/TensorFlow model?)",
+            b"\x89P": "a PNG image", b"\x93N": "a NumPy .npy array"}.get(head[:2], "binary data of another kind")
+    return DiffSegError(f"{path}: not a PyTorch checkpoint (it holds {kind}); {WANTED}")
+
+
+def _is_flags_json(path: Path) -> bool:
+    """A JSON object whose keys include the reference's model flags (a common mix-up)."""
+    try:
+        if path.stat().st_size > 1_000_000:
+            return False
+        flags = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(flags, dict) and any(key in MODEL_FLAG_DEFAULTS for key in flags)
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    return " ".join(text.split()).split(". ")[0][:limit]
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The telling part of torch's weights_only refusal, which wraps it in paragraphs of advice."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return _first_sentence(line.removeprefix("WeightsUnpickler error:")).split(" was not an allowed")[0]
+        if line.startswith("Trying to load unsupported"):
+            return _first_sentence(line)
+    return _first_sentence(lines[-1]) if lines else "unsupported content"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint file as data, with one-line errors for what users get wrong."""
+    """Load a checkpoint file as data, with one-line errors for what users get wrong.
+
+    The first bytes are checked before torch.load sees the file: the unpickler reads any other
+    file (a text file, say) as opcodes and fails with whatever it hit (IndexError, KeyError ...).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise DiffSegError(f"{path}: is a folder; give the checkpoint file in it (e.g. model.pt)")
     if not path.is_file():
         raise DiffSegError(f"{path}: checkpoint not found; check the path")
     try:
+        with open(path, "rb") as handle:
+            head = handle.read(512)
+    except OSError as exc:
+        raise DiffSegError(f"{path}: cannot read the checkpoint ({exc.strerror or exc}); check its permissions") from None
+    legacy = head[:1] == bytes([_PICKLE_PROTO])
+    if not (head.startswith(_ZIP_MAGIC) or legacy):
+        raise _not_torch_file(path, head)
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        # A cut-off legacy file also ends in a half-read name the unpickler refuses.
+        damaged = ", or is damaged" if legacy else ""
         raise DiffSegError(
-            f"{path}: refused to load: the file holds more than tensors and plain data "
-            f"({first[:160]}); only weight files are accepted, never pickled code"
+            f"{path}: refused to load: the file holds more than tensors and plain data{damaged} "
+            f"({_unpickler_reason(exc)}); only weight files are accepted, never pickled code"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes torch.load raise
+        if not legacy and zipfile.is_zipfile(path):  # a whole zip archive, but not torch's layout
+            raise DiffSegError(f"{path}: a zip archive but not a PyTorch checkpoint; {WANTED}") from None
+        reason = _first_sentence(str(exc)) or type(exc).__name__
         raise DiffSegError(
-            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}); "
-            f"give a .pt file written by diffseg-train or by the reference's training"
+            f"{path}: the checkpoint is damaged or incomplete ({reason}); an interrupted copy or download "
+            f"does this: copy it again, or {WANTED}"
         ) from None
 
 
@@ -138,6 +218,57 @@ def _build(unet_config: UNetConfig, state: dict, path: Path, hint: str) -> UNet:
     return model.eval()
 
 
+# Every UNet of this method (and of the reference) has these; other models' state dicts do not.
+UNET_KEYS = ("time_embed.0.weight", "input_blocks.0.0.weight", "out.2.weight")
+IN_CHANNELS = 5  # four MR modalities and the noisy mask
+
+
+def _is_state_dict(payload) -> bool:
+    return isinstance(payload, dict) and bool(payload) and all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in payload.items())
+
+
+def _keys_text(keys, count: int = 3) -> str:
+    keys = list(keys)
+    return ", ".join(str(key)[:60] for key in keys[:count]) + (", ..." if len(keys) > count else "")
+
+
+def _check_unet_weights(state: dict, path: Path) -> None:
+    """Refuse a state dict of some other network with a message saying so, not asking for flags."""
+    missing = [key for key in UNET_KEYS if key not in state]
+    if missing:
+        raise DiffSegError(
+            f"{path}: not a diffusion-segmentation model: its weights ({_keys_text(state)}) are not those of "
+            f"this method's UNet (no {missing[0]}); {WANTED}"
+        )
+    first = state["input_blocks.0.0.weight"]
+    if first.ndim != 4 or first.shape[1] != IN_CHANNELS:
+        channels = first.shape[1] if first.ndim > 1 else "?"
+        raise DiffSegError(
+            f"{path}: a diffusion UNet for {channels}-channel input, not a segmentation model of 4 MR "
+            f"modalities and a mask ({IN_CHANNELS} channels); {WANTED}"
+        )
+
+
+def _our_parts(payload: dict, path: Path, use_ema: bool) -> tuple[UNetConfig, DiffusionConfig, dict]:
+    """Configuration and weights of our checkpoint; a one-line error when a part is missing."""
+    damaged = "the file is damaged or was written by another program: train again or copy it again"
+    for key in ("unet_config", "diffusion_config", "weights"):
+        if not isinstance(payload.get(key), dict):
+            raise DiffSegError(f"{path}: a napari-diffseg checkpoint without '{key}'; {damaged}")
+    weights = payload["weights"]
+    state = weights.get("ema") if use_ema and weights.get("ema") else weights.get("model")
+    if not _is_state_dict(state):
+        raise DiffSegError(f"{path}: a napari-diffseg checkpoint without model weights; {damaged}")
+    try:
+        unet_config = UNetConfig.from_flags(payload["unet_config"])
+        diffusion_config = DiffusionConfig.from_flags(payload["diffusion_config"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise DiffSegError(f"{path}: the configuration stored in the checkpoint is not valid ({exc}); "
+                           f"{damaged}") from None
+    return unet_config, diffusion_config, state
+
+
 def load_model(
     path: str | os.PathLike | None = None,
     reference_flags: dict | None = None,
@@ -154,30 +285,32 @@ def load_model(
         raise DiffSegError(f"{path}: the bundled demo model is missing; reinstall napari-diffseg or give --model_path")
     payload = read_checkpoint(path)
     if is_ours(payload):
-        unet_config = UNetConfig.from_flags(payload["unet_config"])
-        weights = payload["weights"]
-        state = weights.get("ema") if use_ema and weights.get("ema") else weights["model"]
+        unet_config, diffusion_config, state = _our_parts(payload, path, use_ema)
         model = _build(unet_config, state, path, "the file may be damaged")
         return LoadedModel(
             model=model,
             unet_config=unet_config,
-            diffusion_config=DiffusionConfig.from_flags(payload["diffusion_config"]),
+            diffusion_config=diffusion_config,
             geometry=Geometry.from_dict(payload.get("geometry", {})),
             sampling={**DEFAULT_SAMPLING, **payload.get("sampling", {})},
             source=str(path),
             objective=str(payload.get("objective", "diffusion")),
         )
-    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+    if _is_state_dict(payload):
+        _check_unet_weights(payload, path)
         if reference_flags is None:
+            # One message for the CLI and the widget: both take a flags JSON.
             raise DiffSegError(
-                f"{path}: a reference checkpoint holds no model configuration; give its model flags "
-                f"(e.g. --num_channels 128 --num_res_blocks 2 ...) or a flags JSON file"
+                f"{path}: a reference checkpoint holds no model configuration; give the flags it was trained "
+                f"with as a flags JSON (e.g. the flags.json beside it; --flags_json on the command line) or as "
+                f"command-line flags (e.g. --num_channels 128 --num_res_blocks 2 ...)"
             )
         unet_config = UNetConfig.from_flags(reference_flags)
         model = _build(
             unet_config, payload, path,
-            "give the model flags the checkpoint was trained with (--num_channels, --num_res_blocks, "
-            "--attention_resolutions, --learn_sigma ...)",
+            "give the model flags it was trained with: its flags JSON (e.g. the flags.json beside it; "
+            "--flags_json on the command line) or --num_channels, --num_res_blocks, --attention_resolutions, "
+            "--learn_sigma ...",
         )
         return LoadedModel(
             model=model,
@@ -188,6 +321,11 @@ def load_model(
             source=str(path),
             is_reference=True,
         )
+    if isinstance(payload, dict):
+        what = f"a dict with keys {_keys_text(payload)}" if payload else "an empty dict"
+    else:
+        what = "a single tensor" if isinstance(payload, torch.Tensor) else f"a {type(payload).__name__}"
     raise DiffSegError(
-        f"{path}: not a model checkpoint (neither a napari-diffseg checkpoint nor a state dict of tensors)"
+        f"{path}: not a model checkpoint: it holds {what}, neither a napari-diffseg checkpoint nor a state "
+        f"dict of tensors; {WANTED}"
     )

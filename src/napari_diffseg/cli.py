@@ -50,15 +50,76 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
+# One line per flag for --help; the values follow improved-diffusion's meaning of each flag.
+MODEL_FLAG_HELP = {
+    "image_size": "nominal image size: picks channel_mult when that is '' and scales --attention_resolutions",
+    "num_channels": "base channel count of the UNet",
+    "num_res_blocks": "residual blocks per resolution level",
+    "num_heads": "attention heads per attention block",
+    "num_heads_upsample": "attention heads in the decoder (-1: as --num_heads)",
+    "num_head_channels": "channels per attention head, overriding --num_heads (-1: off)",
+    "attention_resolutions": "feature-map sizes (relative to --image_size) with self-attention, comma-separated; "
+                             "'' for none",
+    "channel_mult": "channel multiplier per resolution level, e.g. 1,2,2,4 ('': chosen by --image_size)",
+    "dropout": "dropout rate in the residual blocks",
+    "class_cond": "class-conditional model (not part of this method; keep False)",
+    "use_checkpoint": "gradient checkpointing (accepted for the reference's scripts; has no effect here)",
+    "use_scale_shift_norm": "the timestep scales and shifts the normalised features (FiLM) instead of being added",
+    "resblock_updown": "residual blocks instead of plain (de)convolutions for down- and upsampling",
+    "use_fp16": "the reference's fp16 training (accepted; has no effect here: use --precision)",
+    "use_new_attention_order": "split q, k, v before the heads (improved-diffusion's newer attention order)",
+    "learn_sigma": "the network also outputs the variance interpolation (2 output channels; the paper: True)",
+    "diffusion_steps": "number of diffusion steps T",
+    "noise_schedule": "beta schedule: linear or cosine",
+    "timestep_respacing": "sampling steps: '' for all, or e.g. 50 or ddim50",
+    "use_kl": "train on the variational bound alone (not part of this method; keep False)",
+    "predict_xstart": "the network outputs the clean mask x0 instead of the noise epsilon",
+    "rescale_timesteps": "show the network timesteps scaled to 0..1000 (matters with fewer diffusion steps)",
+    "rescale_learned_sigmas": "weight the variational-bound term by diffusion_steps / 1000",
+}
+
+
+def _default_text(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(item) for item in value)
+    return "''" if value == "" else str(value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default after its description, as "(default: X)".
+
+    Left out where a default would say nothing (None, a store_true's False) or where the
+    description already explains it ("default: the model's stored setting").
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is argparse.SUPPRESS
+                or (action.nargs == 0 and default is False) or "default" in text.lower()):
+            return text
+        return f"{text} (default: {_default_text(default).replace('%', '%%')})"
+
+
+def make_parser(prog: str, description: str, parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ArgumentParser every diffseg-* command starts from (shared help layout)."""
+    return parser_class(prog=prog, description=description, formatter_class=HelpFormatter)
+
+
 def add_model_flags(parser: argparse.ArgumentParser, with_defaults: bool = True, skip: tuple[str, ...] = ()) -> None:
     """The reference's flags; without defaults they read None unless given (to merge later)."""
-    group = parser.add_argument_group("model and diffusion (the reference's flags)")
+    title = "model and diffusion (the reference's flags)" if with_defaults else \
+        "model and diffusion flags of a reference checkpoint (napari-diffseg checkpoints store their own)"
+    group = parser.add_argument_group(title)
     for name, default in MODEL_FLAG_DEFAULTS.items():
         if name in skip:
             continue
         kind = str2bool if isinstance(default, bool) else type(default)
+        text = MODEL_FLAG_HELP[name]
+        if not with_defaults:
+            text += f" (default: the flags JSON's, else {_default_text(default)})".replace("%", "%%")
         group.add_argument(f"--{name}", type=kind, default=default if with_defaults else None,
-                           metavar=type(default).__name__.upper())
+                           metavar=type(default).__name__.upper(), help=text)
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -67,9 +128,10 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                         help="sampling steps: '' for all, 50, 100, ddim50 ... (default: the model's stored "
                         "setting; all steps for a reference checkpoint)")
     parser.add_argument("--use_ddim", type=str2bool, nargs="?", const=True, default=None,
-                        help="deterministic DDIM steps instead of ancestral DDPM")
+                        help="deterministic DDIM steps instead of ancestral DDPM (default: the model's "
+                        "stored sampler)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling noise")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
                         help="fp32 (exact, default); bf16 (CPU or CUDA) or fp16 (CUDA) autocast, faster; "
@@ -92,7 +154,6 @@ def check_unsupported_flags(flags: dict) -> None:
     unsupported = {
         "class_cond": "class-conditional models",
         "use_kl": "the pure KL loss",
-        "predict_xstart": "x0-predicting models",
     }
     for name, what in unsupported.items():
         if flags.get(name):
@@ -125,6 +186,19 @@ def guarded(main):
             return 130
 
     return wrapper
+
+
+def slice_range(value: str) -> slice:
+    """START:STOP (Python's meaning: STOP excluded, either may be left out) of a volume's
+    slice axis, as --slices takes it."""
+    start, colon, stop = value.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        bounds = [int(part) if part.strip() else None for part in (start, stop)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP slice numbers, e.g. 40:90, got {value!r}") from None
+    return slice(*bounds)
 
 
 def positive_int(value: str) -> int:

@@ -3,7 +3,8 @@
     python -m napari_diffseg.demo                 # with a display: the viewer stays open
     python -m napari_diffseg.demo --headless --out diffseg-demo
         # no display needed (re-runs itself under xvfb-run when there is none): saves
-        # screenshot.png of the viewer and the result NIfTIs (mask, probability, uncertainty)
+        # screenshot.png of the viewer (FLAIR with the proposal's outline and the uncertainty)
+        # and the result NIfTIs (mask, probability, uncertainty)
 
 It uses the bundled demo model and its default sampling settings unless told otherwise
 (--model, --flags, --steps, --ensemble, --sampler, --device, --seed). The widget's saved
@@ -103,6 +104,24 @@ def _save_results(widget, out: Path) -> list[Path]:
     return written
 
 
+def show_overlay(viewer, widget) -> None:
+    """The view a reader of MR knows: FLAIR, the proposal as an outline, the uncertainty heatmap
+    (with its colour scale) and the ground truth as a thin outline; the other layers hidden."""
+    from . import _layerdata as ld
+
+    case = widget.current_case
+    for layer in viewer.layers:
+        kind = (layer.metadata or {}).get(ld.KIND)
+        layer.visible = kind in ("flair", "proposal", "uncertainty", "seg") and (
+            kind == "flair" or (layer.metadata or {}).get(ld.CASE, "") == (case or ""))
+        if kind == "proposal":
+            layer.contour = 2
+            layer.opacity = 1.0
+        if kind == "seg":
+            layer.contour = 1
+    viewer.reset_view()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -147,6 +166,8 @@ def _run(args) -> int:
     started = time.monotonic()
     widget.run()
     if not args.headless:
+        if widget.worker is not None:  # after the widget has shown the result
+            widget.worker.returned.connect(lambda *_: show_overlay(viewer, widget))
         napari.run()
         return 0
     _process_events_until(app, lambda: not widget.running, timeout=3600)
@@ -155,21 +176,16 @@ def _run(args) -> int:
         raise DiffSegError(errors[-1] if errors else "the segmentation did not finish")
     out.mkdir(parents=True, exist_ok=True)
     written = _save_results(widget, out)
-    # Every layer in its own panel: the four modalities, the ground truth, the mask, the heatmap.
-    grid = getattr(viewer, "canvas", None)
-    grid = grid.grid if grid is not None and hasattr(grid, "grid") else viewer.grid
-    grid.shape = (2, -1)
-    grid.enabled = True
-    viewer.reset_view()
+    show_overlay(viewer, widget)
     _close_toasts(viewer.window._qt_window)
-    settle = time.monotonic() + 0.5  # let the canvas redraw in the grid layout
+    settle = time.monotonic() + 0.5  # let the canvas redraw
     _process_events_until(app, lambda: time.monotonic() > settle, timeout=5)
     screenshot = out / "screenshot.png"
     viewer.screenshot(str(screenshot), canvas_only=False)
     written.append(screenshot)
-    print(f"{widget.status.text()} ({time.monotonic() - started:.1f} s including the model load)")
-    if widget.metrics_label.text():
-        print(widget.metrics_label.text())
+    print(f"{widget.status.value} ({time.monotonic() - started:.1f} s including the model load)")
+    if widget.metrics_label.value:
+        print(widget.metrics_label.value)
     for path in written:
         print(f"wrote {path}")
     viewer.close()

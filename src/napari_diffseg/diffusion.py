@@ -31,6 +31,9 @@ class DiffusionConfig:
     learn_sigma: bool = True
     rescale_learned_sigmas: bool = False
     rescale_timesteps: bool = False
+    # The network outputs x0 (the clean mask) instead of epsilon: improved-diffusion's flag of
+    # the same name. Regressing the mask directly lets each chain commit to 0 or 1.
+    predict_xstart: bool = False
 
     @classmethod
     def from_flags(cls, flags: dict) -> "DiffusionConfig":
@@ -163,6 +166,7 @@ class Diffusion:
         rescale_learned_sigmas: bool = False,
         rescale_timesteps: bool = False,
         original_num_steps: int | None = None,
+        predict_xstart: bool = False,
     ):
         betas = np.asarray(betas, dtype=np.float64)
         self.num_timesteps = len(betas)
@@ -171,6 +175,7 @@ class Diffusion:
         self.learn_sigma = learn_sigma
         self.rescale_learned_sigmas = rescale_learned_sigmas
         self.rescale_timesteps = rescale_timesteps
+        self.predict_xstart = predict_xstart
 
         alphas = 1.0 - betas
         ac = np.cumprod(alphas)
@@ -213,6 +218,7 @@ class Diffusion:
             rescale_learned_sigmas=config.rescale_learned_sigmas,
             rescale_timesteps=config.rescale_timesteps,
             original_num_steps=config.diffusion_steps,
+            predict_xstart=config.predict_xstart,
         )
 
     # -- coefficient access ----------------------------------------------------------------
@@ -268,26 +274,31 @@ class Diffusion:
             "sqrt_recipm1_alphas_cumprod", t, x_t
         )
 
+    def x0_estimate(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """The (unclipped) clean-mask estimate the network's first output channel stands for."""
+        if self.predict_xstart:
+            return model_output[:, :1]
+        return self.predict_x0(x_t, t, model_output[:, :1])
+
     def p_mean_variance(
         self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, clip: bool = True,
         clip_range: tuple[float, float] = (-1.0, 1.0),
     ) -> dict[str, torch.Tensor]:
-        """p(x_{t-1} | x_t) from the network output (eps, and v when sigma is learned).
+        """p(x_{t-1} | x_t) from the network output (eps or x0, and v when sigma is learned).
 
         ``clip_range`` bounds the x0 estimate: the reference keeps the image code's [-1, 1];
         a {0, 1} mask is better served by [0, 1] (our checkpoints record which)."""
         if self.learn_sigma:
-            eps, v = model_output[:, :1], model_output[:, 1:2]
+            v = model_output[:, 1:2]
             frac = (v + 1) / 2
             log_variance = frac * self._coef("log_betas", t, x_t) + (1 - frac) * self._coef(
                 "posterior_log_variance_clipped", t, x_t
             )
             variance = torch.exp(log_variance)
         else:
-            eps = model_output[:, :1]
             log_variance = self._coef("fixed_large_log_variance", t, x_t).expand_as(x_t)
             variance = self._coef("fixed_large_variance", t, x_t).expand_as(x_t)
-        pred_x0 = self.predict_x0(x_t, t, eps)
+        pred_x0 = self.x0_estimate(model_output, x_t, t)
         if clip:
             pred_x0 = pred_x0.clamp(*clip_range)
         mean, _, _ = self.q_posterior(pred_x0, x_t, t)
@@ -321,13 +332,15 @@ class Diffusion:
     def training_losses(
         self, model_output: torch.Tensor, mask: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Per-example hybrid loss: MSE on epsilon plus the variational bound (in bits) that
-        trains only the variance output (the mean is detached)."""
-        eps = model_output[:, :1]
-        mse = _mean_flat((noise - eps) ** 2)
+        """Per-example hybrid loss: MSE on the network's target (epsilon, or x0 with
+        ``predict_xstart``) plus the variational bound (in bits) that trains only the variance
+        output (the mean is detached)."""
+        prediction = model_output[:, :1]
+        target = mask if self.predict_xstart else noise
+        mse = _mean_flat((target - prediction) ** 2)
         if not self.learn_sigma:
             return {"mse": mse, "vb": torch.zeros_like(mse), "loss": mse}
-        frozen = torch.cat([eps.detach(), model_output[:, 1:2]], dim=1)
+        frozen = torch.cat([prediction.detach(), model_output[:, 1:2]], dim=1)
         vb = self.vb_bits(frozen, mask, x_t, t)
         if self.rescale_learned_sigmas:
             vb = vb * (self.num_timesteps / 1000.0)
@@ -342,6 +355,14 @@ class Diffusion:
         return torch.where(t == 0, nll, kl)
 
     # -- sampling ---------------------------------------------------------------------------
+    def start_index(self, start_step: int | None) -> int:
+        """The step a chain starts at: the last unless a valid earlier one is given."""
+        if start_step is None:
+            return self.num_timesteps - 1
+        if not 0 <= int(start_step) < self.num_timesteps:
+            raise DiffSegError(f"start step {start_step} is outside this chain's 0..{self.num_timesteps - 1}")
+        return int(start_step)
+
     def sample(
         self,
         denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -351,21 +372,40 @@ class Diffusion:
         eta: float = 0.0,
         clip: bool = True,
         clip_range: tuple[float, float] = (-1.0, 1.0),
+        start_step: int | None = None,
+        known_mask: torch.Tensor | None = None,
+        known_values: torch.Tensor | None = None,
     ) -> Iterator[SamplerStep]:
-        """Run the reverse chain from x_start (pure noise at the last step) down to step 0.
+        """Run the reverse chain from x_start down to step 0.
 
         ``denoise(x_t, model_timesteps)`` returns the network output for the mask state;
         ``draw_noise()`` returns fresh N(0, I) noise shaped like x (default: randn_like).
+        ``start_step``: the (respaced) step index x_start sits at; default the last, where
+        x_start is pure noise. A smaller one runs only the rest of the chain (SDEdit).
+        ``known_mask``/``known_values``: pixels whose clean value is given. After every step
+        they are replaced by the given values noised to the new step's level (RePaint), so
+        the network fills in the rest consistently with them; at the end they equal the
+        values exactly.
         Yields a :class:`SamplerStep` after every step, so callers can show progress and
         stop early; the last one's ``x`` is the sample.
         """
         if sampler not in ("ddpm", "ddim"):
             raise DiffSegError(f"sampler {sampler!r} is unknown: use 'ddpm' or 'ddim'")
+        first = self.start_index(start_step)
+        if (known_mask is None) != (known_values is None):
+            raise ValueError("known_mask and known_values go together")
         if draw_noise is None:
             def draw_noise() -> torch.Tensor:
                 return torch.randn_like(x_start)
-        x = x_start
-        total = self.num_timesteps
+        known = None if known_mask is None else known_mask.to(torch.bool).expand_as(x_start)
+
+        def impose(x: torch.Tensor, t: int) -> torch.Tensor:
+            """The known pixels at the noise level of step t (t = -1: clean)."""
+            level = known_values.to(x.dtype) if t < 0 else self.q_sample(known_values.to(x.dtype), t, draw_noise())
+            return torch.where(known, level.expand_as(x), x)
+
+        x = x_start if known is None else impose(x_start, first)
+        total = first + 1
         for count, t in enumerate(reversed(range(total))):
             model_t = self.model_timesteps(t, x.shape[0], x.device)
             out = self.p_mean_variance(denoise(x, model_t).to(x.dtype), x, t, clip=clip, clip_range=clip_range)
@@ -375,4 +415,6 @@ class Diffusion:
                 x = self.ddpm_step(out, t, noise) if noise is not None else out["mean"]
             else:
                 x = self.ddim_step(out, x, t, noise, eta)
+            if known is not None:
+                x = impose(x, t - 1)
             yield SamplerStep(count, total, self.timestep_map[t], x, out["pred_x0"])

@@ -47,11 +47,22 @@ def sample_ensemble(
     precision: str = "fp32",
     clip: bool = True,
     clip_range: tuple[float, float] = (-1.0, 1.0),
+    known_mask: torch.Tensor | None = None,
+    known_values: torch.Tensor | None = None,
+    start_step: int | None = None,
+    init: torch.Tensor | None = None,
 ) -> Iterator[SamplerStep]:
     """Yield every step of ``num_ensemble`` chains for each of the S slices in ``images``.
 
     images: (S, C, h, w) at the network's size, on the model's device. The states in the
     yielded steps are (S * N, 1, h, w), the N chains of slice s at rows s*N .. s*N+N-1.
+
+    Refinement (the user's marks steer the chains):
+    known_mask, known_values: (S, 1, h, w) pixels whose mask value is known, shared by the
+    slice's chains (:meth:`Diffusion.sample`).
+    start_step, init: start at this (respaced) step from ``init``, the (S * N, 1, h, w) clean
+    masks of earlier members, noised to that step, instead of from pure noise at the end of
+    the chain: a refinement then costs start_step + 1 steps instead of the whole chain.
     """
     if num_ensemble < 1:
         raise ValueError("num_ensemble must be at least 1")
@@ -64,6 +75,20 @@ def sample_ensemble(
     def draw() -> torch.Tensor:
         return torch.cat([torch.randn(mask_shape, generator=g, device=device) for g in generators])
 
+    def per_chain(per_slice: torch.Tensor) -> torch.Tensor:
+        return per_slice.to(device).repeat_interleave(num_ensemble, dim=0)
+
+    if init is not None:
+        if start_step is None:
+            raise ValueError("init needs a start_step: the step its noised copy starts from")
+        x_start = diffusion.q_sample(init.to(device).float(), diffusion.start_index(start_step), draw())
+    elif start_step is not None and start_step != diffusion.num_timesteps - 1:
+        raise ValueError("a chain that starts before its last step needs init (the members to refine)")
+    else:
+        x_start = draw()
+    if known_mask is not None:
+        known_mask, known_values = per_chain(known_mask), per_chain(known_values).float()
+
     channels_last = images.ndim == 4 and next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     with torch.inference_mode(), autocast_context(device, precision):
@@ -72,8 +97,9 @@ def sample_ensemble(
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return model.forward_conditioned(x.to(memory_format=layout), t, condition).float()
 
-        yield from diffusion.sample(denoise, draw(), draw_noise=draw, sampler=sampler, eta=eta, clip=clip,
-                                     clip_range=clip_range)
+        yield from diffusion.sample(denoise, x_start, draw_noise=draw, sampler=sampler, eta=eta, clip=clip,
+                                     clip_range=clip_range, start_step=start_step, known_mask=known_mask,
+                                     known_values=known_values)
 
 
 def ensemble_statistics(samples: torch.Tensor, threshold: float = THRESHOLD):

@@ -31,6 +31,7 @@ The last line on stdout is one JSON object with the overall figures (nan written
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -42,8 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from . import data, metrics
-from .cli import (MODEL_FLAG_DEFAULTS, add_sampling_flags, check_unsupported_flags, guarded, positive_int,
-                  read_flags_file, sampler_from_args)
+from .cli import (MODEL_FLAG_DEFAULTS, add_sampling_flags, check_unsupported_flags, guarded, make_parser,
+                  positive_int, read_flags_file, sampler_from_args, slice_range)
 from .ensemble import THRESHOLD
 from .errors import DiffSegError
 
@@ -292,9 +293,9 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="diffseg-eval",
-        description="Evaluate a diffusion segmentation ensemble against ground truth: Dice, HD95, "
+    parser = make_parser(
+        "diffseg-eval",
+        "Evaluate a diffusion segmentation ensemble against ground truth: Dice, HD95, "
         "uncertainty-vs-error AUROC; writes report.json, report.md and plots.",
     )
     parser.add_argument("--model_path", default=None, help="checkpoint (default: the bundled demo model)")
@@ -304,14 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_ensemble", type=positive_int, default=5, help="ensemble size of the main figures")
     add_sampling_flags(parser)
     parser.add_argument("--max_cases", type=positive_int, default=None, help="evaluate at most this many labelled cases")
-    parser.add_argument("--slices", choices=["brain", "tumour"], default="brain",
-                        help="volumes: sample every brain slice, or only slices with tumour in the truth (+-2); "
-                        "slices not sampled count as predicted background")
+    parser.add_argument("--slices", type=_slice_choice, default="brain", metavar="brain|tumour|START:STOP",
+                        help="volumes: sample every brain slice, only slices with tumour in the truth (+-2; slices "
+                        "not sampled count as predicted background), or score only the slab START..STOP-1")
     parser.add_argument("--ensemble_sizes", type=_int_list, default=[1, 2, 5, 10],
-                        help="ensemble sizes for the Dice-vs-size curve (default 1,2,5,10)")
+                        help="ensemble sizes for the Dice-vs-size curve")
     parser.add_argument("--radius", type=float, default=RADIUS, help="neighbourhood radius (voxels) of the AUROC")
     parser.add_argument("--sweep", action="store_true", help="also evaluate each step count of --sweep_steps")
-    parser.add_argument("--sweep_steps", type=_int_list, default=[10, 25, 50, 100, 250, 1000])
+    parser.add_argument("--sweep_steps", type=_int_list, default=[10, 25, 50, 100, 250, 1000],
+                        help="sampling step counts of the Dice-vs-steps sweep")
     parser.add_argument("--sweep_cases", type=positive_int, default=None, help="cases in the sweep (default: all)")
     parser.add_argument("--sweep_ensemble", type=positive_int, default=5, help="ensemble size in the sweep")
     return parser
@@ -334,6 +336,18 @@ def _check_out_dir(out_dir: Path) -> None:
     except OSError as exc:
         raise DiffSegError(f"--out_dir {out_dir}: cannot write there ({exc.strerror or exc}); "
                            "choose a writable folder") from None
+
+
+def _slice_choice(value: str) -> str | slice:
+    return value if value in ("brain", "tumour") else slice_range(value)
+
+
+def restrict_case(case: data.Case, slab: str | slice) -> data.Case:
+    """The case cut to a slab of its last axis (a volume and --slices START:STOP), else itself."""
+    if not isinstance(slab, slice) or not case.is_volume:
+        return case
+    label = None if case.label is None else case.label[..., slab]
+    return dataclasses.replace(case, images=case.images[..., slab], label=label)
 
 
 def tumour_slices(truth: np.ndarray, margin: int = TUMOUR_SLICE_MARGIN) -> list[int]:
@@ -439,7 +453,7 @@ def main(argv=None) -> int:
 
     rows = []
     for index, case_files in enumerate(labelled):
-        case = data.load_case(case_files)
+        case = restrict_case(data.load_case(case_files), args.slices)
         t0 = time.time()
         members, uncertainty = _sample(segmenter, case, num_run, respacing, sampler, args)
         sampled = time.time() - t0
@@ -486,7 +500,7 @@ def main(argv=None) -> int:
         "data_dir": str(args.data_dir), "num_ensemble": args.num_ensemble, "members_sampled": num_run,
         "ensemble_sizes": sizes, "timestep_respacing": respacing, "steps": 1 if deterministic else segmenter.num_steps(respacing),
         "sampler": sampler_name, "eta": args.eta, "seed": args.seed, "device": str(segmenter.device),
-        "precision": args.precision, "compile": args.compile, "slices": args.slices, "radius": args.radius, "threshold": THRESHOLD,
+        "precision": args.precision, "compile": args.compile, "slices": args.slices if isinstance(args.slices, str) else f"{args.slices.start or ''}:{args.slices.stop or ''}", "radius": args.radius, "threshold": THRESHOLD,
         "max_cases": args.max_cases, "sweep": args.sweep,
         "sweep_steps": args.sweep_steps if args.sweep else None,
         "sweep_ensemble": args.sweep_ensemble if args.sweep else None,

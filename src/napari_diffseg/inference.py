@@ -183,6 +183,11 @@ class Segmenter:
             condition = self.model.encode_condition(images.to(memory_format=layout))
             return self.model.forward_conditioned(zeros.to(memory_format=layout), t, condition).float()
 
+    @staticmethod
+    def _slices(array: np.ndarray, zs: list[int]) -> torch.Tensor:
+        """(H, W, Z) -> (len(zs), 1, H, W) float, the layout the geometry works on."""
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(array[..., zs], -1, 0)))[:, None].float()
+
     def run(
         self,
         images: np.ndarray,
@@ -199,6 +204,10 @@ class Segmenter:
         sink: Callable[[int, dict], None] | None = None,
         precision: str | None = None,
         allocate: Callable[[str, tuple, type], np.ndarray] | None = None,
+        known_mask: np.ndarray | None = None,
+        known_values: np.ndarray | None = None,
+        init: np.ndarray | None = None,
+        start_step: int | None = None,
     ) -> Generator[Progress, None, Segmentation]:
         """Sample an ensemble for a slice (4, H, W) or every brain slice of a volume (4, H, W, Z).
 
@@ -210,6 +219,12 @@ class Segmenter:
         ("probability", "variance", "mask", "samples"); returning disk-backed arrays (e.g.
         numpy memmaps) streams a volume's results to disk as its slices finish, so memory
         does not grow with the volume. Default: zero-filled arrays in memory.
+        known_mask, known_values: the input's spatial shape; pixels whose mask value the user
+        gave (scribbles, accepted segmentation). Every member ends with exactly these values
+        there, and the model fills in the rest consistently with them.
+        init, start_step: refine instead of restart: the (N, *spatial) members of an earlier
+        run, noised to the (respaced) step ``start_step``, then denoised from there; the run
+        costs start_step + 1 steps.
         """
         precision = self.precision if precision is None else resolve_precision(precision, self.device)
         images = np.asarray(images)
@@ -233,6 +248,22 @@ class Segmenter:
 
         volume = images if images.ndim == 4 else images[..., None]
         height, width, depth = volume.shape[1:]
+        spatial = images.shape[1:]
+        if (known_mask is None) != (known_values is None):
+            raise DiffSegError("known pixels need both a mask and their values")
+        if known_mask is not None:
+            if self.loaded.deterministic:
+                raise DiffSegError("refinement with known pixels needs a diffusion model; this one is a one-pass U-Net")
+            if np.shape(known_mask) != spatial or np.shape(known_values) != spatial:
+                raise DiffSegError(f"the known pixels must have the image's shape {spatial}; got "
+                                   f"{np.shape(known_mask)} and {np.shape(known_values)}")
+            known_mask = np.asarray(known_mask, bool).reshape(height, width, depth)
+            known_values = np.asarray(known_values, np.float32).reshape(height, width, depth)
+        if init is not None:
+            if np.shape(init) != (num_ensemble, *spatial):
+                raise DiffSegError(f"the members to refine must have shape {(num_ensemble, *spatial)}; "
+                                   f"got {np.shape(init)}")
+            init = np.asarray(init, np.float32).reshape(num_ensemble, height, width, depth)
         todo = _brain_slices(volume) if slices is None else [int(z) for z in slices]
         allocate = allocate or (lambda _name, shape, dtype: np.zeros(shape, dtype))
         probability = allocate("probability", (height, width, depth), np.float32)
@@ -254,9 +285,22 @@ class Segmenter:
                 mean = back[0]
                 var = mean * (1 - mean)  # Bernoulli variance of the predicted probability
             else:
+                guide = {}
+                if known_mask is not None:
+                    # Resampled to the network's grid; a pixel counts as known where most of it is.
+                    km = geometry.to_network(self._slices(known_mask, zs), multiple, is_mask=True).to(self.device)
+                    kv = geometry.to_network(self._slices(known_values, zs), multiple, is_mask=True).to(self.device)
+                    guide.update(known_mask=km > 0.5, known_values=kv)
+                if init is not None:
+                    members_in = torch.from_numpy(np.ascontiguousarray(np.moveaxis(init[..., zs], -1, 0)))
+                    members_in = members_in.reshape(-1, 1, height, width).float()  # (S*N, 1, H, W)
+                    guide.update(init=geometry.to_network(members_in, multiple).to(self.device),
+                                 start_step=start_step)
+                elif start_step is not None:
+                    guide.update(start_step=start_step)
                 steps = sample_ensemble(self.model, diffusion, net_in, num_ensemble, seed=seed, slice_keys=zs,
                                         sampler=sampler, eta=eta, precision=precision,
-                                        clip_range=tuple(self.defaults["clip_range"]))
+                                        clip_range=tuple(self.defaults["clip_range"]), **guide)
                 final = None
                 for step in steps:
                     final = step
@@ -271,6 +315,11 @@ class Segmenter:
                 # Back to the input geometry per member, then statistics there.
                 back = geometry.from_network(members.reshape(-1, 1, *members.shape[-2:]).float(), height, width)
                 back = back.reshape(num_ensemble, len(zs), height, width)
+                if known_mask is not None:
+                    # Exact at the input's own resolution, whatever the resampling did.
+                    km = torch.from_numpy(np.moveaxis(known_mask[..., zs], -1, 0)).to(back.device)
+                    kv = torch.from_numpy(np.moveaxis(known_values[..., zs], -1, 0)).to(back.device, back.dtype)
+                    back = torch.where(km[None], kv[None], back)
                 mean, var, _ = ensemble_statistics(back)
             mean_np, var_np = mean.cpu().numpy(), var.cpu().numpy()
             for i, z in enumerate(zs):
@@ -293,7 +342,7 @@ class Segmenter:
             mask=mask,
             samples=samples,
             num_ensemble=num_ensemble,
-            steps=1 if self.loaded.deterministic else diffusion.num_timesteps,
+            steps=1 if self.loaded.deterministic else (diffusion.num_timesteps if start_step is None else start_step + 1),
             sampler=sampler,
             seed=int(seed),
             threshold=threshold,

@@ -21,29 +21,30 @@ import numpy as np
 
 from . import data, metrics
 from .cli import (MODEL_FLAG_DEFAULTS, add_model_flags, add_sampling_flags, check_unsupported_flags, guarded,
-                  model_flags_from_args, read_flags_file, sampler_from_args)
+                  make_parser, model_flags_from_args, read_flags_file, sampler_from_args, slice_range)
 from .errors import DiffSegError
-from .inference import Segmentation, Segmenter, run_to_end
+from .inference import Segmentation, Segmenter, _brain_slices, run_to_end
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="diffseg-sample",
-        description="Segment cases with a diffusion ensemble: mean mask, probability and variance maps.",
-    )
+    parser = make_parser(
+        "diffseg-sample", "Segment cases with a diffusion ensemble: mean mask, probability and variance maps.")
     source = parser.add_argument_group("input (either --data_dir or the four files)")
     source.add_argument("--data_dir", help="slice folders, BraTS case folders, or one case folder")
     for modality in data.MODALITIES:
-        source.add_argument(f"--{modality}", help=f"{modality} NIfTI file")
+        source.add_argument(f"--{modality}", help=f"{modality} NIfTI file of one case")
     source.add_argument("--seg", help="optional ground truth for the four files (adds metrics.json)")
     parser.add_argument("--model_path", default=None, help="checkpoint (default: the bundled demo model); "
                         "a reference checkpoint needs its model flags, given as flags or --flags_json")
     parser.add_argument("--flags_json", help="JSON of the reference model flags (e.g. the flags.json beside a checkpoint)")
-    parser.add_argument("--num_ensemble", type=int, default=5, help="chains per slice (default 5)")
+    parser.add_argument("--num_ensemble", type=int, default=5, help="chains per slice: ensemble members")
     add_sampling_flags(parser)
-    parser.add_argument("--out_dir", default="results")
+    parser.add_argument("--out_dir", default="results", help="results go to OUT_DIR/<case>/")
     parser.add_argument("--save_samples", action="store_true", help="also write every ensemble member")
-    parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--slices", type=slice_range, default=None, metavar="START:STOP",
+                        help="volumes: segment only the brain slices START..STOP-1 of the last axis; the others "
+                        "are written as background (default: every brain slice)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     # The reference's model flags, only read for a reference checkpoint (ours embed them).
     add_model_flags(parser, with_defaults=False, skip=("timestep_respacing",))
     return parser
@@ -175,9 +176,13 @@ def main(argv=None) -> int:
 
 
 def _segment_case(segmenter: Segmenter, case: data.Case, args: argparse.Namespace, sampler, allocate) -> Segmentation:
+    slices = None
+    if args.slices is not None and case.is_volume:
+        wanted = set(range(case.images.shape[-1])[args.slices])
+        slices = [z for z in _brain_slices(case.images) if z in wanted]
     run = segmenter.run(case.images, num_ensemble=args.num_ensemble, respacing=args.timestep_respacing,
                         sampler=sampler, eta=args.eta, seed=args.seed, keep_samples=args.save_samples,
-                        preview_interval=None, allocate=allocate)
+                        preview_interval=None, allocate=allocate, slices=slices)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm

@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from napari_diffseg import MODALITIES
-from napari_diffseg.cli import guarded
+from napari_diffseg.cli import guarded, make_parser
 from napari_diffseg.data import save_nifti
 from napari_diffseg.errors import DiffSegError
 
@@ -399,14 +399,18 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise DiffSegError(message)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("diffseg-phantoms", __doc__.splitlines()[0], parser_class=_ArgumentParser)
+    parser.add_argument("--out_dir", required=True, help="folder for the case folders")
+    parser.add_argument("--n", type=int, default=16, help="number of cases")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--size", type=int, default=240, help="slice size in pixels")
+    return parser
+
+
 @guarded  # DiffSegError -> one line on stderr, exit status 2
 def main(argv: list[str] | None = None) -> int:
-    parser = _ArgumentParser(prog="diffseg-phantoms", description=__doc__.splitlines()[0])
-    parser.add_argument("--out_dir", required=True, help="folder for the case folders")
-    parser.add_argument("--n", type=int, default=16, help="number of cases (default 16)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--size", type=int, default=240, help="slice size in pixels (default 240)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     fractions, dices = [], []
     for _, phantom in _generate(args.out_dir, args.n, args.seed, args.size):
         fractions.append(float(np.mean(phantom["label"] > 0)))

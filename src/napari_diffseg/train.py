@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import signal
 import sys
@@ -29,7 +30,7 @@ import torch.distributed as dist
 
 from . import data
 from .checkpoint import DEFAULT_SAMPLING, MASK_CLIP_RANGE, atomic_save, make_payload, read_checkpoint, is_ours
-from .cli import add_model_flags, check_unsupported_flags, guarded, model_flags_from_args, positive_int
+from .cli import add_model_flags, check_unsupported_flags, guarded, make_parser, model_flags_from_args, positive_int
 from .diffusion import Diffusion, DiffusionConfig
 from .ensemble import autocast_context
 from .errors import DiffSegError
@@ -52,6 +53,24 @@ class SliceSet:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def tumour_indices(self) -> np.ndarray:
+        """Rows whose mask holds any tumour pixel."""
+        return np.flatnonzero(self.masks.flatten(1).amax(1).numpy() > 0)
+
+    def draw(self, rng: np.random.Generator, size: int, tumour_fraction: float = 0.0) -> np.ndarray:
+        """``size`` row indices: a ``tumour_fraction`` share from tumour slices, the rest
+        uniformly from all. A fractional share is rounded at random, so the expected share is
+        exact at any batch size."""
+        if tumour_fraction <= 0:
+            return rng.integers(0, len(self), size=size)
+        tumour = self.tumour_indices
+        if tumour.size == 0:
+            raise DiffSegError("--tumour_fraction: no training slice holds tumour; use 0 or add labelled tumour cases")
+        wanted = tumour_fraction * size
+        n_tumour = int(math.floor(wanted)) + int(rng.random() < wanted - math.floor(wanted))
+        return np.concatenate([rng.choice(tumour, size=n_tumour), rng.integers(0, len(self), size=size - n_tumour)])
 
 
 def build_slice_set(path: str | Path, geometry: Geometry, multiple: int, require_labels: bool = True,
@@ -81,16 +100,39 @@ def build_slice_set(path: str | Path, geometry: Geometry, multiple: int, require
     return SliceSet(torch.cat(images), torch.cat(masks), names)
 
 
-def segmentation_losses(logits: torch.Tensor, masks: torch.Tensor, smooth: float = 1.0) -> dict[str, torch.Tensor]:
-    """Per-sample BCE + soft Dice loss of (B, 1, h, w) logits against {0, 1} masks.
+def _soft_dice_loss(p: torch.Tensor, masks: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    # The smoothing term keeps slices without tumour from dividing by zero and rewards
+    # predicting them empty.
+    dims = tuple(range(1, p.ndim))
+    return 1 - (2 * (p * masks).sum(dims) + smooth) / (p.sum(dims) + masks.sum(dims) + smooth)
 
-    The smoothing term keeps slices without tumour from dividing by zero and rewards
-    predicting them empty."""
+
+def segmentation_losses(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample BCE + soft Dice loss of (B, 1, h, w) logits against {0, 1} masks."""
     dims = tuple(range(1, logits.ndim))
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks, reduction="none").mean(dims)
-    p = torch.sigmoid(logits)
-    dice = 1 - (2 * (p * masks).sum(dims) + smooth) / (p.sum(dims) + masks.sum(dims) + smooth)
+    dice = _soft_dice_loss(torch.sigmoid(logits), masks)
     return {"loss": bce + dice, "bce": bce, "dice_loss": dice}
+
+
+def x0_dice_bce(x0: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per-sample soft Dice + BCE of a clean-mask estimate read as a probability.
+
+    The estimate lives on the mask's own scale, so it is clamped into (0, 1) rather than
+    squashed by a sigmoid: a value past 0 or 1 on the right side costs nothing more."""
+    p = x0.clamp(1e-4, 1 - 1e-4)
+    dims = tuple(range(1, p.ndim))
+    bce = torch.nn.functional.binary_cross_entropy(p, masks, reduction="none").mean(dims)
+    return bce + _soft_dice_loss(p, masks)
+
+
+def lr_factor(schedule: str, step: int, warmup_steps: int, progress: float) -> float:
+    """Multiplier of the base learning rate: a linear warm-up over ``warmup_steps``, then
+    constant or a half cosine that reaches zero when ``progress`` (0..1 of the run) ends."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if schedule == "constant":
+        return warm
+    return warm * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
 # -- distributed helpers -----------------------------------------------------------------------
@@ -123,26 +165,27 @@ class EMA:
 
 # -- the command -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="diffseg-train",
-        description="Train the conditional diffusion segmentation model (Wolleb et al.) on "
+    parser = make_parser(
+        "diffseg-train",
+        "Train the conditional diffusion segmentation model (Wolleb et al.) on "
         "slice folders or BraTS case folders. Flags as in the reference implementation.",
     )
     parser.add_argument("--data_dir", required=True, help="training cases (slice folders or BraTS volumes)")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--batch_size", type=positive_int, default=1, help="per process")
-    parser.add_argument("--ema_rate", type=float, default=0.9999)
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the peak, with a schedule)")
+    parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    parser.add_argument("--batch_size", type=positive_int, default=1, help="slices per optimizer step, per process")
+    parser.add_argument("--ema_rate", type=float, default=0.9999, help="EMA rate of the weights kept for sampling")
     add_model_flags(parser)
     extra = parser.add_argument_group("napari-diffseg")
     extra.add_argument("--out_dir", default="results", help="checkpoints, model.pt and progress.csv go here")
     extra.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: run until interrupted, as the reference)")
-    extra.add_argument("--max_minutes", type=float, default=0, help="stop (and save) after this much wall time (0: no limit)")
-    extra.add_argument("--save_interval", type=positive_int, default=5000)
+    extra.add_argument("--max_minutes", type=float, default=0, help="stop (and save) after this much training wall time, counted over "
+                       "the whole run: a --resume continues the count (0: no limit)")
+    extra.add_argument("--save_interval", type=positive_int, default=5000, help="optimizer steps between checkpoint saves")
     extra.add_argument("--log_interval", type=positive_int, default=100, help="rows in progress.csv (mean over the interval)")
     extra.add_argument("--resume", default="", help="a checkpoint.pt (or the out dir holding one) to continue from")
     extra.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    extra.add_argument("--seed", type=int, default=0)
+    extra.add_argument("--seed", type=int, default=0, help="random seed of the weights, batches and noise")
     extra.add_argument("--val_dir", default="", help="labelled cases for a validation loss at every save")
     extra.add_argument("--crop_border", type=int, default=8, help="pixels cropped from each edge (the reference: 8, 240 -> 224)")
     extra.add_argument("--resize_to", type=int, default=0, help="train at this square size (0: native size); stored in the model")
@@ -157,7 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
                        "group, which hides a uniform offset of the noisy mask from the network; 8 keeps it visible")
     extra.add_argument("--objective", default="diffusion", choices=["diffusion", "segmentation"],
                        help="diffusion (the method) or segmentation (deterministic U-Net baseline, Dice + BCE)")
+    recipe = parser.add_argument_group("training recipe (defaults: the reference's behaviour)")
+    recipe.add_argument("--tumour_fraction", type=fraction, default=0.0,
+                        help="share of each batch drawn from slices that hold tumour; the rest uniformly "
+                        "from all brain slices (0: all uniform, as the reference)")
+    recipe.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"],
+                        help="constant (the reference) or cosine decay to zero at the end of the run "
+                        "(--max_steps, or the elapsed share of --max_minutes, whichever is further)")
+    recipe.add_argument("--warmup_steps", type=int, default=0, help="linear learning-rate warm-up over this many steps")
+    recipe.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this (0: no clipping)")
+    recipe.add_argument("--x0_loss_weight", type=float, default=0.0,
+                        help="add this weight x (soft Dice + BCE) of the model's x0 estimate to the diffusion loss")
     return parser
+
+
+def fraction(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {number}")
+    return number
 
 
 class Trainer:
@@ -201,6 +262,10 @@ class Trainer:
         if self.segmentation:
             self.sampling["num_ensemble"] = 1
         self.loss_terms = ("bce", "dice_loss") if self.segmentation else ("mse", "vb")
+        if not self.segmentation and args.x0_loss_weight > 0:
+            self.loss_terms += ("x0_loss",)
+        if args.lr_schedule == "cosine" and not (args.max_steps or args.max_minutes):
+            raise DiffSegError("--lr_schedule cosine decays to zero at the end of the run: give --max_steps or --max_minutes")
         self.diffusion = Diffusion.from_config(self.diffusion_config)
 
         torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -215,6 +280,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
         self.step = 0
+        self.elapsed_before = 0.0  # training seconds of earlier runs this one resumes
+        self.run_started = time.time()
         if args.resume:
             self._resume(Path(args.resume))
         self.net = self.model
@@ -253,6 +320,7 @@ class Trainer:
         self.ema.shadow = {k: v.float().to(self.device) for k, v in payload["weights"]["ema"].items()}
         self.optimizer.load_state_dict(payload["optimizer"])
         self.step = int(payload["step"])
+        self.elapsed_before = float(payload.get("elapsed_s", 0.0))
         if "torch_rng" in payload:
             torch.set_rng_state(payload["torch_rng"])
         self.log(f"resumed from {path} at step {self.step}")
@@ -266,14 +334,31 @@ class Trainer:
                       geometry=self.geometry, sampling=self.sampling, objective=self.args.objective)
         train_args = {k: v for k, v in vars(self.args).items()}
         atomic_save(make_payload(weights=weights, step=self.step, optimizer=self.optimizer.state_dict(),
-                                 torch_rng=torch.get_rng_state(), train_args=train_args, **common),
+                                 torch_rng=torch.get_rng_state(), train_args=train_args,
+                                 elapsed_s=self.elapsed(), **common),
                     self.out_dir / CHECKPOINT_NAME)
         atomic_save(make_payload(weights=weights, step=self.step, train_args=train_args, **common),
                     self.out_dir / MODEL_NAME)
 
+    def elapsed(self) -> float:
+        """Training wall time of the whole run, earlier resumed runs included."""
+        return self.elapsed_before + time.time() - self.run_started
+
+    def progress(self) -> float:
+        """How far the run is towards its end (0..1), by steps or by wall time."""
+        done = 0.0
+        if self.args.max_steps:
+            done = self.step / self.args.max_steps
+        if self.args.max_minutes:
+            done = max(done, self.elapsed() / (60 * self.args.max_minutes))
+        return min(done, 1.0)
+
+    def current_lr(self) -> float:
+        return self.args.lr * lr_factor(self.args.lr_schedule, self.step, self.args.warmup_steps, self.progress())
+
     # -- one optimizer step ------------------------------------------------------------------
-    def _batch(self, dataset: SliceSet, rng: np.random.Generator, size: int):
-        idx = torch.from_numpy(rng.integers(0, len(dataset), size=size))
+    def _batch(self, dataset: SliceSet, rng: np.random.Generator, size: int, tumour_fraction: float = 0.0):
+        idx = torch.from_numpy(dataset.draw(rng, size, tumour_fraction))
         images = dataset.images[idx].float()
         masks = dataset.masks[idx].float()
         if self.args.augment:
@@ -303,26 +388,39 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(self.device, self.args.precision):
             output = self.net(x, t)
-        return self.diffusion.training_losses(output.float(), masks, x_t, t, noise)
+        losses = self.diffusion.training_losses(output.float(), masks, x_t, t, noise)
+        if self.args.x0_loss_weight > 0:
+            x0_loss = x0_dice_bce(self.diffusion.x0_estimate(output.float(), x_t, t), masks)
+            losses["x0_loss"] = x0_loss
+            losses["loss"] = losses["loss"] + self.args.x0_loss_weight * x0_loss
+        return losses
 
     def train_step(self) -> dict[str, float]:
         rng = np.random.default_rng(_step_seed(self.args.seed, self.rank, self.step))
         generator = torch.Generator().manual_seed(_step_seed(self.args.seed + 1, self.rank, self.step))
-        images, masks = self._batch(self.train_set, rng, self.args.batch_size)
+        images, masks = self._batch(self.train_set, rng, self.args.batch_size, self.args.tumour_fraction)
         self.model.train()
         losses = self._losses(images, masks, generator)
         loss = losses["loss"].mean()
+        lr = self.current_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+        if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             self.optimizer.step()
         self.ema.update(self.model, self.step)
         self.step += 1
-        return {k: v.mean().item() for k, v in losses.items()}
+        return {**{k: v.mean().item() for k, v in losses.items()}, "lr": lr}
 
     @torch.no_grad()
     def validation_loss(self, count: int = 32) -> float:
@@ -353,7 +451,7 @@ class Trainer:
             handle = open(csv_path, "w" if new_csv else "a", newline="")
             writer = csv.writer(handle)
             if new_csv:
-                writer.writerow(["step", "loss", *self.loss_terms, "val_loss", "steps_per_s", "wall_s"])
+                writer.writerow(["step", "loss", *self.loss_terms, "val_loss", "steps_per_s", "wall_s", "lr"])
         tensorboard = self._tensorboard()
         bar = None
         if self.rank == 0 and not args.no_progress:
@@ -362,12 +460,13 @@ class Trainer:
             bar = tqdm(total=args.max_steps or None, initial=self.step, unit="step", dynamic_ncols=True)
         names = ("loss", *self.loss_terms)
         sums = {k: 0.0 for k in names}
-        count, started, interval_start = 0, time.time(), time.time()
+        self.run_started = time.time()
+        count, interval_start = 0, time.time()
         if self.step == 0:
             self.save()  # a loadable checkpoint exists from the start
         try:
             while not args.max_steps or self.step < args.max_steps:
-                if args.max_minutes and time.time() - started > 60 * args.max_minutes:
+                if args.max_minutes and self.elapsed() > 60 * args.max_minutes:
                     self.stop_requested = True
                 if self._should_stop():
                     self.log(f"stopping at step {self.step}")
@@ -387,7 +486,7 @@ class Trainer:
                 if self.rank == 0 and (self.step % args.log_interval == 0 or val != ""):
                     now = time.time()
                     row = [self.step] + [sums[k] / max(count, 1) for k in names]
-                    row += [val, count / max(now - interval_start, 1e-9), round(now - started, 2)]
+                    row += [val, count / max(now - interval_start, 1e-9), round(self.elapsed(), 2), values["lr"]]
                     writer.writerow(row)
                     handle.flush()
                     if tensorboard is not None:

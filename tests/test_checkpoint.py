@@ -1,0 +1,135 @@
+"""Bad checkpoint files: each kind is a one-line DiffSegError naming the file and what to give.
+
+The files are made here from a tiny real checkpoint (no shared data needed); the CLI side of
+the same kinds is in test_cli.py (test_bad_checkpoint_is_one_line_error).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_diffseg import checkpoint
+from napari_diffseg.diffusion import DiffusionConfig
+from napari_diffseg.errors import DiffSegError
+from napari_diffseg.geometry import Geometry
+from napari_diffseg.unet import UNet, UNetConfig
+
+TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="",
+            num_heads=1, learn_sigma=True)
+
+
+def tiny_state(seed: int = 0, **overrides) -> dict:
+    torch.manual_seed(seed)
+    return UNet(UNetConfig(**{**TINY, **overrides})).state_dict()
+
+
+def write_bad_checkpoint(kind: str, folder: Path, good: Path) -> Path:
+    """A file of ``kind`` that a user might pick as the checkpoint, made beside ``good``."""
+    path = folder / f"{kind}.pt"
+    rng = np.random.default_rng(0)
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":  # an interrupted copy of a real checkpoint
+        raw = good.read_bytes()
+        path.write_bytes(raw[: len(raw) // 2])
+    elif kind == "text":  # the file that gave "IndexError: pop from empty list" with a traceback
+        path.write_text("# notes\nmodel: savedmodel050000.pt\nlr = 1e-4\n" * 20)
+    elif kind == "binary":  # not a torch file at all (random bytes that start like no known format)
+        path.write_bytes(b"\x00\x01" + rng.bytes(4000))
+    elif kind == "classifier":  # a torchvision-style classification state dict
+        torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.ones(64),
+                    "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}, path)
+    elif kind == "image_unet":  # an improved-diffusion UNet for 3-channel images
+        torch.save(tiny_state(in_channels=3), path)
+    elif kind == "flags_json":  # the flags JSON given where the checkpoint goes
+        path = folder / "flags.json"
+        path.write_text(json.dumps({"num_channels": 32, "num_res_blocks": 1, "learn_sigma": True}))
+    elif kind == "nested":  # another framework's training checkpoint
+        torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}, "epoch": 3}, path)
+    elif kind == "ours_without_weights":
+        payload = checkpoint.make_payload(UNetConfig(**TINY), DiffusionConfig(), Geometry(), {})
+        torch.save(payload, path)
+    else:
+        raise ValueError(kind)
+    return path
+
+
+# kind -> words the one-line message must contain (besides the file's path)
+BAD_KINDS = {
+    "empty": ["empty"],
+    "truncated": ["damaged or incomplete", "copy it again"],
+    "text": ["text file", "model.pt"],
+    "binary": ["not a PyTorch checkpoint", "model.pt"],
+    "classifier": ["not a diffusion-segmentation model", "fc.weight"],
+    "image_unet": ["3-channel", "not a segmentation model"],
+    "flags_json": ["flags JSON", "not a checkpoint"],
+    "nested": ["not a model checkpoint", "state_dict"],
+    "ours_without_weights": ["without model weights"],
+}
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("good") / "model.pt"
+    checkpoint.atomic_save(checkpoint.make_payload(UNetConfig(**TINY), DiffusionConfig(), Geometry(),
+                                                   {"model": tiny_state()}), path)
+    return path
+
+
+@pytest.mark.parametrize("kind", list(BAD_KINDS))
+def test_bad_checkpoint_is_one_clear_line(kind, good_checkpoint, tmp_path):
+    path = write_bad_checkpoint(kind, tmp_path, good_checkpoint)
+    with pytest.raises(DiffSegError) as info:
+        checkpoint.load_model(path)
+    message = str(info.value)
+    assert "\n" not in message, message  # the widget shows it as one notification line
+    assert message.startswith(f"{path}:"), message
+    for word in BAD_KINDS[kind]:
+        assert word.lower() in message.lower(), message
+    # Flags cannot help a file that is not this model: the message must not ask for them.
+    if kind not in ("ours_without_weights",):
+        assert "--num_channels" not in message, message
+
+
+def test_bad_kinds_fail_the_same_way_with_reference_flags(good_checkpoint, tmp_path):
+    """Model flags given (a reference run) change nothing for a file that is not this UNet."""
+    for kind in ("classifier", "image_unet", "text"):
+        path = write_bad_checkpoint(kind, tmp_path, good_checkpoint)
+        with pytest.raises(DiffSegError, match=BAD_KINDS[kind][0]):
+            checkpoint.load_model(path, reference_flags=dict(TINY))
+
+
+def test_good_checkpoint_and_bare_state_dict_still_load(good_checkpoint, tmp_path):
+    assert checkpoint.load_model(good_checkpoint).unet_config.num_channels == 32
+    bare = tmp_path / "savedmodel000010.pt"
+    torch.save(tiny_state(), bare)
+    # Without flags: one line that points to the flags JSON (the widget's only way) and the CLI flags.
+    with pytest.raises(DiffSegError) as info:
+        checkpoint.load_model(bare)
+    message = str(info.value)
+    assert "\n" not in message and "flags JSON" in message and "--num_channels" in message
+    loaded = checkpoint.load_model(bare, reference_flags=dict(TINY))
+    assert loaded.is_reference and loaded.unet_config.in_channels == 5
+
+
+def test_folder_and_missing_file(tmp_path):
+    with pytest.raises(DiffSegError, match="is a folder"):
+        checkpoint.load_model(tmp_path)
+    with pytest.raises(DiffSegError, match="not found"):
+        checkpoint.load_model(tmp_path / "nowhere.pt")
+
+
+def test_many_text_files_never_reach_the_unpickler(tmp_path):
+    """Text of any content is told apart before torch.load, which fails on it unpredictably."""
+    rng = np.random.default_rng(1)
+    alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz0123456789 ()[]{}.,:;'\"=+-_\n\t"))
+    for index in range(20):
+        path = tmp_path / f"t{index}.pt"
+        path.write_text("".join(rng.choice(alphabet, size=int(rng.integers(1, 3000)))))
+        with pytest.raises(DiffSegError, match="text file"):
+            checkpoint.read_checkpoint(path)

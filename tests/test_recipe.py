@@ -1,0 +1,202 @@
+"""The training recipe's options (issue: a diffusion model that segments as well as a U-Net):
+tumour oversampling, the learning-rate schedule across a resume, x0 prediction and the x0
+loss. Each is stored in the checkpoint and honoured at sampling where sampling needs it."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from napari_diffseg import checkpoint, synthetic, train
+from napari_diffseg.diffusion import Diffusion, DiffusionConfig
+from napari_diffseg.inference import Segmenter, run_to_end
+
+TINY_FLAGS = ["--num_channels", "32", "--channel_mult", "1,2", "--num_res_blocks", "1", "--attention_resolutions", "",
+              "--crop_border", "0", "--resize_to", "32", "--batch_size", "4", "--lr", "2e-3", "--ema_rate", "0.9",
+              "--no_progress", "--log_interval", "1", "--save_interval", "100", "--device", "cpu", "--seed", "0",
+              "--learn_sigma", "True", "--norm_groups", "8"]
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    synthetic.write_phantoms(root, n=3, seed=5, size=64)
+    return root
+
+
+def _lr_column(out_dir) -> list[float]:
+    with open(out_dir / "progress.csv", newline="") as handle:
+        return [float(row["lr"]) for row in csv.DictReader(handle)]
+
+
+# -- tumour oversampling --------------------------------------------------------------------
+
+def _slice_set(n: int = 40, tumour_every: int = 5) -> train.SliceSet:
+    masks = torch.zeros(n, 1, 4, 4, dtype=torch.uint8)
+    masks[::tumour_every, :, 1, 1] = 1
+    return train.SliceSet(torch.zeros(n, 4, 4, 4, dtype=torch.float16), masks, [str(i) for i in range(n)])
+
+
+@pytest.mark.parametrize("share", [0.3, 0.7, 1.0])
+def test_tumour_fraction_is_the_share_of_drawn_batches(share):
+    dataset = _slice_set()  # 8 of 40 slices (20 %) hold tumour
+    rng = np.random.default_rng(0)
+    draws = np.concatenate([dataset.draw(rng, 16, share) for _ in range(400)])
+    tumour = np.isin(draws, dataset.tumour_indices)
+    # Drawn on purpose: share; drawn uniformly (the rest): 20 % of them hold tumour by chance.
+    expected = share + (1 - share) * 0.2
+    assert abs(tumour.mean() - expected) < 0.015
+    if share == 1.0:
+        assert tumour.all()
+
+
+def test_tumour_fraction_zero_keeps_uniform_draws_and_a_fraction_without_tumour_is_refused():
+    dataset = _slice_set()
+    assert np.array_equal(dataset.draw(np.random.default_rng(3), 64, 0.0),
+                          np.random.default_rng(3).integers(0, len(dataset), size=64))
+    empty = train.SliceSet(torch.zeros(4, 4, 4, 4), torch.zeros(4, 1, 4, 4, dtype=torch.uint8), list("abcd"))
+    with pytest.raises(train.DiffSegError, match="no training slice holds tumour"):
+        empty.draw(np.random.default_rng(0), 4, 0.5)
+
+
+def test_tumour_fraction_reaches_training_batches(phantom_dir, tmp_path):
+    args = train.build_parser().parse_args(["--data_dir", str(phantom_dir), "--out_dir", str(tmp_path),
+                                            "--max_steps", "1", "--tumour_fraction", "1.0", "--batch_size", "8",
+                                            *TINY_FLAGS])
+    trainer = train.Trainer(args)
+    rng = np.random.default_rng(1)
+    _, masks = trainer._batch(trainer.train_set, rng, 8, args.tumour_fraction)
+    assert bool((masks.flatten(1).amax(1) > 0).all())
+
+
+# -- learning-rate schedule ------------------------------------------------------------------
+
+def test_lr_factor_warmup_then_cosine_to_zero():
+    assert train.lr_factor("constant", 0, 0, 0.9) == 1.0
+    assert train.lr_factor("constant", 4, 10, 0.0) == pytest.approx(0.5)
+    assert train.lr_factor("cosine", 100, 10, 0.0) == pytest.approx(1.0)
+    assert train.lr_factor("cosine", 100, 10, 0.5) == pytest.approx(0.5)
+    assert train.lr_factor("cosine", 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert train.lr_factor("cosine", 100, 0, 2.0) == pytest.approx(0.0, abs=1e-12)  # past the end: stays at zero
+
+
+def test_cosine_schedule_continues_across_a_resume(phantom_dir, tmp_path):
+    flags = ["--data_dir", str(phantom_dir), "--lr_schedule", "cosine", "--warmup_steps", "2", *TINY_FLAGS]
+    whole = tmp_path / "whole"
+    assert train.main([*flags, "--out_dir", str(whole), "--max_steps", "8"]) == 0
+
+    # The same run, stopped after 4 steps (as SIGTERM would) and resumed.
+    split = tmp_path / "split"
+    first = train.Trainer(train.build_parser().parse_args([*flags, "--out_dir", str(split), "--max_steps", "8"]))
+    for _ in range(4):
+        first.train_step()
+    first.save()
+    assert train.main([*flags, "--out_dir", str(split), "--max_steps", "8", "--resume", str(split)]) == 0
+
+    expected = [2e-3 * train.lr_factor("cosine", s, 2, s / 8) for s in range(8)]
+    assert _lr_column(whole) == pytest.approx(expected, rel=1e-6)
+    assert _lr_column(split) == pytest.approx(expected[4:], rel=1e-6)  # the resumed part starts at step 4
+    assert expected[-1] < 0.05 * 2e-3 and max(expected) == pytest.approx(2e-3 * train.lr_factor("cosine", 1, 2, 1 / 8))
+
+
+def test_wall_time_budget_is_counted_over_resumes(phantom_dir, tmp_path):
+    flags = ["--data_dir", str(phantom_dir), "--out_dir", str(tmp_path), "--lr_schedule", "cosine",
+             "--max_minutes", "10", *TINY_FLAGS]
+    first = train.Trainer(train.build_parser().parse_args(flags))
+    first.train_step()
+    first.elapsed_before = 300.0  # as if five minutes had been trained before
+    first.save()
+    saved = checkpoint.read_checkpoint(tmp_path / "checkpoint.pt")["elapsed_s"]
+    assert 300.0 <= saved < 400.0
+    resumed = train.Trainer(train.build_parser().parse_args([*flags, "--resume", str(tmp_path)]))
+    assert resumed.elapsed_before == saved
+    progress = resumed.progress()
+    assert saved / 600 <= progress < 0.7  # half the 10-minute budget, plus this machine's loading time
+    assert resumed.current_lr() == pytest.approx(2e-3 * train.lr_factor("cosine", 1, 0, progress), rel=0.02)
+
+
+def test_cosine_without_an_end_is_a_clear_error(phantom_dir, tmp_path, capsys):
+    code = train.main(["--data_dir", str(phantom_dir), "--out_dir", str(tmp_path), "--lr_schedule", "cosine",
+                       *TINY_FLAGS])
+    assert code == 2
+    assert "--max_steps or --max_minutes" in capsys.readouterr().err
+
+
+# -- x0 prediction and the x0 loss ---------------------------------------------------------------
+
+def test_predict_xstart_reads_the_output_as_x0_in_sampling_and_loss():
+    eps_model = Diffusion.from_config(DiffusionConfig(learn_sigma=False), "10")
+    x0_model = Diffusion.from_config(DiffusionConfig(learn_sigma=False, predict_xstart=True), "10")
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, 1, 8, 8, generator=gen)
+    output = torch.rand(2, 1, 8, 8, generator=gen) * 1.4 - 0.2
+    out = x0_model.p_mean_variance(output, x_t, 5, clip=True, clip_range=(0.0, 1.0))
+    assert torch.equal(out["pred_x0"], output.clamp(0, 1))
+    assert not torch.allclose(eps_model.p_mean_variance(output, x_t, 5, clip=False)["pred_x0"], output)
+
+    mask = (torch.rand(2, 1, 8, 8, generator=gen) > 0.5).float()
+    noise = torch.randn(2, 1, 8, 8, generator=gen)
+    t = torch.tensor([3, 7])
+    x0_loss = x0_model.training_losses(output, mask, x_t, t, noise)["mse"]
+    eps_loss = eps_model.training_losses(output, mask, x_t, t, noise)["mse"]
+    assert torch.allclose(x0_loss, ((output - mask) ** 2).mean(dim=(1, 2, 3)))
+    assert torch.allclose(eps_loss, ((output - noise) ** 2).mean(dim=(1, 2, 3)))
+
+
+def test_x0_dice_bce_is_zero_for_a_committed_right_mask_and_large_for_a_wrong_one():
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, 2:6, 2:6] = 1
+    right = train.x0_dice_bce(mask * 1.2 - 0.1, mask)  # past 0 and 1 on the right side
+    wrong = train.x0_dice_bce(1 - mask, mask)
+    assert right.shape == (2,) and float(right.max()) < 0.01
+    assert float(wrong.min()) > 1.0
+
+
+@pytest.fixture(scope="module")
+def x0_run(phantom_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("x0run")
+    code = train.main(["--data_dir", str(phantom_dir), "--out_dir", str(out), "--max_steps", "6",
+                       "--predict_xstart", "True", "--x0_loss_weight", "0.5", "--tumour_fraction", "0.7",
+                       "--grad_clip", "1.0", "--lr_schedule", "cosine", "--warmup_steps", "2",
+                       "--sample_respacing", "5", *TINY_FLAGS])
+    assert code == 0
+    return out
+
+
+def test_recipe_flags_are_stored_and_x0_loss_is_logged(x0_run):
+    payload = checkpoint.read_checkpoint(x0_run / "model.pt")
+    assert payload["diffusion_config"]["predict_xstart"] is True
+    args = payload["train_args"]
+    assert (args["tumour_fraction"], args["x0_loss_weight"], args["grad_clip"], args["lr_schedule"]) == (
+        0.7, 0.5, 1.0, "cosine")
+    with open(x0_run / "progress.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6
+    for row in rows:
+        assert float(row["x0_loss"]) > 0
+        # loss = mse + vb + 0.5 * x0_loss, each the batch mean
+        assert float(row["loss"]) == pytest.approx(float(row["mse"]) + float(row["vb"]) + 0.5 * float(row["x0_loss"]),
+                                                   rel=1e-4)
+
+
+def test_x0_model_is_sampled_as_x0_without_extra_flags(x0_run):
+    loaded = checkpoint.load_model(x0_run / "model.pt")
+    assert loaded.diffusion_config.predict_xstart
+    segmenter = Segmenter(loaded, device="cpu")
+    images = np.random.default_rng(0).random((4, 40, 40)).astype(np.float32)
+    result = run_to_end(segmenter.run(images, num_ensemble=2, seed=1))
+    assert result.steps == 5  # the stored respacing
+    # An x0 model's members end at its clipped x0 estimate, inside the mask range.
+    assert result.samples.min() >= -1e-6 and result.samples.max() <= 1 + 1e-6
+
+    # Reading the same weights as an epsilon model gives other members: the flag is honoured.
+    loaded.diffusion_config = DiffusionConfig(**{**loaded.diffusion_config.to_dict(), "predict_xstart": False})
+    other = run_to_end(Segmenter(loaded, device="cpu").run(images, num_ensemble=2, seed=1))
+    assert not np.allclose(other.samples, result.samples)
+
+
+def test_old_checkpoints_default_to_epsilon_prediction():
+    config = DiffusionConfig.from_flags({"diffusion_steps": 1000, "learn_sigma": True})
+    assert config.predict_xstart is False
+    assert Diffusion.from_config(config).predict_xstart is False

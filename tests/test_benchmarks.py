@@ -20,6 +20,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import _common as common  # noqa: E402
+import bench_interactive  # noqa: E402
 import bench_sampler  # noqa: E402
 import bench_train  # noqa: E402
 
@@ -175,3 +176,35 @@ def test_compile_failure_is_reported_not_raised(tiny, monkeypatch):
                                          (0.0, 1.0))
     assert result["status"].startswith("failed: RuntimeError: no compiler here")
     assert "_body" not in vars(model)  # the model is left as it was
+
+
+def test_interactive_benchmark_quick(tmp_path, capsys):
+    out = tmp_path / "interactive.json"
+    assert bench_interactive.main(["--quick", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert _last_json_line(printed)["summary"] == results["summary"]
+    for mode in ("refine", "by_hand"):
+        row = results["summary"][mode]
+        assert 0 <= row["dice_0"] <= 1 and 0 <= row["noc85"] <= 3
+    assert _positive(results["summary"]["refine"]["seconds_per_round"])
+    assert results["summary"]["by_hand"]["seconds_per_round"] is None
+    assert all(len(s["refine"]["dice"]) == 4 for s in results["slices"])  # round 0 + 3 rounds
+
+
+def test_next_scribble_marks_the_centre_of_the_largest_error():
+    import numpy as np
+
+    truth = np.zeros((40, 40), bool)
+    truth[5:25, 5:25] = True
+    mask = truth.copy()
+    mask[5:25, 5:15] = False  # a 20x10 miss
+    mask[30:34, 30:34] = True  # a small false positive
+    disk, value = bench_interactive.next_scribble(mask, truth, radius=2)
+    assert value == 1 and disk.sum() == 13  # a radius-2 disk
+    ys, xs = np.nonzero(disk)
+    assert truth[ys, xs].all() and not mask[ys, xs].any()  # inside the missed region
+    assert abs(ys.mean() - 14.5) <= 1 and abs(xs.mean() - 9.5) <= 1  # its centre
+    assert bench_interactive.next_scribble(truth, truth, 2) is None
+    assert bench_interactive.rounds_to([0.5, 0.86, 0.91], 0.85, 10) == 1
+    assert bench_interactive.rounds_to([0.5, 0.6], 0.9, 10) == 10

@@ -155,3 +155,17 @@ def test_cli_no_labelled_cases_exits_2(tmp_path, capsys):
     assert captured.err.strip().splitlines()[-1].startswith("error: ")
     assert "ground-truth" in captured.err
     assert not (tmp_path / "eval").exists()
+
+
+def test_empty_tumour_slices_counts_missed_lesion_sections():
+    from napari_diffseg.evaluate import empty_tumour_slices
+
+    truth = np.zeros((8, 8, 4), bool)
+    truth[2:5, 2:5, 1:4] = True
+    mask = np.zeros_like(truth)
+    mask[2:5, 2:5, 2] = True
+    mask[0, 0, 0] = True  # a false positive on a slice without tumour does not count
+    assert empty_tumour_slices(mask, truth) == 2  # slices 1 and 3
+    assert empty_tumour_slices(mask[..., 1], truth[..., 1]) == 1
+    assert empty_tumour_slices(mask[..., 2], truth[..., 2]) == 0
+    assert empty_tumour_slices(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 0

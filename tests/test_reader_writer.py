@@ -129,6 +129,8 @@ def test_round_trip_image_and_stacked_members(tmp_path):
     image = nib.load(path)
     assert image.shape == (*SHAPE, 2)
     np.testing.assert_array_equal(image.affine, STORED)
+    (back,) = read_paths(path)  # a stack of volumes: its extra slider is named too
+    assert back[0].shape == (2, *reversed(SHAPE)) and back[1]["axis_labels"] == ("volume", "z", "y", "x")
 
 
 def test_writer_without_metadata_uses_scale_and_translate(tmp_path):
@@ -251,6 +253,7 @@ def test_sample_data(loader, shape):
     for name, (data, kwargs, kind) in layers.items():
         assert data.shape == shape
         assert ld.has_geometry(kwargs["metadata"])
+        assert kwargs["axis_labels"] == ("z", "y", "x")[-len(shape):]
     truth = layers["ground truth"][0]
     assert truth.dtype == np.uint8 and set(np.unique(truth)) <= {0, 1, 2, 4} and truth.any()
     assert 0 <= layers["flair"][0].min() and layers["flair"][0].max() <= 1
@@ -269,6 +272,9 @@ def test_viewer_open_and_save_through_napari(make_napari_viewer, tmp_path):
     viewer = make_napari_viewer()
     viewer.open(str(tmp_path / "case01"), plugin="napari-diffseg")
     assert [layer.name for layer in viewer.layers] == ["t1", "t1ce", "t2", "flair", "ground truth"]
+    # Named axes: the slider over the axial slices reads "z", not "-3", before any run.
+    assert all(tuple(layer.axis_labels) == ("z", "y", "x") for layer in viewer.layers)
+    assert tuple(viewer.dims.axis_labels) == ("z", "y", "x")
     truth = viewer.layers["ground truth"]
     assert tuple(truth.scale) == pytest.approx((2.5, 0.9, 1.2))
     out = tmp_path / "saved.nii.gz"

@@ -74,9 +74,9 @@ def test_refine_from_members_halfway_runs_half_the_chain(model):
         def encode_condition(self, images):
             return self.inner.encode_condition(images)
 
-        def forward_conditioned(self, x, t, condition):
+        def forward_conditioned(self, x, t, condition, x0_prev=None):
             calls.append(int(t[0]))
-            return self.inner.forward_conditioned(x, t, condition)
+            return self.inner.forward_conditioned(x, t, condition, x0_prev)
 
     counted = Counting(model)
     full = list(sample_ensemble(counted, diffusion, _images(), 3, seed=2))

@@ -433,7 +433,9 @@ def test_screenshot_of_result_is_not_blank(make_widget, qtbot):
 
 
 def test_demo_runs_headless(qapp, tmp_path):
-    """The main job (python -m napari_diffseg.demo): sample case + widget + run + screenshot."""
+    """The main job (python -m napari_diffseg.demo): sample case + widget + run + screenshot; with
+    --refine also scribbles, a refine and refine.png taken mid-refine (one demo per test process:
+    napari registers the plugin once)."""
     import nibabel as nib
     from PIL import Image
 
@@ -442,11 +444,15 @@ def test_demo_runs_headless(qapp, tmp_path):
 
     out = tmp_path / "demo"
     model = _save_tiny(tmp_path / "tiny32.pt", resize_to=32)  # the 240x240 slice sampled at 32x32
-    code = demo.main(["--headless", "--out", str(out), "--model", str(model), "--steps", "3",
+    code = demo.main(["--headless", "--refine", "--out", str(out), "--model", str(model), "--steps", "4",
                       "--ensemble", "2"])
     assert code == 0
     shot = np.asarray(Image.open(out / "screenshot.png"))
     assert shot.shape[0] > 300 and shot[..., :3].std() > 10
+    refine = np.asarray(Image.open(out / "refine.png"))
+    assert refine.shape[0] > 300 and refine[..., :3].std() > 10
+    red = (refine[..., 0] > 200) & (refine[..., 1] < 80) & (refine[..., 2] < 80)
+    assert red.sum() > 20  # the tumour scribble is drawn (the random model misses tumour somewhere)
     mask = nib.load(out / "Brats18_TCIA10_637_1_diffseg_mask.nii.gz")
     source = nib.load(SAMPLE_DIR / f"{BRATS_SLICE}_t1.nii.gz")
     assert mask.shape == source.shape == (240, 240)

@@ -122,14 +122,25 @@ def header_for(affine: np.ndarray, spatial_shape: Sequence[int]) -> nib.Nifti1He
     return image.header
 
 
+def axis_labels(spatial_ndim: int, leading: int = 0, leading_name: str = "volume") -> tuple[str, ...]:
+    """Display-order axis names: ("z", "y", "x") for a volume, ("y", "x") for a slice.
+
+    Named axes make napari's slider read "z" instead of "-3"; leading axes (a stack of volumes
+    in a 4D file) are called ``leading_name``."""
+    spatial = ("z", "y", "x")[-spatial_ndim:]
+    lead = (leading_name,) if leading == 1 else tuple(f"{leading_name} {i}" for i in range(leading))
+    return lead + spatial
+
+
 def layer_kwargs(meta: dict, leading: int = 0, **extra) -> dict:
-    """scale, translate and metadata for a layer whose data is ``to_display`` of core data."""
+    """scale, translate, axis labels and metadata for a layer whose data is ``to_display`` of core data."""
     spatial_ndim = len(meta[SPATIAL_SHAPE])
     scale, translate = world_transform(meta[AFFINE], spatial_ndim, leading)
     metadata = dict(meta)
     if leading:
         metadata["leading_axes"] = leading
-    return {"scale": scale, "translate": translate, "metadata": metadata, **extra}
+    return {"scale": scale, "translate": translate, "axis_labels": axis_labels(spatial_ndim, leading),
+            "metadata": metadata, **extra}
 
 
 def derived_metadata(meta: dict | None, kind: str, case: str | None = None) -> dict:

@@ -1,6 +1,7 @@
 """The widget's logic without Qt: picking layers by name, checking inputs, the model cache, the
-sampling job run in the worker thread, and the bookkeeping of results (re-threshold, ranking,
-metrics). Everything here is plain Python/numpy so it can be tested without a display.
+sampling job run in the worker thread, the bookkeeping of results (re-threshold, ranking,
+metrics), the known pixels of a refine and the "next mark" hint. Everything here is plain
+Python/numpy so it can be tested without a display.
 """
 
 from __future__ import annotations
@@ -330,9 +331,20 @@ class RunRequest:
     respacing: str | None
     sampler: str | None
     seed: int
-    keep_members: bool
+    keep_members: bool  # show the members as a layer
     spacing: tuple[float, ...] = ()  # voxel size, core order (for HD95)
     precision: str = "auto"  # inference.PRECISIONS
+    keep_samples: bool = True  # keep the members in the result (what a later Refine starts from)
+    # A refine (one slice): the known pixels (core order, the slice's (X, Y)) and, when the slice
+    # has members from an earlier run, those members (N, X, Y) to start from half-way.
+    known_mask: np.ndarray | None = None
+    known_values: np.ndarray | None = None
+    init: np.ndarray | None = None
+    note: str = ""  # what the refine holds fixed, for the closing message
+
+    @property
+    def is_refine(self) -> bool:
+        return self.known_mask is not None
 
 
 @dataclass
@@ -343,6 +355,8 @@ class RunOutcome:
     metrics: dict | None
     seconds: float
     device: str = ""
+    start_step: int | None = None  # a refine from members: the step it started at
+    chain_steps: int = 0  # the steps of a whole chain at this respacing
 
 
 def _normalised(array: np.ndarray, z: int | None) -> np.ndarray:
@@ -388,8 +402,9 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
     start = time.monotonic()
     segmenter = cache.get(request.model_path, request.flags_path, request.device)
     images = prepare_images(request.inputs, request.z)
-    if request.respacing is not None:
-        segmenter.num_steps(request.respacing)  # a bad spec fails here, before any work
+    respacing = segmenter.defaults["timestep_respacing"] if request.respacing is None else request.respacing
+    chain_steps = segmenter.num_steps(respacing)  # a bad spec fails here, before any work
+    start_step = refine_start_step(chain_steps) if request.init is not None else None
     slices: set[int] = set()
     todo = None
     if partial is not None and images.ndim == 4:
@@ -402,11 +417,15 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
         respacing=request.respacing,
         sampler=request.sampler,
         seed=request.seed,
-        keep_samples=request.keep_members,
+        keep_samples=request.keep_samples,
         preview_interval=PREVIEW_INTERVAL,
         precision=request.precision,
         slices=todo,
         sink=partial.add if todo is not None else None,
+        known_mask=request.known_mask,
+        known_values=request.known_values,
+        init=request.init,
+        start_step=start_step,
     )
     while True:
         try:
@@ -425,7 +444,8 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
             metrics = evaluate(segmentation.mask, truth, request.spacing[:2])
         else:
             metrics = evaluate(segmentation.mask, truth, request.spacing, done if truth.ndim == 3 else None)
-    return RunOutcome(segmentation, request.z, done, metrics, time.monotonic() - start, str(segmenter.device))
+    return RunOutcome(segmentation, request.z, done, metrics, time.monotonic() - start, str(segmenter.device),
+                      start_step, chain_steps)
 
 
 class JobFailed(Exception):
@@ -506,6 +526,10 @@ class ResultState:
     summary: str = ""
     last_z: int | None = None  # the slice of the last run; None: it covered the whole input
     partial: tuple[int, int] | None = None  # (finished, total) slices when the last run was cancelled
+    # Per slice (0 for a 2D input): the members of the last run of that slice, (N, X, Y), which a
+    # Refine starts from, and the "next mark" hint of its variance.
+    slice_members: dict[int, np.ndarray] = field(default_factory=dict)
+    hints: dict[int, "Hint"] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, case: str, spatial_shape: Sequence[int], threshold: float = 0.5) -> "ResultState":
@@ -530,6 +554,13 @@ class ResultState:
             self.members = None if seg.samples is None else np.asarray(seg.samples, np.float32)
             self.members_z = None
             self.slices = list(outcome.slices)
+            self.slice_members.clear()
+            self.hints.clear()
+            if self.members is not None:
+                if self.is_volume:  # views, not copies
+                    self.slice_members.update({z: self.members[..., z] for z in self.slices})
+                else:
+                    self.slice_members[0] = self.members
         else:
             z = outcome.z
             self.probability[..., z] = seg.probability
@@ -537,7 +568,11 @@ class ResultState:
             self.members = None if seg.samples is None else np.asarray(seg.samples, np.float32)[..., None]
             self.members_z = z
             self.slices = sorted(set(self.slices) | {z})
-
+            if self.members is not None:
+                self.slice_members[z] = self.members[..., 0]
+            else:
+                self.slice_members.pop(z, None)  # older members no longer match this slice's result
+        self.update_hints(self.slices if outcome.z is None else [outcome.z])
         self.last_z = outcome.z
         self.partial = None
 
@@ -546,12 +581,32 @@ class ResultState:
         for z in partial.finished:
             self.probability[..., z] = partial.probability[z]
             self.variance[..., z] = partial.variance[z]
+            self.slice_members.pop(z, None)  # the cancelled run's members were not kept
         self.num_ensemble = partial.num_ensemble
         self.members = None  # the members of unfinished batches were never complete
         self.members_z = None
         self.slices = sorted(set(self.slices) | set(partial.finished))
+        self.update_hints(partial.finished)
         self.last_z = None
         self.partial = (len(partial.finished), partial.total)
+
+    def variance_slice(self, z: int | None) -> np.ndarray:
+        """The (X, Y) variance of slice z (the whole map of a 2D input)."""
+        return self.variance[..., z] if self.is_volume else self.variance
+
+    def members_for(self, z: int | None) -> np.ndarray | None:
+        """The (N, X, Y) members of the last run of slice z (None for a 2D input), if kept."""
+        return self.slice_members.get(0 if z is None else int(z))
+
+    def update_hints(self, zs: Iterable[int]) -> None:
+        """Recompute the "next mark" hint of these slices from their variance."""
+        for z in zs:
+            key = int(z) if self.is_volume else 0
+            hint = next_mark(ld.to_display(self.variance_slice(key if self.is_volume else None)))
+            if hint is None:
+                self.hints.pop(key, None)
+            else:
+                self.hints[key] = hint
 
     def ranked_slices(self) -> list[tuple[int, float]]:
         return rank_slices(self.variance, self.slices) if self.is_volume else []
@@ -635,3 +690,122 @@ def commit_changes(segmentation: np.ndarray, proposal: np.ndarray, painted: np.n
     change = differs & ~painted
     indices = np.nonzero(change)
     return indices, np.asarray(proposal)[indices], kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Refine: the user's marks as known pixels, and where to mark next
+# ---------------------------------------------------------------------------------------------
+
+SCRIBBLE_TUMOUR = 1  # label values of the "<case> scribbles" layer
+SCRIBBLE_BACKGROUND = 2
+SCRIBBLE_NAMES = {SCRIBBLE_TUMOUR: "tumour", SCRIBBLE_BACKGROUND: "not tumour"}
+
+
+def refine_start_step(chain_steps: int) -> int:
+    """The respaced step a refine starts at: about half the chain (SDEdit-style), so that the
+    members' shape survives the noise but the model has room to follow the new marks. A
+    10-step chain starts at step 4 and runs 5 steps."""
+    return max(0, (int(chain_steps) + 1) // 2 - 1)
+
+
+@dataclass
+class KnownPixels:
+    """Pixels of one slice whose mask value the user gave (display order, (rows, cols))."""
+
+    mask: np.ndarray  # bool
+    values: np.ndarray  # float32, 0 or 1 where mask
+    tumour: int = 0  # scribbled pixels of each kind
+    background: int = 0
+    from_segmentation: int = 0  # pixels outside the region taken from the accepted segmentation
+    ignored_labels: tuple[int, ...] = ()  # scribble labels other than 1 and 2 (not used)
+
+    @property
+    def count(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+    def summary(self) -> str:
+        parts = []
+        if self.tumour or self.background:
+            parts.append(f"{self.tumour} tumour and {self.background} not-tumour scribbled pixels")
+        if self.from_segmentation:
+            parts.append(f"{self.from_segmentation} accepted pixels outside the region")
+        return " and ".join(parts) or "no known pixels"
+
+
+def known_pixels(scribbles: np.ndarray, segmentation: np.ndarray | None = None,
+                 region: np.ndarray | None = None) -> KnownPixels:
+    """The known pixels of a refine, from 2D arrays of one slice (the same shape).
+
+    scribbles: 1 = tumour (known 1), 2 = not tumour (known 0), anything else unmarked.
+    segmentation, region: where a region is drawn, the accepted segmentation (label > 0 is
+    tumour) is known everywhere outside it, so the refine redoes only the region; without a
+    region (None or empty) only the scribbles are known. Scribbles win over the segmentation.
+    """
+    scribbles = np.asarray(scribbles)
+    known = np.zeros(scribbles.shape, bool)
+    values = np.zeros(scribbles.shape, np.float32)
+    from_segmentation = 0
+    if region is not None and np.any(region):
+        outside = ~np.asarray(region, bool)
+        seg = np.zeros(scribbles.shape, bool) if segmentation is None else np.asarray(segmentation) > 0
+        known |= outside
+        values[outside] = seg[outside]
+    tumour = scribbles == SCRIBBLE_TUMOUR
+    background = scribbles == SCRIBBLE_BACKGROUND
+    if region is not None and np.any(region):
+        from_segmentation = int(np.count_nonzero(known & ~tumour & ~background))
+    known |= tumour | background
+    values[tumour] = 1.0
+    values[background] = 0.0
+    other = np.unique(scribbles[(scribbles != 0) & ~tumour & ~background])
+    return KnownPixels(known, values, int(tumour.sum()), int(background.sum()), from_segmentation,
+                       tuple(int(v) for v in other))
+
+
+@dataclass
+class Hint:
+    """The most uncertain connected region of a slice (display order, (rows, cols))."""
+
+    bbox: tuple[int, int, int, int]  # row0, col0, row1, col1, inclusive
+    score: float  # summed variance over the region
+    pixels: int
+    mask: np.ndarray  # bool, the region
+
+    def rectangle(self, pad: float = 1.0) -> np.ndarray:
+        """Corners of a rectangle around it in data coordinates (pixel centres at integers)."""
+        r0, c0, r1, c1 = self.bbox
+        top, left, bottom, right = r0 - 0.5 - pad, c0 - 0.5 - pad, r1 + 0.5 + pad, c1 + 0.5 + pad
+        return np.array([[top, left], [top, right], [bottom, right], [bottom, left]], float)
+
+
+HINT_FLOOR = 0.02  # smoothed variance below this is no disagreement worth a look
+HINT_RELATIVE = 0.5  # regions are where the smoothed variance reaches half its peak
+HINT_SIGMA = 1.5  # pixels
+
+
+def next_mark(variance: np.ndarray, floor: float = HINT_FLOOR, relative: float = HINT_RELATIVE,
+              sigma: float = HINT_SIGMA) -> Hint | None:
+    """Where a mark would help most: the connected region of high ensemble variance with the
+    largest summed variance, or None when the members agree everywhere.
+
+    The map is smoothed first, so that a whole lump the members disagree on outranks the
+    one-pixel rim every tumour boundary has (members that differ by a pixel); regions are where
+    the smoothed variance reaches ``relative`` of its peak (at least ``floor``), 8-connected,
+    and ranked by the raw variance they hold.
+    """
+    from scipy import ndimage
+
+    variance = np.nan_to_num(np.asarray(variance, np.float64))
+    if variance.ndim != 2 or variance.size == 0:
+        raise ValueError(f"next_mark needs a 2D variance map, got shape {variance.shape}")
+    smooth = ndimage.gaussian_filter(variance, sigma) if sigma > 0 else variance
+    peak = float(smooth.max())
+    if peak < floor:
+        return None
+    labels, count = ndimage.label(smooth >= max(floor, relative * peak), structure=np.ones((3, 3), bool))
+    scores = ndimage.sum_labels(variance, labels, index=np.arange(1, count + 1))
+    best = int(np.argmax(scores)) + 1
+    region = labels == best
+    rows, cols = ndimage.find_objects(region.astype(np.int8))[0]
+    return Hint((rows.start, cols.start, rows.stop - 1, cols.stop - 1), float(scores[best - 1]),
+                int(region.sum()), region)

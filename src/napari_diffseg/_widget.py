@@ -14,6 +14,13 @@ slice (all sampled slices after a whole-volume run) into ``<case> segmentation``
 editable Labels layer. Runs and the threshold never write there, and Accept leaves voxels the
 user painted there alone.
 
+Refine resamples the current slice with known pixels: the user's scribbles (``<case> scribbles``,
+1 = tumour, 2 = not tumour) and, where a region is drawn in the Shapes layer
+``<case> refine region``, the accepted segmentation outside that region. It starts from the
+slice's members of the last run noised to half the chain (a full run when there are none) and
+updates the proposal like a Run; it never writes into the segmentation either. After every
+result, ``<case> next mark`` outlines the slice's most uncertain region (``_session.next_mark``).
+
 Sampling runs in a napari ``thread_worker`` generator (``_session.run_job``): every denoising
 step is yielded to the main thread, which advances the progress bars and, at most ten times a
 second, redraws the preview layer. Layers are only ever touched here, on the main thread.
@@ -46,6 +53,9 @@ from . import MODALITIES
 from . import _layerdata as ld
 from ._session import (
     MODEL_CACHE,
+    SCRIBBLE_BACKGROUND,
+    SCRIBBLE_NAMES,
+    SCRIBBLE_TUMOUR,
     LayerInfo,
     Partial,
     ResultState,
@@ -58,6 +68,7 @@ from ._session import (
     format_metrics,
     guarded_job,
     is_out_of_memory,
+    known_pixels,
     mark_painted,
     match_layers,
     slice_index,
@@ -84,6 +95,7 @@ STEP_PRESETS = [  # (label, respacing); None = the checkpoint's default
 SAMPLERS = [("model default", ""), ("DDPM", "ddpm"), ("DDIM", "ddim")]
 SCOPES = [("current slice", "slice"), ("whole volume", "volume")]
 ACCEPT_KEY = "Shift-C"  # "commit"; free in napari's default shortcuts for every layer type
+REFINE_KEY = "Shift-R"  # free too (R alone is the Shapes rectangle tool)
 
 # Colours. napari's default label colours for the BraTS labels 1, 2, 4 are brown, light blue and
 # purple; the proposal is yellow and the accepted segmentation green, so neither is mistaken for
@@ -91,9 +103,15 @@ ACCEPT_KEY = "Shift-C"  # "commit"; free in napari's default shortcuts for every
 PROPOSAL_RGBA = (1.0, 0.85, 0.0, 1.0)
 SEGMENTATION_RGBA = (0.2, 0.95, 0.35, 1.0)
 OTHER_LABEL_RGBA = (1.0, 0.3, 1.0, 1.0)  # labels other than 1 painted into the segmentation
+# Scribbles: red "tumour" and blue "not tumour", unlike every other colour on the canvas (the
+# inferno heatmap has no blue; the BraTS truth is an outline); other labels grey (ignored).
+SCRIBBLE_RGBA = {SCRIBBLE_TUMOUR: (1.0, 0.12, 0.12, 1.0), SCRIBBLE_BACKGROUND: (0.2, 0.5, 1.0, 1.0)}
+SCRIBBLE_HEX = {label: "#%02x%02x%02x" % tuple(int(255 * c) for c in rgba[:3]) for label, rgba in SCRIBBLE_RGBA.items()}
+REGION_RGBA = (1.0, 0.45, 1.0, 1.0)  # magenta outline, faint fill
+HINT_RGBA = (1.0, 1.0, 1.0, 1.0)  # white: stands out on the heatmap and the yellow proposal
 # The variance of the mean of {0, 1} members is p(1 - p) <= 1/4: a fixed scale, comparable between runs.
 UNCERTAINTY_LIMITS = (0.0, 0.25)
-RESULT_KINDS = ("proposal", "uncertainty", "members", "preview", "segmentation")
+RESULT_KINDS = ("proposal", "uncertainty", "members", "preview", "segmentation", "scribbles", "region", "hint")
 
 
 def _notify(message: str, severity: str = "info") -> None:
@@ -124,14 +142,21 @@ def _uncertainty_colormap():
     return Colormap(colors, controls=[0.0, 0.04, 0.4, 0.75, 1.0], name="diffseg uncertainty")
 
 
+def _scribble_colormap():
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: (0.6, 0.6, 0.6, 1.0), 0: (0, 0, 0, 0), **SCRIBBLE_RGBA})
+
+
 def _on_destroyed(holder: dict, viewer) -> None:
     worker = holder.get("worker")
     if worker is not None:
         worker.quit()
-    try:
-        viewer.bind_key(ACCEPT_KEY, None, overwrite=True)
-    except Exception:  # the viewer may be gone already
-        pass
+    for key in (ACCEPT_KEY, REFINE_KEY):
+        try:
+            viewer.bind_key(key, None, overwrite=True)
+        except Exception:  # the viewer may be gone already
+            pass
 
 
 class DiffSegWidget(QWidget):
@@ -159,6 +184,7 @@ class DiffSegWidget(QWidget):
         self._painted: dict[str, np.ndarray] = {}  # per case: voxels the user painted in the segmentation
         self._accepting = False
         self.preview_updates = 0
+        self.progress_steps = 0  # progress reports of the current/last run (one per denoising step)
         self.messages: list[tuple[str, str]] = []
         self.metrics: dict | None = None
         self._metrics_worker = None
@@ -246,6 +272,31 @@ class DiffSegWidget(QWidget):
         self.run_box = Container(widgets=[run_row, self.progress_bar, self.status], labels=False)
         layout.addWidget(self.run_box.native)
 
+        tumour, background = SCRIBBLE_HEX[SCRIBBLE_TUMOUR], SCRIBBLE_HEX[SCRIBBLE_BACKGROUND]
+        self.scribble_legend = Label(value=(
+            f"<span style='color:{tumour}'>&#9632;</span> 1 = {SCRIBBLE_NAMES[SCRIBBLE_TUMOUR]} &nbsp; "
+            f"<span style='color:{background}'>&#9632;</span> 2 = {SCRIBBLE_NAMES[SCRIBBLE_BACKGROUND]}"))
+        self.scribble_legend.native.setTextFormat(Qt.TextFormat.RichText)
+        legend_tip = (f"scribble labels: 1 (red) = {SCRIBBLE_NAMES[SCRIBBLE_TUMOUR]}, "
+                      f"2 (blue) = {SCRIBBLE_NAMES[SCRIBBLE_BACKGROUND]}")
+        self.scribble_legend.tooltip = legend_tip
+        self.scribble_button = PushButton(
+            text="Scribble", tooltip=f"make or select '<case> scribbles' and paint with label 1; {legend_tip}")
+        self.region_button = PushButton(
+            text="Region", tooltip="make or select '<case> refine region' and draw a rectangle (or any shape): "
+                                   "Refine redoes the accepted segmentation inside it and keeps it outside; "
+                                   "without a region only the scribbles are fixed")
+        self.refine_button = PushButton(
+            text=f"Refine slice ({REFINE_KEY})",
+            tooltip="resample the current slice so that the scribbles (and the accepted segmentation outside "
+                    "the region) hold exactly; starts from the slice's ensemble noised to half the chain "
+                    "(about half a Run), or runs the whole chain when the slice has no ensemble yet. "
+                    "Changes the proposal, never the segmentation")
+        marks_row = Container(widgets=[self.scribble_button, self.region_button], layout="horizontal", labels=False)
+        marks_row.margins = (0, 0, 0, 0)
+        self.refine_box = Container(widgets=[self.scribble_legend, marks_row, self.refine_button], labels=False)
+        layout.addWidget(self._group("Refine with scribbles", self.refine_box.native))
+
         self.accept_button = PushButton(
             text=f"Accept proposal ({ACCEPT_KEY})",
             tooltip="copy the proposal of the current slice (every sampled slice after a whole-volume run) "
@@ -272,6 +323,9 @@ class DiffSegWidget(QWidget):
 
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
+        self.scribble_button.changed.connect(self.scribble)
+        self.region_button.changed.connect(self.draw_region)
+        self.refine_button.changed.connect(self.refine)
         self.accept_button.changed.connect(self.accept)
         self.layer_pickers["t1"].changed.connect(self._update_scope_enabled)
         self.threshold.changed.connect(self._on_threshold)
@@ -496,11 +550,11 @@ class DiffSegWidget(QWidget):
     def running(self) -> bool:
         return self.worker is not None
 
-    def _build_request(self):
+    def _build_request(self, current_slice: bool = False):
         inputs = check_inputs(self.chosen_layers(), self.truth_picker.value)
         reference = inputs.reference
         z = None
-        if inputs.spatial_ndim == 3 and self.scope.value == "slice":
+        if inputs.spatial_ndim == 3 and (current_slice or self.scope.value == "slice"):
             z = slice_index(self.viewer.dims.point, reference.scale, reference.translate, inputs.display_shape[0])
         meta = reference.metadata or {}
         if ld.VOXEL_SIZE in meta and len(meta[ld.VOXEL_SIZE]) == inputs.spatial_ndim:
@@ -511,12 +565,15 @@ class DiffSegWidget(QWidget):
         ensemble = int(self.ensemble.value)
         voxels = int(np.prod(inputs.display_shape if z is None else inputs.display_shape[1:]))
         members_bytes = 4 * voxels * ensemble
-        if keep_members and members_bytes > MAX_MEMBERS_BYTES:
-            keep_members = False
+        # The members are kept (for Refine) even when not shown, unless they would be huge.
+        keep_samples = members_bytes <= MAX_MEMBERS_BYTES
+        if not keep_samples:
             inputs.warnings.append(
                 f"the {ensemble} ensemble members of the whole volume would take "
-                f"{members_bytes / 1e9:.1f} GB: not kept this time (segment the current slice to see them)"
+                f"{members_bytes / 1e9:.1f} GB: not kept this time (segment the current slice to see "
+                "them; Refine then runs whole chains)"
             )
+            keep_members = False
         return RunRequest(
             inputs=inputs,
             z=z,
@@ -530,6 +587,7 @@ class DiffSegWidget(QWidget):
             keep_members=keep_members,
             spacing=spacing,
             precision=self.precision.value,
+            keep_samples=keep_samples,
         )
 
     def run(self, *_) -> None:
@@ -557,6 +615,7 @@ class DiffSegWidget(QWidget):
         self._request = request
         self._partial = Partial() if request.z is None and request.inputs.spatial_ndim == 3 else None
         self.preview_updates = 0
+        self.progress_steps = 0
         self._last_batch = -1
         self._make_preview_layer(request)
         self._pbar = cancelable_progress(total=0, desc="diffseg: loading the model")
@@ -571,6 +630,7 @@ class DiffSegWidget(QWidget):
         self.worker = worker
         self._worker_holder["worker"] = worker
         self.run_button.enabled = False
+        self.refine_button.enabled = False
         self.cancel_button.enabled = True
         worker.start()
 
@@ -583,12 +643,14 @@ class DiffSegWidget(QWidget):
     def _on_progress(self, progress) -> None:
         if self.worker is None or self.worker.abort_requested:
             return
+        self.progress_steps += 1
         total = progress.total * progress.batches
         done = progress.batch * progress.total + progress.step
         self.progress_bar.native.setRange(0, total)
         self.progress_bar.native.setValue(done)
         where = f", slices batch {progress.batch + 1}/{progress.batches}" if progress.batches > 1 else ""
-        self.status.value = f"sampling: step {progress.step}/{progress.total}{where}"
+        doing = "refining" if self._request is not None and self._request.is_refine else "sampling"
+        self.status.value = f"{doing}: step {progress.step}/{progress.total}{where}"
         pbar = self._pbar  # napari's progress may process events: the run can end meanwhile
         if pbar is not None:
             if pbar.total != total:
@@ -612,6 +674,7 @@ class DiffSegWidget(QWidget):
         if request.z is not None:  # one slice of a volume: a one-slice layer placed at z
             translate[0] += request.z * scale[0]
             shape = (1, *shape[1:])
+        active = self.viewer.layers.selection.active  # kept: the user may go on painting meanwhile
         self._preview_layer = self.viewer.add_image(
             np.zeros(shape, np.float32),
             name=ld.result_name(inputs.case, "preview (sampling…)"),
@@ -620,8 +683,15 @@ class DiffSegWidget(QWidget):
             colormap=_fading_colormap("diffseg preview", PROPOSAL_RGBA[:3]),
             blending="translucent",
             contrast_limits=(0.0, 1.0),
+            axis_labels=ld.axis_labels(len(shape)),
             metadata={ld.KIND: "preview", ld.CASE: inputs.case},
         )
+        for kind in ("region", "scribbles", "hint"):  # the user's marks and the hint stay on top of it
+            mark = self._our_layer(kind, inputs.case)
+            if mark is not None:
+                self.viewer.layers.move(self.viewer.layers.index(mark), len(self.viewer.layers))
+        if active is not None:
+            self.viewer.layers.selection.active = active
 
     def _update_preview(self, progress) -> None:
         layer = self._preview_layer
@@ -660,6 +730,15 @@ class DiffSegWidget(QWidget):
             return
         seg = outcome.segmentation
         scope = "" if outcome.z is None else f" (slice {outcome.z})"
+        if request.is_refine:
+            start = ("from the kept members, " if outcome.start_step is not None
+                     else "whole chains (no members kept for this slice), ")
+            self.notify(
+                f"diffseg: refined{scope or ' the slice'} {start}{seg.num_ensemble} chains x {seg.steps} of "
+                f"{outcome.chain_steps} {seg.sampler.upper()} steps, {request.note} held, in "
+                f"{outcome.seconds:.1f} s; Accept ({ACCEPT_KEY}) to take it into the segmentation"
+            )
+            return
         self.notify(
             f"diffseg: {seg.num_ensemble} chains x {seg.steps} {seg.sampler.upper()} steps{scope} "
             f"in {outcome.seconds:.1f} s on {outcome.device}"
@@ -683,6 +762,9 @@ class DiffSegWidget(QWidget):
     def _on_aborted(self) -> None:
         self._remove_preview()
         partial, request = self._partial, self._request
+        if request is not None and request.is_refine:
+            self.notify("diffseg: refine cancelled; the proposal and the uncertainty are unchanged")
+            return
         if partial is None or not partial.finished:
             self.notify("diffseg: sampling cancelled; no slice had finished, no result layers were made")
             return
@@ -702,6 +784,7 @@ class DiffSegWidget(QWidget):
         self.worker = None
         self._worker_holder.pop("worker", None)
         self.run_button.enabled = True
+        self.refine_button.enabled = True
         self.cancel_button.enabled = False
         if self.progress_bar.native.maximum() == 0:
             self.progress_bar.native.setRange(0, 1)
@@ -733,6 +816,7 @@ class DiffSegWidget(QWidget):
 
     def _present(self, request: RunRequest, state: ResultState, keep_members: bool, metrics) -> None:
         inputs = request.inputs
+        active = self.viewer.layers.selection.active
         self.results[inputs.case] = state
         self.current_case = inputs.case
         self._result_reference = inputs.reference
@@ -744,6 +828,10 @@ class DiffSegWidget(QWidget):
             truth_layer.opacity = max(truth_layer.opacity, 0.9)
         self._update_result_layers(state, inputs.reference, keep_members=keep_members)
         self._ensure_segmentation_layer(state, inputs.reference)
+        self._update_hint_layer(state, inputs.reference)
+        if active is not None and active in self.viewer.layers and (active.metadata or {}).get(ld.KIND) in (
+                "scribbles", "region"):
+            self.viewer.layers.selection.active = active  # the user goes on marking where they were
         self._set_review_enabled(state.is_volume)
         shown = state.num_ensemble if self._our_layer("members", state.case) is not None else 0
         with self.member.changed.blocked():
@@ -776,6 +864,7 @@ class DiffSegWidget(QWidget):
                 metadata[ld.SPATIAL_SHAPE] = (*metadata[ld.SPATIAL_SHAPE][:2], 1)
         if leading:
             metadata["leading_axes"] = leading
+        style.setdefault("axis_labels", ld.axis_labels(len(reference.scale), leading))
         layer = self._our_layer(kind, self.current_case)
         if layer is not None and layer.data.shape == data.shape and layer.ndim == data.ndim:
             layer.data = data
@@ -830,7 +919,8 @@ class DiffSegWidget(QWidget):
         metadata = ld.derived_metadata(reference.metadata, "segmentation", state.case)
         layer = self.viewer.add_labels(np.zeros(shape, np.uint8), name=ld.segmentation_name(state.case),
                                        scale=tuple(reference.scale), translate=tuple(reference.translate),
-                                       metadata=metadata, opacity=0.7, colormap=_label_colormap(SEGMENTATION_RGBA))
+                                       axis_labels=ld.axis_labels(len(shape)), metadata=metadata, opacity=0.7,
+                                       colormap=_label_colormap(SEGMENTATION_RGBA))
         self._painted[state.case] = np.zeros(shape, bool)
         layer.events.paint.connect(lambda event, case=state.case: self._on_painted(case, event))
         return layer
@@ -881,8 +971,208 @@ class DiffSegWidget(QWidget):
             if widget is not None:
                 widget.accept()
 
+        def refine_key(_viewer):
+            widget = ref()
+            if widget is not None:
+                widget.refine()
+
         accept_key.__doc__ = "napari-diffseg: accept the proposal into the segmentation layer"
+        refine_key.__doc__ = "napari-diffseg: refine the current slice with the scribbles"
         self.viewer.bind_key(ACCEPT_KEY, accept_key, overwrite=True)
+        self.viewer.bind_key(REFINE_KEY, refine_key, overwrite=True)
+
+    # -- refine ---------------------------------------------------------------------------------
+
+    def _checked_inputs(self):
+        """The chosen inputs, or None after an error notification."""
+        try:
+            return check_inputs(self.chosen_layers())
+        except DiffSegError as exc:
+            self.notify(str(exc), "error")
+            return None
+
+    def _mark_layer_kwargs(self, inputs, kind: str) -> dict:
+        """Geometry of a layer on the source grid (voxel indices = the images')."""
+        reference = inputs.reference
+        return {"scale": tuple(reference.scale), "translate": tuple(reference.translate),
+                "axis_labels": ld.axis_labels(inputs.spatial_ndim),
+                "metadata": ld.derived_metadata(reference.metadata, kind, inputs.case)}
+
+    def _checked_mark_layer(self, kind: str, inputs):
+        """Our scribbles/region layer of the case, checked against the images' grid (DiffSegError)."""
+        layer = self._our_layer(kind, inputs.case)
+        if layer is None:
+            return None
+        if kind == "scribbles":
+            shape = tuple(np.shape(layer.data))
+            if shape != tuple(inputs.display_shape):
+                raise DiffSegError(
+                    f"layer '{layer.name}' has shape {'x'.join(map(str, shape))} but the images are "
+                    f"{'x'.join(map(str, inputs.display_shape))}: delete it and press Scribble for a new one"
+                )
+        elif layer.ndim != inputs.spatial_ndim:
+            raise DiffSegError(
+                f"layer '{layer.name}' is {layer.ndim}D but the images are {inputs.spatial_ndim}D: "
+                "delete it and press Region for a new one"
+            )
+        return layer
+
+    def scribble(self, *_) -> None:
+        """Make (or select) '<case> scribbles' on the images' grid and paint with label 1 (tumour)."""
+        inputs = self._checked_inputs()
+        if inputs is None:
+            return
+        try:
+            layer = self._checked_mark_layer("scribbles", inputs)
+        except DiffSegError as exc:
+            self.notify(str(exc), "error")
+            return
+        if layer is None:
+            names = {0: "", **SCRIBBLE_NAMES}
+            layer = self.viewer.add_labels(
+                np.zeros(inputs.display_shape, np.uint8), name=ld.layer_name(inputs.case, "scribbles", True),
+                opacity=0.9, colormap=_scribble_colormap(),
+                # Hovering a mark shows its meaning in the status bar ("mark: tumour").
+                features={"index": list(names), "mark": list(names.values())},
+                **self._mark_layer_kwargs(inputs, "scribbles"))
+            layer.brush_size = max(3, min(inputs.display_shape[-2:]) // 40)
+        layer.visible = True
+        self.viewer.layers.selection.active = layer
+        layer.mode = "paint"
+        layer.selected_label = SCRIBBLE_TUMOUR
+        self.status.value = (f"paint in '{layer.name}': label 1 = tumour, 2 = not tumour (0 erases); "
+                             f"then Refine ({REFINE_KEY})")
+
+    def draw_region(self, *_) -> None:
+        """Make (or select) '<case> refine region' and switch to drawing rectangles."""
+        inputs = self._checked_inputs()
+        if inputs is None:
+            return
+        try:
+            layer = self._checked_mark_layer("region", inputs)
+        except DiffSegError as exc:
+            self.notify(str(exc), "error")
+            return
+        if layer is None:
+            layer = self.viewer.add_shapes(
+                None, ndim=inputs.spatial_ndim, name=ld.layer_name(inputs.case, "refine region", True),
+                edge_color=[REGION_RGBA], face_color=[(*REGION_RGBA[:3], 0.12)],
+                edge_width=max(1.0, min(inputs.display_shape[-2:]) / 160),
+                **self._mark_layer_kwargs(inputs, "region"))
+            layer.current_edge_color = REGION_RGBA
+            layer.current_face_color = (*REGION_RGBA[:3], 0.12)
+        layer.visible = True
+        self.viewer.layers.selection.active = layer
+        layer.mode = "add_rectangle"
+        self.status.value = (f"draw the region to redo in '{layer.name}' (rectangle; other shapes from the layer "
+                             "controls); outside it the accepted segmentation is kept")
+
+    def _region_mask(self, layer, inputs, z: int | None) -> np.ndarray | None:
+        """The region drawn on the slice (display order), or None when there is none."""
+        if layer is None or layer.nshapes == 0:
+            return None
+        masks = np.asarray(layer.to_masks(tuple(inputs.display_shape)), bool)
+        region = masks.any(axis=0)
+        if z is not None:
+            region = region[z]
+        return region if region.any() else None
+
+    def _build_refine_request(self) -> RunRequest | None:
+        """The request of a refine of the current slice (DiffSegError for bad layers), or None
+        (with a warning) when nothing is marked."""
+        request = self._build_request(current_slice=True)
+        inputs = request.inputs
+        z = request.z
+        scribbles = self._checked_mark_layer("scribbles", inputs)
+        region_layer = self._checked_mark_layer("region", inputs)
+        segmentation = self._our_layer("segmentation", inputs.case)
+        if segmentation is not None and tuple(segmentation.data.shape) != tuple(inputs.display_shape):
+            raise DiffSegError(
+                f"layer '{segmentation.name}' has shape {'x'.join(map(str, segmentation.data.shape))} but the "
+                f"images are {'x'.join(map(str, inputs.display_shape))}; rename or delete it, then refine again"
+            )
+
+        def on_slice(layer):
+            data = np.asarray(layer.data if z is None else layer.data[z])
+            return data
+
+        marks = np.zeros(inputs.display_shape[-2:], np.uint8) if scribbles is None else on_slice(scribbles)
+        region = self._region_mask(region_layer, inputs, z)
+        accepted = None if segmentation is None or region is None else on_slice(segmentation)
+        known = known_pixels(marks, accepted, region)
+        where = "this slice" if z is None else f"slice {z}"
+        if known.count == 0:
+            name = ld.layer_name(inputs.case, "scribbles", True)
+            self.notify(f"nothing to refine {where} with: paint tumour (1) or not-tumour (2) scribbles in '{name}' "
+                        "(the Scribble button), or draw a region (the Region button)", "warning")
+            return None
+        if known.ignored_labels:
+            inputs.warnings.append(f"scribble labels {', '.join(map(str, known.ignored_labels))} mean nothing "
+                                   "(1 = tumour, 2 = not tumour): ignored")
+        request.known_mask = np.ascontiguousarray(ld.to_core(known.mask))
+        request.known_values = np.ascontiguousarray(ld.to_core(known.values))
+        request.note = known.summary()
+        state = self.results.get(inputs.case)
+        if state is not None and state.spatial_shape == tuple(reversed(inputs.display_shape)):
+            members = state.members_for(z)
+            if members is not None:
+                request.init = np.array(members, np.float32)
+                request.num_ensemble = int(members.shape[0])  # the members' count, whatever the slider says
+        request.keep_samples = True  # one slice: small, and the next refine starts from them
+        return request
+
+    def refine(self, *_) -> None:
+        """Resample the current slice with the scribbles (and the accepted segmentation outside
+        the region) as known pixels; the proposal and uncertainty update as after a Run."""
+        if self.running:
+            return
+        try:
+            request = self._build_refine_request()
+        except DiffSegError as exc:
+            self.notify(str(exc), "error")
+            return
+        if request is None:
+            return
+        if request.model_path is None and not demo_model_available():
+            self.notify("no model: the bundled demo model is not installed; choose a checkpoint file (.pt) "
+                        "in the 'checkpoint' field", "error")
+            return
+        for warning in request.inputs.warnings:
+            self.notify(warning, "warning")
+        self._start(request)
+
+    def _update_hint_layer(self, state: ResultState, reference) -> None:
+        """'<case> next mark': a rectangle around each sampled slice's most uncertain region."""
+        spatial_ndim = len(state.spatial_shape)
+        rectangles = []
+        for z, hint in sorted(state.hints.items()):
+            corners = hint.rectangle()
+            if spatial_ndim == 3:
+                corners = np.column_stack([np.full(len(corners), float(z)), corners])
+            rectangles.append(corners)
+        layer = self._our_layer("hint", state.case)
+        if layer is not None and layer.ndim != spatial_ndim:
+            self.viewer.layers.remove(layer)
+            layer = None
+        if layer is None and not rectangles:
+            return
+        display_shape = tuple(reversed(state.spatial_shape))
+        width = max(1.0, min(display_shape[-2:]) / 120)
+        style = {"edge_color": [HINT_RGBA], "face_color": [(0.0, 0.0, 0.0, 0.0)], "edge_width": width}
+        if layer is None:
+            metadata = ld.derived_metadata(reference.metadata, "hint", state.case)
+            layer = self.viewer.add_shapes(
+                None, ndim=spatial_ndim, name=ld.layer_name(state.case, "next mark", True),
+                scale=tuple(reference.scale), translate=tuple(reference.translate),
+                axis_labels=ld.axis_labels(spatial_ndim), metadata=metadata, opacity=1.0,
+                text={"string": {"constant": "next mark"}, "color": HINT_RGBA, "anchor": "upper_left", "size": 9},
+                **style)
+            layer.mode = "pan_zoom"
+        elif layer.nshapes:
+            layer.selected_data = set(range(layer.nshapes))
+            layer.remove_selected()
+        if rectangles:
+            layer.add_rectangles(rectangles, **style)
 
     # -- review ---------------------------------------------------------------------------------
 

@@ -5,6 +5,10 @@
         # no display needed (re-runs itself under xvfb-run when there is none): saves
         # screenshot.png of the viewer (FLAIR with the proposal's outline and the uncertainty)
         # and the result NIfTIs (mask, probability, uncertainty)
+    python -m napari_diffseg.demo --refine
+        # then plays a user who scribbles into the largest missed and the largest wrongly
+        # included part (read off the ground truth) and presses Refine; with --headless it
+        # saves refine.png while the refine is under way (docs/refine.png is made so)
 
 It uses the bundled demo model and its default sampling settings unless told otherwise
 (--model, --flags, --steps, --ensemble, --sampler, --device, --seed). The widget's saved
@@ -61,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampler", choices=["", "ddpm", "ddim"], default="")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refine", action="store_true",
+                        help="after the run, scribble where the proposal is most wrong (from the ground truth) "
+                             "and refine; headless: save refine.png mid-refine")
     return parser
 
 
@@ -122,6 +129,69 @@ def show_overlay(viewer, widget) -> None:
     viewer.reset_view()
 
 
+def simulated_scribbles(truth, probability, width: int = 2, min_pixels: int = 20):
+    """Scribbles a user might draw (display order, 1 = tumour, 2 = not tumour): a short stroke
+    through the middle of the largest tumour part the ensemble mean misses (< 0.5) and of the
+    largest non-tumour part some members include (> 0.2), each along the row where that part is
+    thickest."""
+    import numpy as np
+    from scipy import ndimage
+
+    from ._session import SCRIBBLE_BACKGROUND, SCRIBBLE_TUMOUR
+
+    truth = np.asarray(truth) > 0
+    probability = np.asarray(probability)
+    marks = np.zeros(truth.shape, np.uint8)
+    for label, error in ((SCRIBBLE_TUMOUR, truth & (probability < 0.5)),
+                         (SCRIBBLE_BACKGROUND, ~truth & (probability > 0.2))):
+        parts, count = ndimage.label(error)
+        if count == 0:
+            continue
+        sizes = ndimage.sum_labels(error, parts, index=np.arange(1, count + 1))
+        biggest = parts == int(np.argmax(sizes)) + 1
+        if biggest.sum() < min_pixels:
+            continue
+        depth = ndimage.distance_transform_edt(biggest)
+        row, _ = np.unravel_index(int(np.argmax(depth)), depth.shape)
+        band = np.zeros_like(biggest)
+        band[max(0, row - width): row + width + 1] = True
+        # Keep off the part's edge, as a careful stroke would.
+        marks[band & (depth >= min(2.0, depth.max()))] = label
+    return marks
+
+
+def _refine_demo(viewer, widget) -> bool:
+    """Scribble where the proposal is most wrong and start a refine; False without ground truth
+    (or on a volume: the demo refines slices)."""
+    import numpy as np
+
+    from . import _layerdata as ld
+
+    truth = widget.truth_picker.value
+    state = widget.results.get(widget.current_case or "")
+    if truth is None or state is None or state.is_volume:
+        return False
+    widget.scribble()
+    scribbles = widget._our_layer("scribbles", widget.current_case)
+    marks = simulated_scribbles(truth.data, ld.to_display(state.probability))
+    if marks.shape != scribbles.data.shape:
+        return False
+    scribbles.data = marks
+    for layer in viewer.layers:
+        kind = (layer.metadata or {}).get(ld.KIND)
+        if kind == "uncertainty":
+            layer.visible = False  # the preview and the hint read better without the heatmap
+        if kind == "hint":
+            layer.visible = True
+    rows, cols = np.nonzero(np.asarray(truth.data) > 0)
+    if rows.size:  # close in on the tumour
+        centre = np.array([rows.mean(), cols.mean()])
+        viewer.scene.camera.center = tuple(np.asarray(truth.translate) + centre * np.asarray(truth.scale))
+        viewer.scene.camera.zoom *= 1.6
+    widget.refine()
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -136,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     import napari
+    from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
     from ._session import demo_model_available
@@ -167,7 +238,12 @@ def _run(args) -> int:
     widget.run()
     if not args.headless:
         if widget.worker is not None:  # after the widget has shown the result
-            widget.worker.returned.connect(lambda *_: show_overlay(viewer, widget))
+            def shown(*_):
+                show_overlay(viewer, widget)
+                if args.refine:
+                    QTimer.singleShot(500, lambda: _refine_demo(viewer, widget))  # after the run's end
+
+            widget.worker.returned.connect(shown)
         napari.run()
         return 0
     _process_events_until(app, lambda: not widget.running, timeout=3600)
@@ -186,10 +262,38 @@ def _run(args) -> int:
     print(f"{widget.status.value} ({time.monotonic() - started:.1f} s including the model load)")
     if widget.metrics_label.value:
         print(widget.metrics_label.value)
+    if args.refine:
+        written.extend(_headless_refine(viewer, widget, app, out))
     for path in written:
         print(f"wrote {path}")
     viewer.close()
     return 0
+
+
+def _headless_refine(viewer, widget, app, out: Path) -> list[Path]:
+    """Refine as a user would and save refine.png half-way through it."""
+    if not _refine_demo(viewer, widget):
+        raise DiffSegError("--refine needs a 2D sample with its ground truth to play the user's scribbles")
+    shot = out / "refine.png"
+    taken: list[Path] = []
+
+    def capture(progress) -> None:
+        # In the progress slot itself (after the widget's own, which drew the preview): waiting
+        # in the event loop instead could let a fast refine end and its preview go first.
+        if not taken and progress.step >= max(1, progress.total // 2):
+            _close_toasts(viewer.window._qt_window)
+            viewer.screenshot(str(shot), canvas_only=False)
+            taken.append(shot)
+
+    if widget.worker is None:
+        raise DiffSegError("the refine did not start: " + widget.status.value)
+    widget.worker.yielded.connect(capture)
+    _process_events_until(app, lambda: not widget.running, timeout=3600)
+    errors = [text for severity, text in widget.messages if severity == "error"]
+    if errors or not taken:
+        raise DiffSegError(errors[-1] if errors else "the refine ended before its preview could be captured")
+    print(widget.status.value)
+    return taken
 
 
 if __name__ == "__main__":

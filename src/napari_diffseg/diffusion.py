@@ -375,6 +375,7 @@ class Diffusion:
         start_step: int | None = None,
         known_mask: torch.Tensor | None = None,
         known_values: torch.Tensor | None = None,
+        self_condition: bool = False,
     ) -> Iterator[SamplerStep]:
         """Run the reverse chain from x_start down to step 0.
 
@@ -386,6 +387,8 @@ class Diffusion:
         they are replaced by the given values noised to the new step's level (RePaint), so
         the network fills in the rest consistently with them; at the end they equal the
         values exactly.
+        ``self_condition``: the model also takes the previous step's (clipped) x0 estimate,
+        called as ``denoise(x_t, model_timesteps, x0_prev)`` (None at the first step).
         Yields a :class:`SamplerStep` after every step, so callers can show progress and
         stop early; the last one's ``x`` is the sample.
         """
@@ -406,9 +409,12 @@ class Diffusion:
 
         x = x_start if known is None else impose(x_start, first)
         total = first + 1
+        x0_prev = None
         for count, t in enumerate(reversed(range(total))):
             model_t = self.model_timesteps(t, x.shape[0], x.device)
-            out = self.p_mean_variance(denoise(x, model_t).to(x.dtype), x, t, clip=clip, clip_range=clip_range)
+            output = denoise(x, model_t, x0_prev) if self_condition else denoise(x, model_t)
+            out = self.p_mean_variance(output.to(x.dtype), x, t, clip=clip, clip_range=clip_range)
+            x0_prev = out["pred_x0"]
             needs_noise = t > 0 and (sampler == "ddpm" or eta > 0)
             noise = draw_noise() if needs_noise else None
             if sampler == "ddpm":

@@ -94,12 +94,15 @@ def sample_ensemble(
     with torch.inference_mode(), autocast_context(device, precision):
         condition = model.encode_condition(images.to(memory_format=layout))
 
-        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return model.forward_conditioned(x.to(memory_format=layout), t, condition).float()
+        def denoise(x: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+            if x0_prev is not None:
+                x0_prev = x0_prev.to(memory_format=layout)
+            return model.forward_conditioned(x.to(memory_format=layout), t, condition, x0_prev).float()
 
+        self_condition = bool(getattr(getattr(model, "config", None), "self_condition", False))
         yield from diffusion.sample(denoise, x_start, draw_noise=draw, sampler=sampler, eta=eta, clip=clip,
                                      clip_range=clip_range, start_step=start_step, known_mask=known_mask,
-                                     known_values=known_values)
+                                     known_values=known_values, self_condition=self_condition)
 
 
 def ensemble_statistics(samples: torch.Tensor, threshold: float = THRESHOLD):

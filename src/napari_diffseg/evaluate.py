@@ -118,10 +118,20 @@ def score_case(members: np.ndarray, truth: np.ndarray, spacing=None, radius: flo
         "auroc_variance_error_all": float(auroc["all"]),
         "slice_variance_dice_pearson": float(correlation),
         "tumour_slices": int(tumour_slices),
+        "empty_tumour_slices": empty_tumour_slices(mask, truth),
         "truth_voxels": int(truth.sum()),
         "predicted_voxels": int(mask.sum()),
         "mean_variance_in_mask_or_truth": float(variance[mask | truth].mean()) if (mask | truth).any() else 0.0,
     }
+
+
+def empty_tumour_slices(mask: np.ndarray, truth: np.ndarray) -> int:
+    """Slices (the last axis of a volume; a 2D case is one slice) where the truth holds tumour
+    and the mask holds none: a whole lesion section missed."""
+    if truth.ndim < 3:
+        return int(truth.any() and not mask.any())
+    depth = truth.shape[-1]
+    return int((truth.reshape(-1, depth).any(axis=0) & ~mask.reshape(-1, depth).any(axis=0)).sum())
 
 
 def dice_by_ensemble_size(members: np.ndarray, truth: np.ndarray, sizes, threshold: float = THRESHOLD) -> dict:
@@ -397,7 +407,8 @@ def render_markdown(report: dict) -> str:
              f"## Per case (ensemble of {s['num_ensemble']}, {s['steps']} steps, {s['sampler']})", ""]
     lines += _case_table(rows, overall)
     lines += ["", f"HD95 undefined (one mask empty) in {overall['hd95_nan_cases']} case(s); "
-              "those are left out of the mean.", ""]
+              "those are left out of the mean.",
+              f"Slices with tumour in the truth and an empty mask: {overall.get('empty_tumour_slices', 0)}.", ""]
     sizes = report["dice_vs_ensemble_size"]
     lines += ["## Dice vs ensemble size (first k members of one run)", "", "| k | mean Dice |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in sizes.items()]
@@ -475,6 +486,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
 
     overall = summarise(rows)
+    overall["empty_tumour_slices"] = int(sum(r["empty_tumour_slices"] for r in rows))
     by_size = {k: float(np.mean([r["dice_by_ensemble_size"][k] for r in rows])) for k in sizes if k <= num_run}
     plot_dice_vs_ensemble(rows, out_dir / "dice_vs_ensemble.png")
 
@@ -523,6 +535,7 @@ def main(argv=None) -> int:
     print("\n".join(_case_table(rows, overall)))
     final = {key: overall[key] for key in SUMMARY_KEYS}
     final.update(cases=len(rows), hd95_nan_cases=overall["hd95_nan_cases"],
+                 empty_tumour_slices=overall["empty_tumour_slices"],
                  dice_vs_ensemble_size=by_size, report=str(out_dir / "report.json"))
     if sweep:
         final["dice_vs_steps"] = {s["steps"]: s["dice_ensemble"] for s in sweep}

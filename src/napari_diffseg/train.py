@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this (0: no clipping)")
     recipe.add_argument("--x0_loss_weight", type=float, default=0.0,
                         help="add this weight x (soft Dice + BCE) of the model's x0 estimate to the diffusion loss")
+    recipe.add_argument("--self_condition", action="store_true",
+                        help="the network also sees the previous step's x0 estimate (an extra input channel; zeros "
+                        "at the first step; half the training steps see a detached estimate); stored in the model")
     return parser
 
 
@@ -254,7 +257,10 @@ class Trainer:
         self.segmentation = args.objective == "segmentation"
         if self.segmentation:
             flags["learn_sigma"] = False  # one output channel: the mask logit
-        self.unet_config = UNetConfig.from_flags({**flags, "norm_groups": args.norm_groups})
+        if self.segmentation and args.self_condition:
+            raise DiffSegError("--self_condition is for the diffusion objective; leave it out with --objective segmentation")
+        self.unet_config = UNetConfig.from_flags({**flags, "norm_groups": args.norm_groups,
+                                                  "self_condition": args.self_condition})
         self.diffusion_config = DiffusionConfig.from_flags(flags)
         self.geometry = Geometry(crop_border=args.crop_border, resize_to=args.resize_to or None)
         self.sampling = {**DEFAULT_SAMPLING, "timestep_respacing": args.sample_respacing,
@@ -386,14 +392,28 @@ class Trainer:
         x = torch.cat([images, x_t], dim=1)
         if self.args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        x0_prev = None
+        if self.unet_config.self_condition:
+            x0_prev = self._self_condition_input(x, t, x_t, generator)
         with autocast_context(self.device, self.args.precision):
-            output = self.net(x, t)
+            output = self.net(x, t, x0_prev)
         losses = self.diffusion.training_losses(output.float(), masks, x_t, t, noise)
         if self.args.x0_loss_weight > 0:
             x0_loss = x0_dice_bce(self.diffusion.x0_estimate(output.float(), x_t, t), masks)
             losses["x0_loss"] = x0_loss
             losses["loss"] = losses["loss"] + self.args.x0_loss_weight * x0_loss
         return losses
+
+    def _self_condition_input(self, x, t, x_t, generator: torch.Generator) -> torch.Tensor:
+        """The x0-estimate channel: for half the samples the model's own detached estimate
+        without it (what sampling feeds from the previous step), zeros for the rest (what the
+        first step sees)."""
+        with torch.no_grad(), autocast_context(self.device, self.args.precision):
+            first = self.net(x, t, torch.zeros_like(x_t)).float()
+        clip = self.sampling["clip_range"]
+        estimate = self.diffusion.x0_estimate(first, x_t, t).clamp(*clip)
+        use = (torch.rand(x_t.shape[0], generator=generator) < 0.5).to(self.device)
+        return torch.where(use.reshape(-1, 1, 1, 1), estimate, torch.zeros_like(estimate))
 
     def train_step(self) -> dict[str, float]:
         rng = np.random.default_rng(_step_seed(self.args.seed, self.rank, self.step))

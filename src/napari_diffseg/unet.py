@@ -46,6 +46,9 @@ class UNetConfig:
     # norm removes each feature map's spatial mean, and the network cannot see a uniform offset
     # of the noisy mask: chains then drift to all-tumour unchecked. Fewer groups keep it visible.
     norm_groups: int = 32
+    # Not a reference flag: one more input channel, the previous step's x0 estimate (Chen et
+    # al., Analog Bits): each step sees what the chain already decided.
+    self_condition: bool = False
 
     @classmethod
     def from_flags(cls, flags: dict) -> "UNetConfig":
@@ -63,6 +66,11 @@ class UNetConfig:
     @property
     def cond_channels(self) -> int:
         return self.in_channels - 1
+
+    @property
+    def stem_channels(self) -> int:
+        """Input channels of the first layer: images, noisy mask, and x0 estimate if self-conditioned."""
+        return self.in_channels + int(self.self_condition)
 
     @property
     def mults(self) -> tuple[float, ...]:
@@ -265,7 +273,7 @@ class UNet(nn.Module):
 
         ch = int(mults[0] * ch0)
         self.input_blocks = nn.ModuleList(
-            [EmbeddedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))]
+            [EmbeddedSequential(nn.Conv2d(cfg.stem_channels, ch, 3, padding=1))]
         )
         skip_channels = [ch]
         ds = 1
@@ -302,8 +310,11 @@ class UNet(nn.Module):
         )
 
     # -- forward paths -------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_channels, H, W), images then noisy mask; t: (B,) integer timesteps."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, in_channels, H, W), images then noisy mask; t: (B,) integer timesteps;
+        x0_prev: (B, 1, H, W) the previous x0 estimate of a self-conditioned model (None: zeros)."""
+        if self.config.self_condition:
+            x = torch.cat([x, torch.zeros_like(x[:, :1]) if x0_prev is None else x0_prev.to(x.dtype)], dim=1)
         return self._body(self.input_blocks[0](x, None), t)
 
     @property
@@ -322,13 +333,17 @@ class UNet(nn.Module):
         return F.conv2d(images, stem.weight[:, :n], stem.bias, padding=1)
 
     def forward_conditioned(
-        self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor
+        self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, x0_prev: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x_t: (S*N, 1, H, W) noisy masks of N chains for each of S images;
-        condition: (S, C, H, W) from :meth:`encode_condition`. Same result as :meth:`forward`."""
+        condition: (S, C, H, W) from :meth:`encode_condition`; x0_prev: (S*N, 1, H, W) the
+        chains' previous x0 estimates (self-conditioned models; None: zeros). Same result as
+        :meth:`forward`."""
         stem = self._stem
         n = self.config.cond_channels
-        h = F.conv2d(x_t, stem.weight[:, n:], None, padding=1)
+        h = F.conv2d(x_t, stem.weight[:, n : n + 1], None, padding=1)
+        if self.config.self_condition and x0_prev is not None:  # zeros add nothing
+            h = h + F.conv2d(x0_prev.to(x_t.dtype), stem.weight[:, n + 1 : n + 2], None, padding=1)
         s = condition.shape[0]
         h = (h.unflatten(0, (s, -1)) + condition[:, None]).flatten(0, 1)
         return self._body(h, t)

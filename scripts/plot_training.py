@@ -1,7 +1,7 @@
 """Plot the training curves of the demo model and the U-Net baseline from their progress CSVs.
 
-    python scripts/plot_training.py [--demo docs/demo_training_progress.csv]
-        [--baseline docs/baseline_training_progress.csv] [--out docs/evaluation/training_curves.png]
+    python scripts/plot_training.py [--demo docs/evaluation/training_progress.csv]
+        [--baseline docs/evaluation/baseline_training_progress.csv] [--out docs/evaluation/training_curves.png]
 
 diffseg-train writes progress.csv (one row per log interval; val_loss on save steps only).
 """
@@ -32,20 +32,27 @@ def plot_curves(axes, columns: dict, names: list[str], title: str) -> None:
             axes.plot(steps, values, "o-" if name == "val_loss" else "-", ms=3, lw=1, label=name)
     axes.set_yscale("log")
     axes.set_xlabel("training step")
+    if "lr" in columns:  # the schedule, on its own linear axis
+        steps, values = zip(*columns["lr"])
+        twin = axes.twinx()
+        twin.plot(steps, values, "k--", lw=0.8, label="lr")
+        twin.set_ylabel("learning rate", fontsize=8)
+        twin.tick_params(labelsize=7)
     axes.set_title(title, fontsize=10)
     axes.legend(fontsize=8)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--demo", type=Path, default=Path("docs/demo_training_progress.csv"))
-    parser.add_argument("--baseline", type=Path, default=Path("docs/baseline_training_progress.csv"))
+    parser.add_argument("--demo", type=Path, default=Path("docs/evaluation/training_progress.csv"))
+    parser.add_argument("--baseline", type=Path, default=Path("docs/evaluation/baseline_training_progress.csv"))
     parser.add_argument("--out", type=Path, default=Path("docs/evaluation/training_curves.png"))
     args = parser.parse_args()
     plt = _pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
     demo = read_progress(args.demo)
-    plot_curves(left, demo, ["loss", "mse", "val_loss"], "diffusion demo model (hybrid loss; val: fixed t and noise)")
+    plot_curves(left, demo, ["loss", "mse", "vb", "val_loss"],
+                "diffusion model (MSE on x0 + variational bound; val: fixed t and noise)")
     left.set_ylabel("loss")
     plot_curves(right, read_progress(args.baseline), ["loss", "bce", "dice_loss", "val_loss"],
                 "U-Net baseline (BCE + soft Dice)")

@@ -265,7 +265,8 @@ def time_sampler(cfg: Config, device: torch.device, num_ensemble: int, warmup: i
     warm = min(max(warmup, 1 if compiled else 0), diffusion.num_timesteps - 1)
     total = min(warm + steps, diffusion.num_timesteps)
     generator = sample_ensemble(model, diffusion, cfg.images, num_ensemble, seed=SEED, sampler=sampler,
-                                precision=precision, clip_range=tuple(clip_range))
+                                precision=precision, clip_range=tuple(clip_range),
+                                clamp_variance=bool(cfg.preset.get("clamp_variance", False)))
     extra = {}
     try:
         with common.PeakMemory(device) as mem:

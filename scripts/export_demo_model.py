@@ -28,7 +28,8 @@ def main() -> None:
     weights = payload["weights"]
     payload["weights"] = {"model": weights.get("ema") or weights["model"]}
     payload["sampling"] = {"timestep_respacing": args.respacing, "sampler": args.sampler,
-                           "num_ensemble": args.num_ensemble, "clip_range": list(MASK_CLIP_RANGE)}
+                           "num_ensemble": args.num_ensemble, "clip_range": list(MASK_CLIP_RANGE),
+                           "clamp_variance": True}
     payload["citation"] = CITATION
     payload.pop("train_args", None)
     atomic_save(payload, args.out)

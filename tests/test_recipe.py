@@ -269,3 +269,28 @@ def test_self_condition_flag_is_stored_and_sampled(phantom_dir, tmp_path):
     # The deterministic baseline has no chain to condition on.
     assert train.main(["--data_dir", str(phantom_dir), "--out_dir", str(tmp_path / "b"), "--max_steps", "1",
                        "--self_condition", "--objective", "segmentation", *TINY_FLAGS]) == 2
+
+
+# -- the learned variance's range ---------------------------------------------------------------
+
+def test_clamped_variance_stays_between_its_bounds_and_the_reference_default_extrapolates():
+    diffusion = Diffusion.from_config(DiffusionConfig(), "10")
+    x_t = torch.zeros(1, 1, 4, 4)
+    output = torch.zeros(1, 2, 4, 4)
+    output[:, 1] = 25.0  # a drifted v, as a briefly trained x0 model showed at some pixels
+    t = 3
+    low = diffusion.arrays["posterior_log_variance_clipped"][t]
+    high = diffusion.arrays["log_betas"][t]
+    free = diffusion.p_mean_variance(output, x_t, t)["log_variance"]
+    clamped = diffusion.p_mean_variance(output, x_t, t, clamp_variance=True)["log_variance"]
+    assert float(free.max()) > high + 1.0  # far past beta_t
+    assert torch.allclose(clamped, torch.full_like(clamped, float(high)))
+    output[:, 1] = -0.5  # inside the range: unchanged
+    inside = diffusion.p_mean_variance(output, x_t, t, clamp_variance=True)["log_variance"]
+    assert torch.allclose(inside, diffusion.p_mean_variance(output, x_t, t)["log_variance"])
+    assert low < float(inside.mean()) < high
+
+
+def test_models_trained_here_clamp_the_variance_and_reference_ones_do_not(x0_run):
+    assert checkpoint.load_model(x0_run / "model.pt").sampling["clamp_variance"] is True
+    assert checkpoint.DEFAULT_SAMPLING["clamp_variance"] is False

@@ -28,7 +28,8 @@ FORMAT_VERSION = 1
 DEMO_MODEL = Path(__file__).parent / "weights" / "demo_brats2d.pt"
 
 # Sampler settings a checkpoint falls back to when it records none (the paper's method).
-DEFAULT_SAMPLING = {"timestep_respacing": "", "sampler": "ddpm", "num_ensemble": 5, "clip_range": [-1.0, 1.0]}
+DEFAULT_SAMPLING = {"timestep_respacing": "", "sampler": "ddpm", "num_ensemble": 5, "clip_range": [-1.0, 1.0],
+                    "clamp_variance": False}
 # Models trained here clip the x0 estimate to the mask's own range {0, 1}: with the
 # reference's [-1, 1], chains of a briefly trained model drift to negative masks.
 MASK_CLIP_RANGE = [0.0, 1.0]

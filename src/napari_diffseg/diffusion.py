@@ -282,14 +282,20 @@ class Diffusion:
 
     def p_mean_variance(
         self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, clip: bool = True,
-        clip_range: tuple[float, float] = (-1.0, 1.0),
+        clip_range: tuple[float, float] = (-1.0, 1.0), clamp_variance: bool = False,
     ) -> dict[str, torch.Tensor]:
         """p(x_{t-1} | x_t) from the network output (eps or x0, and v when sigma is learned).
 
         ``clip_range`` bounds the x0 estimate: the reference keeps the image code's [-1, 1];
-        a {0, 1} mask is better served by [0, 1] (our checkpoints record which)."""
+        a {0, 1} mask is better served by [0, 1] (our checkpoints record which).
+        ``clamp_variance`` keeps the learned variance inside its range [beta~_t, beta_t]. The
+        reference extrapolates v freely; the loss barely constrains v where the two bounds
+        nearly agree (most of a 1000-step chain), but a respaced chain's bounds lie far apart,
+        and a drifted v then blows the chain up (seen: v = 25, chains at +-inf in 10 steps)."""
         if self.learn_sigma:
             v = model_output[:, 1:2]
+            if clamp_variance:
+                v = v.clamp(-1.0, 1.0)
             frac = (v + 1) / 2
             log_variance = frac * self._coef("log_betas", t, x_t) + (1 - frac) * self._coef(
                 "posterior_log_variance_clipped", t, x_t
@@ -372,6 +378,7 @@ class Diffusion:
         eta: float = 0.0,
         clip: bool = True,
         clip_range: tuple[float, float] = (-1.0, 1.0),
+        clamp_variance: bool = False,
         start_step: int | None = None,
         known_mask: torch.Tensor | None = None,
         known_values: torch.Tensor | None = None,
@@ -413,7 +420,8 @@ class Diffusion:
         for count, t in enumerate(reversed(range(total))):
             model_t = self.model_timesteps(t, x.shape[0], x.device)
             output = denoise(x, model_t, x0_prev) if self_condition else denoise(x, model_t)
-            out = self.p_mean_variance(output.to(x.dtype), x, t, clip=clip, clip_range=clip_range)
+            out = self.p_mean_variance(output.to(x.dtype), x, t, clip=clip, clip_range=clip_range,
+                                       clamp_variance=clamp_variance)
             x0_prev = out["pred_x0"]
             needs_noise = t > 0 and (sampler == "ddpm" or eta > 0)
             noise = draw_noise() if needs_noise else None

@@ -47,6 +47,7 @@ def sample_ensemble(
     precision: str = "fp32",
     clip: bool = True,
     clip_range: tuple[float, float] = (-1.0, 1.0),
+    clamp_variance: bool = False,
     known_mask: torch.Tensor | None = None,
     known_values: torch.Tensor | None = None,
     start_step: int | None = None,
@@ -101,7 +102,7 @@ def sample_ensemble(
 
         self_condition = bool(getattr(getattr(model, "config", None), "self_condition", False))
         yield from diffusion.sample(denoise, x_start, draw_noise=draw, sampler=sampler, eta=eta, clip=clip,
-                                     clip_range=clip_range, start_step=start_step, known_mask=known_mask,
+                                     clip_range=clip_range, clamp_variance=clamp_variance, start_step=start_step, known_mask=known_mask,
                                      known_values=known_values, self_condition=self_condition)
 
 

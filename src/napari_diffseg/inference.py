@@ -300,7 +300,8 @@ class Segmenter:
                     guide.update(start_step=start_step)
                 steps = sample_ensemble(self.model, diffusion, net_in, num_ensemble, seed=seed, slice_keys=zs,
                                         sampler=sampler, eta=eta, precision=precision,
-                                        clip_range=tuple(self.defaults["clip_range"]), **guide)
+                                        clip_range=tuple(self.defaults["clip_range"]),
+                                        clamp_variance=bool(self.defaults.get("clamp_variance", False)), **guide)
                 final = None
                 for step in steps:
                     final = step

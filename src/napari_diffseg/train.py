@@ -264,7 +264,7 @@ class Trainer:
         self.diffusion_config = DiffusionConfig.from_flags(flags)
         self.geometry = Geometry(crop_border=args.crop_border, resize_to=args.resize_to or None)
         self.sampling = {**DEFAULT_SAMPLING, "timestep_respacing": args.sample_respacing,
-                         "clip_range": list(MASK_CLIP_RANGE)}
+                         "clip_range": list(MASK_CLIP_RANGE), "clamp_variance": True}
         if self.segmentation:
             self.sampling["num_ensemble"] = 1
         self.loss_terms = ("bce", "dice_loss") if self.segmentation else ("mse", "vb")

@@ -10,7 +10,8 @@
 # channels the network cannot see a uniform offset of the noisy mask; docs/evaluation).
 # The recipe (docs/evaluation/README.md): the network predicts x0, 70 % of each batch comes
 # from tumour slices, lr 1e-3 with a 200-step warm-up and cosine decay to zero, gradient
-# norm clipped to 1, batch 16.
+# norm clipped to 1, batch 16. Flags given to this script come last and override these
+# (scripts/ablation.sh changes one lever at a time that way).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BRATS_DIR=${BRATS_DIR:-../shared/brats18}
@@ -42,4 +43,4 @@ RESUME=()
   --lr_schedule cosine --warmup_steps 200 --grad_clip 1.0 --tumour_fraction 0.7 \
   --precision bf16 --channels_last --augment --seed 0 \
   --save_interval 250 --log_interval 25 --max_minutes "$MINUTES" --sample_respacing 10 \
-  --objective "$OBJECTIVE" --threads "$THREADS" --norm_groups "$NORM_GROUPS" "${RESUME[@]}"
+  --objective "$OBJECTIVE" --threads "$THREADS" --norm_groups "$NORM_GROUPS" "${RESUME[@]}" "$@"

@@ -1017,16 +1017,23 @@ class DiffSegWidget(QWidget):
             )
         return layer
 
-    def scribble(self, *_) -> None:
-        """Make (or select) '<case> scribbles' on the images' grid and paint with label 1 (tumour)."""
+    def _inputs_and_mark_layer(self, kind: str):
+        """(inputs, the existing mark layer or None), or None after telling the user what is wrong."""
         inputs = self._checked_inputs()
         if inputs is None:
-            return
+            return None
         try:
-            layer = self._checked_mark_layer("scribbles", inputs)
+            return inputs, self._checked_mark_layer(kind, inputs)
         except DiffSegError as exc:
             self.notify(str(exc), "error")
+            return None
+
+    def scribble(self, *_) -> None:
+        """Make (or select) '<case> scribbles' on the images' grid and paint with label 1 (tumour)."""
+        found = self._inputs_and_mark_layer("scribbles")
+        if found is None:
             return
+        inputs, layer = found
         if layer is None:
             names = {0: "", **SCRIBBLE_NAMES}
             layer = self.viewer.add_labels(
@@ -1045,14 +1052,10 @@ class DiffSegWidget(QWidget):
 
     def draw_region(self, *_) -> None:
         """Make (or select) '<case> refine region' and switch to drawing rectangles."""
-        inputs = self._checked_inputs()
-        if inputs is None:
+        found = self._inputs_and_mark_layer("region")
+        if found is None:
             return
-        try:
-            layer = self._checked_mark_layer("region", inputs)
-        except DiffSegError as exc:
-            self.notify(str(exc), "error")
-            return
+        inputs, layer = found
         if layer is None:
             layer = self.viewer.add_shapes(
                 None, ndim=inputs.spatial_ndim, name=ld.layer_name(inputs.case, "refine region", True),

@@ -49,7 +49,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/evaluation/training_curves.png"))
     args = parser.parse_args()
     plt = _pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    figure.subplots_adjust(wspace=0.45)
     demo = read_progress(args.demo)
     plot_curves(left, demo, ["loss", "mse", "vb", "val_loss"],
                 "diffusion model (MSE on x0 + variational bound; val: fixed t and noise)")

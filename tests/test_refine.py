@@ -136,3 +136,9 @@ def test_segmenter_refine_rejects_misshapen_marks():
         run_to_end(segmenter.run(images, known_mask=np.zeros((10, 10), bool), known_values=np.zeros((10, 10))))
     with pytest.raises(DiffSegError, match="members to refine"):
         run_to_end(segmenter.run(images, init=np.zeros((2, 20, 20)), start_step=3))
+
+
+def test_a_one_step_chain_samples(model):
+    diffusion = Diffusion.from_config(DiffusionConfig(), "1")
+    steps = list(sample_ensemble(model, diffusion, _images(), 2, seed=0, clip_range=(0.0, 1.0)))
+    assert len(steps) == 1 and torch.isfinite(steps[0].x).all()

@@ -181,6 +181,9 @@ class Diffusion:
         ac = np.cumprod(alphas)
         ac_prev = np.append(1.0, ac[:-1])
         post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+        # beta~_0 is 0; its log is replaced by beta~_1's so the learned range stays finite
+        # (a one-step chain has no beta~_1: beta_0 stands in).
+        first_var = post_var[1] if len(betas) > 1 else betas[0]
         arrays = {
             "betas": betas,
             "log_betas": np.log(betas),
@@ -191,12 +194,11 @@ class Diffusion:
             "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
             "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1.0),
             "posterior_variance": post_var,
-            # beta~_0 is 0; its log is replaced by beta~_1's so the learned range stays finite.
-            "posterior_log_variance_clipped": np.log(np.append(post_var[1], post_var[1:])),
+            "posterior_log_variance_clipped": np.log(np.append(first_var, post_var[1:])),
             "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
             "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
-            "fixed_large_variance": np.append(post_var[1], betas[1:]),
-            "fixed_large_log_variance": np.log(np.append(post_var[1], betas[1:])),
+            "fixed_large_variance": np.append(first_var, betas[1:]),
+            "fixed_large_log_variance": np.log(np.append(first_var, betas[1:])),
         }
         self.arrays = arrays
         self._device_cache: dict[torch.device, dict[str, torch.Tensor]] = {}

@@ -102,8 +102,8 @@ def sample_ensemble(
 
         self_condition = bool(getattr(getattr(model, "config", None), "self_condition", False))
         yield from diffusion.sample(denoise, x_start, draw_noise=draw, sampler=sampler, eta=eta, clip=clip,
-                                     clip_range=clip_range, clamp_variance=clamp_variance, start_step=start_step, known_mask=known_mask,
-                                     known_values=known_values, self_condition=self_condition)
+                                     clip_range=clip_range, clamp_variance=clamp_variance, start_step=start_step,
+                                     known_mask=known_mask, known_values=known_values, self_condition=self_condition)
 
 
 def ensemble_statistics(samples: torch.Tensor, threshold: float = THRESHOLD):

@@ -352,6 +352,12 @@ def _slice_choice(value: str) -> str | slice:
     return value if value in ("brain", "tumour") else slice_range(value)
 
 
+def _slices_text(slab: str | slice) -> str:
+    if isinstance(slab, str):
+        return slab
+    return f"{'' if slab.start is None else slab.start}:{'' if slab.stop is None else slab.stop}"
+
+
 def restrict_case(case: data.Case, slab: str | slice) -> data.Case:
     """The case cut to a slab of its last axis (a volume and --slices START:STOP), else itself."""
     if not isinstance(slab, slice) or not case.is_volume:
@@ -512,7 +518,7 @@ def main(argv=None) -> int:
         "data_dir": str(args.data_dir), "num_ensemble": args.num_ensemble, "members_sampled": num_run,
         "ensemble_sizes": sizes, "timestep_respacing": respacing, "steps": 1 if deterministic else segmenter.num_steps(respacing),
         "sampler": sampler_name, "eta": args.eta, "seed": args.seed, "device": str(segmenter.device),
-        "precision": args.precision, "compile": args.compile, "slices": args.slices if isinstance(args.slices, str) else f"{args.slices.start or ''}:{args.slices.stop or ''}", "radius": args.radius, "threshold": THRESHOLD,
+        "precision": args.precision, "compile": args.compile, "slices": _slices_text(args.slices), "radius": args.radius, "threshold": THRESHOLD,
         "max_cases": args.max_cases, "sweep": args.sweep,
         "sweep_steps": args.sweep_steps if args.sweep else None,
         "sweep_ensemble": args.sweep_ensemble if args.sweep else None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import os
 import signal
@@ -54,9 +55,9 @@ class SliceSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    @property
+    @functools.cached_property
     def tumour_indices(self) -> np.ndarray:
-        """Rows whose mask holds any tumour pixel."""
+        """Rows whose mask holds any tumour pixel (computed once: the set never changes)."""
         return np.flatnonzero(self.masks.flatten(1).amax(1).numpy() > 0)
 
     def draw(self, rng: np.random.Generator, size: int, tumour_fraction: float = 0.0) -> np.ndarray:

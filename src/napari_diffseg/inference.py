@@ -287,9 +287,11 @@ class Segmenter:
             else:
                 guide = {}
                 if known_mask is not None:
+                    known_in = self._slices(known_mask, zs) > 0.5  # (S, 1, H, W), the input's grid
+                    values_in = self._slices(known_values, zs)
                     # Resampled to the network's grid; a pixel counts as known where most of it is.
-                    km = geometry.to_network(self._slices(known_mask, zs), multiple, is_mask=True).to(self.device)
-                    kv = geometry.to_network(self._slices(known_values, zs), multiple, is_mask=True).to(self.device)
+                    km = geometry.to_network(known_in.float(), multiple, is_mask=True).to(self.device)
+                    kv = geometry.to_network(values_in, multiple, is_mask=True).to(self.device)
                     guide.update(known_mask=km > 0.5, known_values=kv)
                 if init is not None:
                     members_in = torch.from_numpy(np.ascontiguousarray(np.moveaxis(init[..., zs], -1, 0)))
@@ -318,9 +320,8 @@ class Segmenter:
                 back = back.reshape(num_ensemble, len(zs), height, width)
                 if known_mask is not None:
                     # Exact at the input's own resolution, whatever the resampling did.
-                    km = torch.from_numpy(np.moveaxis(known_mask[..., zs], -1, 0)).to(back.device)
-                    kv = torch.from_numpy(np.moveaxis(known_values[..., zs], -1, 0)).to(back.device, back.dtype)
-                    back = torch.where(km[None], kv[None], back)
+                    back = torch.where(known_in[:, 0].to(back.device)[None],
+                                       values_in[:, 0].to(back.device, back.dtype)[None], back)
                 mean, var, _ = ensemble_statistics(back)
             mean_np, var_np = mean.cpu().numpy(), var.cpu().numpy()
             for i, z in enumerate(zs):

@@ -8,6 +8,8 @@ one a not-tumour scribble. Then
 
 * **refine**: the slice is resampled with every scribble so far as known pixels, starting from
   the current members noised to ``--start_step`` (``Segmenter.run(known_mask=..., init=...)``);
+  With ``--region_margin M`` the user also draws a box around the error region (M pixels beyond
+  it) and only the box is resampled: outside it the current mask is kept (the widget's Region);
 * **by hand**: the scribbled pixels alone overwrite the current mask, nothing is resampled.
 
 Each row gets its scribbles from its own errors. Reported: Dice after 0, 1, 3 and 5 rounds,
@@ -36,9 +38,9 @@ THRESHOLDS = (0.85, 0.90)
 REPORT_ROUNDS = (0, 1, 3, 5)
 
 
-def next_scribble(mask: np.ndarray, truth: np.ndarray, radius: int) -> tuple[np.ndarray, int] | None:
-    """The disk (bool, mask-shaped) at the centre of the largest error region, and its label
-    (1: a missed tumour region, 0: a false one); None when the mask has no error."""
+def largest_error(mask: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """The largest connected error region of the mask (bool) and the label it should have (1: a
+    missed tumour region, 0: a false one); None when the mask has no error."""
     best = None
     for value, error in ((1, truth & ~mask), (0, mask & ~truth)):
         labels, count = ndimage.label(error)
@@ -48,9 +50,16 @@ def next_scribble(mask: np.ndarray, truth: np.ndarray, radius: int) -> tuple[np.
         k = int(np.argmax(sizes))
         if best is None or sizes[k] > best[0]:
             best = (sizes[k], value, labels == k + 1)
-    if best is None:
+    return None if best is None else (best[2], best[1])
+
+
+def next_scribble(mask: np.ndarray, truth: np.ndarray, radius: int) -> tuple[np.ndarray, int] | None:
+    """The disk (bool, mask-shaped) at the centre of the largest error region, and its label
+    (1: a missed tumour region, 0: a false one); None when the mask has no error."""
+    found = largest_error(mask, truth)
+    if found is None:
         return None
-    _, value, region = best
+    region, value = found
     # The interior point farthest from the region's border (of several, the one nearest the
     # region's centroid): a click a person would make.
     inside = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
@@ -60,6 +69,15 @@ def next_scribble(mask: np.ndarray, truth: np.ndarray, radius: int) -> tuple[np.
     cy, cx = ys[k], xs[k]
     yy, xx = np.ogrid[: mask.shape[0], : mask.shape[1]]
     return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2, value
+
+
+def region_box(region: np.ndarray, margin: int) -> np.ndarray:
+    """The bounding box of ``region`` grown by ``margin`` pixels: the rectangle a user draws
+    around the error to refine only there (the widget's Region)."""
+    ys, xs = np.nonzero(region)
+    box = np.zeros(region.shape, bool)
+    box[max(0, ys.min() - margin) : ys.max() + margin + 1, max(0, xs.min() - margin) : xs.max() + margin + 1] = True
+    return box
 
 
 def rounds_to(dices: list[float], threshold: float, cap: int) -> int:
@@ -86,14 +104,19 @@ def simulate(segmenter, images: np.ndarray, truth: np.ndarray, args) -> dict:
                 dices.append(dices[-1])
                 continue
             disk, value = mark
+            box = None if args.region_margin is None else region_box(largest_error(mask, truth)[0], args.region_margin)
             known |= disk
             values[disk] = value
             if mode == "by_hand":
                 mask = np.where(known, values > 0.5, mask)
             else:
+                fixed, fixed_values = known, values
+                if box is not None:  # outside the drawn region the current mask stays as it is
+                    fixed = known | ~box
+                    fixed_values = np.where(known, values, mask).astype(np.float32)
                 t0 = time.perf_counter()
                 result = run_to_end(segmenter.run(images, num_ensemble=args.ensemble, seed=args.seed + len(dices),
-                                                  known_mask=known, known_values=values, init=members,
+                                                  known_mask=fixed, known_values=fixed_values, init=members,
                                                   start_step=args.start_step, preview_interval=None))
                 seconds.append(time.perf_counter() - t0)
                 mask, members = result.mask.astype(bool), result.samples
@@ -146,6 +169,9 @@ def main(argv=None) -> int:
     parser.add_argument("--start_step", type=int, default=None,
                         help="respaced step a refine starts from (default: the middle of the model's preset chain)")
     parser.add_argument("--radius", type=int, default=3, help="scribble disk radius in pixels (default 3)")
+    parser.add_argument("--region_margin", type=int, default=None,
+                        help="refine only inside a box drawn around the error region, this many pixels beyond "
+                        "it, the current mask kept outside (the widget's Region; default: the whole slice)")
     parser.add_argument("--max_rounds", type=int, default=10, help="rounds per slice, the NoC cap (default 10)")
     parser.add_argument("--precision", default="auto", help="auto (default), fp32 or bf16")
     parser.add_argument("--seed", type=int, default=0)
@@ -178,6 +204,7 @@ def main(argv=None) -> int:
     summary = summarise(per_slice, args.max_rounds)
     print(f"{len(per_slice)} slices, {args.ensemble} members, preset {steps} steps, refine from step "
           f"{args.start_step} ({args.start_step + 1} steps a round), scribble radius {args.radius} px, "
+          f"{'whole slice' if args.region_margin is None else f'region = error box + {args.region_margin} px'}, "
           f"precision {segmenter.precision}, rounds capped at {args.max_rounds}")
     header = ["mode", *[f"Dice@{k}" for k in REPORT_ROUNDS], "NoC@85", "NoC@90", "s/round"]
     rows = [[mode, *[fmt(row.get(f"dice_{k}"), ".3f") for k in REPORT_ROUNDS], fmt(row["noc85"], ".2f"),

@@ -54,7 +54,9 @@ from napari_diffseg.diffusion import Diffusion, DiffusionConfig  # noqa: E402
 from napari_diffseg.ensemble import sample_ensemble, slice_generator  # noqa: E402
 from napari_diffseg.errors import DiffSegError  # noqa: E402
 from napari_diffseg.geometry import Geometry  # noqa: E402
-from napari_diffseg.inference import has_c_compiler  # noqa: E402
+from napari_diffseg.inference import (  # noqa: E402
+    batch_candidates, has_c_compiler, most_chains, probe_batching,
+)
 from napari_diffseg.unet import UNet, UNetConfig, count_parameters  # noqa: E402
 
 SEED = 0
@@ -256,6 +258,34 @@ def time_reference_style(cfg: Config, device: torch.device, num_ensemble: int, w
     return result, final
 
 
+def time_reference_forward(cfg: Config, device: torch.device, num_ensemble: int, batch: int, warmup: int,
+                           calls: int) -> dict:
+    """The reference's own code path shape, without the loop around it: the full ``UNet.forward``
+    on the concatenated (B, 5, h, w) input at t = 500, fp32, contiguous memory, torch.no_grad,
+    B chains per call. One step of the N-chain ensemble costs ceil(N / B) such calls."""
+    model = cfg.model.to(memory_format=torch.contiguous_format)
+    generator = torch.Generator(device=device).manual_seed(SEED)
+    x = torch.cat([cfg.images.expand(batch, -1, -1, -1),
+                   torch.randn((batch, 1, *cfg.images.shape[-2:]), generator=generator, device=device)], dim=1)
+    t = torch.full((batch,), 500, dtype=torch.long, device=device)
+    with common.PeakMemory(device) as mem, torch.no_grad():
+        for _ in range(max(warmup, 1)):
+            model(x, t)
+        times = []
+        for _ in range(calls):
+            with common.Timer(device) as timer:
+                model(x, t)
+            times.append(timer.seconds)
+    per_call = float(np.median(times))
+    per_step = per_call * -(-num_ensemble // batch)
+    steps = Diffusion.from_config(cfg.diffusion_config, "").num_timesteps
+    result = _mode_result(f"reference code path shape: UNet.forward at batch {batch}, fp32, contiguous, no_grad",
+                          steps, 1, per_step, mem, precision="fp32", channels_last=False, batch=batch,
+                          s_per_call=per_call, calls_timed=calls)
+    result["extrapolated_from"] = f"median of {calls} calls"
+    return result
+
+
 def time_sampler(cfg: Config, device: torch.device, num_ensemble: int, warmup: int, steps: int, label: str,
                  respacing: str, sampler: str, precision: str, clip_range,
                  compiled: bool = False) -> tuple[dict, torch.Tensor]:
@@ -264,10 +294,15 @@ def time_sampler(cfg: Config, device: torch.device, num_ensemble: int, warmup: i
     # Compiling happens in the first call: it is always a warm-up step, timed on its own.
     warm = min(max(warmup, 1 if compiled else 0), diffusion.num_timesteps - 1)
     total = min(warm + steps, diffusion.num_timesteps)
+    # Chains per network call as the product picks them (Segmenter's batching "auto"): timed apart.
+    size = tuple(cfg.images.shape[-2:])
+    chains, probe = probe_batching(model, device, batch_candidates(num_ensemble, 1, most_chains(device, *size)),
+                                   size, precision) if not compiled else (num_ensemble, None)
     generator = sample_ensemble(model, diffusion, cfg.images, num_ensemble, seed=SEED, sampler=sampler,
                                 precision=precision, clip_range=tuple(clip_range),
-                                clamp_variance=bool(cfg.preset.get("clamp_variance", False)))
-    extra = {}
+                                clamp_variance=bool(cfg.preset.get("clamp_variance", False)),
+                                chains_per_call=chains)
+    extra = {} if probe is None else {"probe": probe}
     try:
         with common.PeakMemory(device) as mem:
             for i in range(warm):
@@ -281,7 +316,7 @@ def time_sampler(cfg: Config, device: torch.device, num_ensemble: int, warmup: i
     finally:
         generator.close()
     result = _mode_result(label, diffusion.num_timesteps, total - warm, timer.seconds, mem, precision=precision,
-                          channels_last=True, batch=num_ensemble, sampler=sampler, respacing=respacing,
+                          channels_last=True, batch=chains, sampler=sampler, respacing=respacing,
                           sample_shape=list(last.x.shape), **extra)
     return result, last.x
 
@@ -341,6 +376,9 @@ def bench_config(cfg: Config, device: torch.device, args) -> dict:
     states = {}
     if run("a"):
         modes["a"], states["a"] = time_reference_style(cfg, device, n, warmup, reference_steps, noise)
+    for batch in sorted({1, n}):
+        if run(f"ref_b{batch}"):
+            modes[f"ref_b{batch}"] = time_reference_forward(cfg, device, n, batch, warmup, max(1, min(steps, 3)))
     for key, (label, spacing, kind, precision, clip_range) in plan.items():
         if run(key):
             modes[key], state = time_sampler(cfg, device, n, warmup, steps, label, spacing, kind, precision,
@@ -438,6 +476,69 @@ def time_widget(model_path: str | None, slice_core: np.ndarray, device: torch.de
             "median_ensemble_s": float(np.median([r["ensemble_s"] for r in results]))}
 
 
+# -- a whole volume ---------------------------------------------------------------------------------
+VALIDATION_VOLUME = common.REPO.parent / "shared" / "brats18" / "Brats18_CBICA_ABM_1"  # held out in training
+
+
+def _quick_volume(folder: Path) -> tuple[str, "object"]:
+    """--quick: three phantom slices stacked into a small volume, with its label."""
+    from napari_diffseg.synthetic import make_phantom
+
+    slices = [make_phantom(seed, size=48) for seed in (1, 2, 3)]
+    images = np.stack([p["images"] for p in slices], axis=-1).astype(np.float32)
+    label = np.stack([p["label"] > 0 for p in slices], axis=-1).astype(np.uint8)
+    return str(_tiny_checkpoint(folder)), (images, label, (1.0, 1.0, 1.0), "3 phantom slices (--quick)")
+
+
+def time_volume(volume: str, device: torch.device, num_ensemble: int, quick: bool, workdir: Path) -> dict:
+    """``diffseg-sample``'s path on a whole volume: the bundled model, its preset, precision
+    auto, every brain slice, batching as the probe picks it (the probe's time included)."""
+    from napari_diffseg import data, metrics
+    from napari_diffseg.inference import Segmenter, run_to_end
+
+    if quick:
+        model_path, (images, label, spacing, source) = _quick_volume(workdir)
+    else:
+        model_path = None
+        try:
+            case = data.load_case(data.find_case_files(volume))
+        except DiffSegError as exc:
+            return {"status": f"skipped: {exc}"}
+        images, label, spacing, source = case.images, case.label, case.voxel_size, case.name
+    began = time.perf_counter()
+    segmenter = Segmenter.load(model_path, device=device, precision="auto")
+    load_s = time.perf_counter() - began
+    with common.Timer(device) as timer:
+        result = run_to_end(segmenter.run(images, num_ensemble=num_ensemble, keep_samples=False,
+                                          preview_interval=None))
+    brain = int((np.abs(images).reshape(-1, images.shape[-1]).max(axis=0) > 0).sum())
+    out = {"status": "ok", "volume": source, "shape": list(images.shape[1:]), "brain_slices": brain,
+           "num_ensemble": result.num_ensemble, "steps": result.steps, "sampler": result.sampler,
+           "precision": result.settings["precision"], "chains_per_call": result.settings["chains_per_call"],
+           "slices_per_batch": result.settings["slices_per_batch"], "probe": segmenter.probe_report,
+           "load_s": load_s, "seconds": timer.seconds, "s_per_slice": timer.seconds / max(1, brain)}
+    if label is not None:
+        out["dice"] = metrics.dice(result.mask, label)
+        out["hd95"] = metrics.hd95(result.mask, label, spacing=spacing)
+    return out
+
+
+def print_volume(volume: dict) -> None:
+    print("\n== whole volume (diffseg-sample's path: bundled model, its preset, precision auto, every brain slice)")
+    if volume.get("status") != "ok":
+        print(volume.get("status"))
+        return
+    dice = f", Dice {volume['dice']:.3f}, HD95 {volume['hd95']:.1f} mm" if "dice" in volume else ""
+    print(f"{volume['volume']} {volume['shape']}: {volume['brain_slices']} brain slices, {volume['num_ensemble']} x "
+          f"{volume['steps']} {volume['sampler']} steps, {volume['precision']}, {volume['chains_per_call']} chains "
+          f"per call ({volume['slices_per_batch']} slice(s) per batch): {volume['seconds']:.1f} s "
+          f"({volume['s_per_slice']:.2f} s a slice; model load {volume['load_s']:.2f} s){dice}")
+    probe = volume.get("probe") or {}
+    if probe:
+        per_chain = ", ".join(f"{b}: {ms:.1f}" for b, ms in probe["ms_per_chain"].items())
+        print(f"batching probe ({probe['probe_s']:.2f} s, included): ms per chain by chains per call: {per_chain}")
+
+
 # -- output -------------------------------------------------------------------------------------------
 def print_config(name: str, result: dict, args, device: torch.device) -> None:
     print(f"\n== {name}: {result['description']}; ensemble {result['ensemble']}, device {device}")
@@ -449,6 +550,8 @@ def print_config(name: str, result: dict, args, device: torch.device) -> None:
         ratio = result["ratios"].get(f"{key}/a", 1.0 if key == "a" else None)
         speedup = "" if not ratio else f" ({1 / ratio:.1f}x faster)" if ratio < 1 else ""
         note = f"compile {mode['compile_s']:.1f} s" if "compile_s" in mode else mode.get("note", "")
+        if mode.get("probe"):
+            note = f"{mode['batch']} chain(s) per call (probe {mode['probe']['probe_s']:.1f} s) {note}".strip()
         rows.append([key, mode["label"], str(mode["steps"]), common.fmt(mode["ms_per_step"]),
                      common.fmt(mode["s_per_ensemble"], ".2f"), common.fmt(mode["peak_mem_mib"]),
                      common.fmt(ratio, ".3f") + speedup, note])
@@ -496,13 +599,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--configs", default="paper,demo", help="comma-separated: paper, demo")
     parser.add_argument("--modes", default="",
-                        help="comma-separated mode keys to run (a, b, b_bf16, c_fp32, c, c_fp16, b_compiled, "
-                        "c_compiled); default: all but b_compiled")
+                        help="comma-separated mode keys to run (a, ref_b1, ref_b5, b, b_bf16, c_fp32, c, c_fp16, "
+                        "b_compiled, c_compiled); default: all but b_compiled")
     parser.add_argument("--reference_steps", type=int, default=None,
                         help="timed steps for (a) alone (default: --steps); (a) then is not compared with (b)")
     parser.add_argument("--ensemble", type=int, default=5, help="chains per slice")
     parser.add_argument("--widget_runs", type=int, default=2,
                         help="widget-path runs on the demo model (the first loads the model; 0: none)")
+    parser.add_argument("--volume", default=str(VALIDATION_VOLUME),
+                        help="a BraTS case folder segmented whole with the bundled model ('none': skip; default: "
+                        "a validation case the model never trained on)")
     parser.add_argument("--compile", action="store_true", help="also time the fast mode under torch.compile")
     parser.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                         help="torch.compile's mode for --compile (reduce-overhead: CUDA graphs)")
@@ -521,7 +627,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"benchmark": "sampler", "quick": args.quick, "device": str(device), "machine": info,
                "timed_steps": args.steps, "reference_timed_steps": args.reference_steps or args.steps,
                "warmup_steps": args.warmup, "ensemble": args.ensemble,
-               "input": source, "configs": {}, "widget": None}
+               "input": source, "configs": {}, "widget": None, "volume": None}
     with tempfile.TemporaryDirectory(prefix="diffseg-bench-") as tmp:
         if "demo" in names and args.widget_runs > 0:
             # Before any config is built: the first run is this process's first use of the model,
@@ -529,6 +635,9 @@ def main(argv: list[str] | None = None) -> dict:
             path = str(_tiny_checkpoint(Path(tmp))) if args.quick else None
             results["widget"] = time_widget(path, slice224, device, args.ensemble, args.widget_runs)
             print_widget(results["widget"])
+        if args.volume.lower() != "none":
+            results["volume"] = time_volume(args.volume, device, args.ensemble, args.quick, Path(tmp))
+            print_volume(results["volume"])
         configs = [build_config(name, args.quick, device, slice224, Path(tmp)) for name in names]
         for cfg in configs:
             torch.manual_seed(SEED)

@@ -38,6 +38,7 @@ from napari_diffseg.checkpoint import load_model  # noqa: E402
 from napari_diffseg.cli import MODEL_FLAG_DEFAULTS  # noqa: E402
 from napari_diffseg.diffusion import Diffusion, DiffusionConfig  # noqa: E402
 from napari_diffseg.geometry import Geometry  # noqa: E402
+from napari_diffseg.inference import has_c_compiler  # noqa: E402
 from napari_diffseg.synthetic import write_phantoms  # noqa: E402
 from napari_diffseg.unet import UNet, UNetConfig, count_parameters  # noqa: E402
 
@@ -77,20 +78,32 @@ def trainer_argv(flags: dict, geometry: Geometry, data_dir: Path, out_dir: Path,
     return argv
 
 
-def time_ours(argv: list[str], device: torch.device, warmup: int, iters: int) -> dict:
+def time_ours(argv: list[str], device: torch.device, warmup: int, iters: int, compiled: bool = False) -> dict:
+    """``compiled``: the UNet body under torch.compile (forward and backward); the first
+    iteration compiles and is timed apart."""
     trainer = train.Trainer(train.build_parser().parse_args(argv))
+    extra = {}
     try:
         with common.PeakMemory(device) as mem:
+            if compiled:
+                trainer.model.compile_body("default")
+                with common.Timer(device) as first:
+                    trainer.train_step()
+                extra["compile_s"] = first.seconds
             for _ in range(warmup):
                 trainer.train_step()
             with common.Timer(device) as timer:
                 for _ in range(iters):
                     values = trainer.train_step()
-        return {"label": f"ours: Trainer.train_step, {trainer.args.precision} autocast, channels-last, EMA",
+        label = f"ours: Trainer.train_step, {trainer.args.precision} autocast, channels-last, EMA"
+        return {"label": label + (" + torch.compile" if compiled else ""),
                 "precision": trainer.args.precision, "channels_last": True, "s_per_it": timer.seconds / iters,
                 "it_per_s": iters / timer.seconds, "timed_iters": iters, "peak_mem_mib": mem.mib,
-                "loss": values["loss"], "status": "ok"}
+                "loss": values["loss"], "status": "ok", **extra}
     finally:
+        if compiled:
+            trainer.model.__dict__.pop("_body", None)
+            torch._dynamo.reset()
         del trainer
         gc.collect()
 
@@ -157,6 +170,17 @@ def _guarded(label: str, run) -> dict:
         return {"label": label, "status": "failed: out of memory (try --batch smaller)"}
 
 
+def _compiled(argv: list[str], device: torch.device, warmup: int, iters: int) -> dict:
+    """The compiled mode; a compiler failure is a result, not a crash."""
+    label = "ours + torch.compile"
+    if device.type == "cpu" and not has_c_compiler():
+        return {"label": label, "status": "skipped: no C compiler for torch.compile's CPU backend"}
+    try:
+        return _guarded(label, lambda: time_ours(argv, device, warmup, iters, compiled=True))
+    except Exception as exc:  # noqa: BLE001
+        return {"label": label, "status": f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+
+
 def bench_config(name: str, args, device: torch.device, workdir: Path) -> dict:
     flags, geometry, phantom_size, description = config_setup(name, args.quick)
     iters = args.paper_iters if (name == "paper" and not args.quick) else args.iters
@@ -171,6 +195,8 @@ def bench_config(name: str, args, device: torch.device, workdir: Path) -> dict:
         "plain": _guarded("plain", lambda: time_plain(flags, slices, args.batch, device, args.warmup, iters)),
         "ours": _guarded("ours", lambda: time_ours(argv, device, args.warmup, iters)),
     }
+    if args.compile:
+        modes["ours_compiled"] = _compiled(argv, device, args.warmup, iters)
     ok = all(m["status"] == "ok" for m in modes.values())
     return {
         "description": description,
@@ -191,8 +217,9 @@ def print_config(name: str, result: dict, device: torch.device) -> None:
         if mode["status"] != "ok":
             rows.append([mode["label"], "-", "-", "-", mode["status"]])
             continue
+        note = f"{mode['timed_iters']} timed" + (f", compile {mode['compile_s']:.0f} s" if "compile_s" in mode else "")
         rows.append([mode["label"], common.fmt(mode["it_per_s"], ".3f"), common.fmt(mode["s_per_it"], ".2f"),
-                     common.fmt(mode["peak_mem_mib"]), f"{mode['timed_iters']} timed"])
+                     common.fmt(mode["peak_mem_mib"]), note])
     print(common.table(rows, ["mode", "it/s", "s/it", "peak MiB", ""]))
     ratio = result["ratio_ours_over_plain"]
     print(f"ours / plain: {common.fmt(ratio, '.2f')}x the iterations per second "
@@ -207,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=None,
                         help=f"batch size (default {common.PAPER_BATCH}, the paper's; 2 with --quick)")
     parser.add_argument("--configs", default="demo,paper", help="comma-separated: demo, paper")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time Trainer.train_step with the UNet body under torch.compile")
     return parser
 
 

@@ -18,6 +18,15 @@ def _shared_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _private_config_dir(tmp_path_factory, monkeypatch):
+    """Settings go to a fresh folder, never the user's own. The chains per network call are
+    fixed, so that results compared across runs in a test are not left to a timed probe's
+    choice (tests/test_batching.py asks for the probe by name)."""
+    monkeypatch.setenv("NAPARI_DIFFSEG_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
+    monkeypatch.setenv("NAPARI_DIFFSEG_BATCHING", "8")
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     return _shared_path()

@@ -58,6 +58,12 @@ def test_sampler_benchmark_quick(tmp_path, capsys):
         modes = config["modes"]
         assert {"a", "b", "c_fp32", "c"} <= set(modes)
         preset_steps = modes["c"]["steps"]
+        for key in ("ref_b1", "ref_b5"):  # the reference's forward at batch 1 and 5, no loop around it
+            ref = modes.pop(key)
+            assert ref["status"] == "ok" and ref["batch"] == int(key[5:]) and _positive(ref["s_per_call"])
+            # one ensemble step = 5 calls at batch 1, one call at batch 5
+            assert ref["ms_per_step"] == pytest.approx(1000 * ref["s_per_call"] * (5 // ref["batch"]))
+            assert ref["steps"] == 1000
         for key, mode in modes.items():
             assert mode["status"] == "ok", (name, key, mode)
             assert _positive(mode["ms_per_step"]) and _positive(mode["s_per_ensemble"]), (name, key)
@@ -67,7 +73,10 @@ def test_sampler_benchmark_quick(tmp_path, capsys):
             assert mode["s_per_ensemble"] == pytest.approx(mode["ms_per_step"] * mode["steps"] / 1000)
         assert modes["a"]["steps"] == modes["b"]["steps"] == 1000
         assert modes["c"]["steps"] == modes["c_fp32"]["steps"] == preset_steps < 1000
-        assert modes["a"]["batch"] == 1 and modes["b"]["batch"] == 5
+        assert modes["a"]["batch"] == 1
+        for key in ("b", "c"):  # chains per call as the product's probe picks them, timings kept
+            assert modes[key]["batch"] in (1, 5) and modes[key]["batch"] == modes[key]["probe"]["chosen"]
+            assert set(modes[key]["probe"]["ms_per_chain"]) <= {1, 5}
         assert not modes["a"]["channels_last"] and modes["b"]["channels_last"]
         # Every mode ends with the same thing: 5 chains of one mask at the network's size.
         shapes = {tuple(m["sample_shape"]) for m in modes.values()}
@@ -75,6 +84,14 @@ def test_sampler_benchmark_quick(tmp_path, capsys):
         assert set(config["ratios"]) >= {"b/a", "c/a", "c_fp32/a"}
         assert all(_positive(r) for r in config["ratios"].values())
         assert config["a_vs_b_max_abs_diff"] < 1e-4
+
+    volume = results["volume"]  # the whole-volume row: a 3-slice phantom volume in --quick
+    assert volume["status"] == "ok" and volume["brain_slices"] == 3 and volume["shape"][-1] == 3
+    assert _positive(volume["seconds"]) and 0 <= volume["dice"] <= 1
+    assert volume["steps"] == results["configs"]["demo"]["modes"]["c"]["steps"]
+    assert volume["chains_per_call"] == volume["probe"]["chosen"] in (1, 5, 10, 15)
+    assert volume["slices_per_batch"] == max(1, volume["chains_per_call"] // 5)
+    assert "whole volume" in printed and "batching probe" in printed
 
     widget = results["widget"]
     run = widget["runs"][0]
@@ -89,12 +106,13 @@ def test_sampler_benchmark_mode_selection():
     """--modes runs only the keys named; --reference_steps times (a) on its own count, and then
     (a) and (b) are not compared state for state."""
     results = bench_sampler.main(["--quick", "--configs", "paper", "--modes", "a,b", "--steps", "1",
-                                  "--reference_steps", "2", "--warmup", "0", "--widget_runs", "0"])
+                                  "--reference_steps", "2", "--warmup", "0", "--widget_runs", "0",
+                                  "--volume", "none"])
     config = results["configs"]["paper"]
     assert set(config["modes"]) == {"a", "b"}
     assert config["modes"]["a"]["timed_steps"] == 2 and config["modes"]["b"]["timed_steps"] == 1
     assert set(config["ratios"]) == {"b/a"} and "a_vs_b_max_abs_diff" not in config
-    assert results["widget"] is None and results["reference_timed_steps"] == 2
+    assert results["widget"] is None and results["volume"] is None and results["reference_timed_steps"] == 2
 
 
 def test_train_benchmark_quick(tmp_path, capsys):
@@ -208,3 +226,55 @@ def test_next_scribble_marks_the_centre_of_the_largest_error():
     assert bench_interactive.next_scribble(truth, truth, 2) is None
     assert bench_interactive.rounds_to([0.5, 0.86, 0.91], 0.85, 10) == 1
     assert bench_interactive.rounds_to([0.5, 0.6], 0.9, 10) == 10
+
+
+def test_region_box_surrounds_the_largest_error():
+    import numpy as np
+
+    truth = np.zeros((40, 40), bool)
+    truth[5:25, 5:25] = True
+    mask = truth.copy()
+    mask[5:25, 5:15] = False
+    region, value = bench_interactive.largest_error(mask, truth)
+    assert value == 1 and region.sum() == 200
+    box = bench_interactive.region_box(region, 3)
+    assert box[2:28, 2:18].all() and box.sum() == 26 * 16  # rows 5-24, cols 5-14, grown by 3
+    assert bench_interactive.region_box(region, 30).all()  # clipped at the slice's edges
+
+
+def test_interactive_region_refines_inside_the_box_only():
+    """With --region_margin each refine gets the current mask outside the box around the error,
+    and the scribbles inside it, as known pixels; without it only the scribbles."""
+    import argparse
+    import types
+
+    import numpy as np
+
+    truth = np.zeros((40, 40), bool)
+    truth[5:25, 5:25] = True
+    start = truth.copy()
+    start[5:25, 5:15] = False  # a 20x10 miss
+    calls = []
+
+    class Stub:
+        def run(self, images, known_mask=None, known_values=None, **kwargs):
+            calls.append((None if known_mask is None else known_mask.copy(),
+                          None if known_values is None else known_values.copy()))
+            result = types.SimpleNamespace(mask=start.astype(np.uint8), samples=np.zeros((2, 40, 40), np.float32))
+            yield from ()
+            return result
+
+    for margin in (2, None):
+        calls.clear()
+        args = argparse.Namespace(ensemble=2, seed=0, max_rounds=1, radius=2, start_step=1, region_margin=margin)
+        bench_interactive.simulate(Stub(), np.zeros((4, 40, 40), np.float32), truth, args)
+        known, values = calls[1]  # calls[0] is the run that gives round 0
+        box = np.zeros_like(truth)
+        box[3:27, 3:17] = True
+        disk_pixels = int((known & box).sum())
+        assert disk_pixels == 13 and values[known & box].min() == 1  # the tumour scribble
+        if margin is None:
+            assert known.sum() == 13
+        else:
+            assert known[~box].all()  # everything outside the box is kept ...
+            np.testing.assert_array_equal(values[~box], start[~box])  # ... as the current mask

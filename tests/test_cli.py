@@ -470,8 +470,9 @@ def test_slices_restrict_a_volume_in_sample_and_eval(tiny_ckpt, tmp_path):
         data.load_case(data.find_case_files(case)).images, num_ensemble=2, respacing="3", seed=0))
     assert probability.shape == (32, 32, 6)
     assert not probability[..., [0, 1, 4, 5]].any()
-    # Each slice's chains are seeded by the slice, so the slab equals the same slices of a full run.
-    np.testing.assert_allclose(probability[..., 2:4], full.probability[..., 2:4], atol=1e-6)
+    # Each slice's chains are seeded by the slice, so the slab equals the same slices of a full run
+    # (to rounding: the two runs may put different numbers of chains through each network call).
+    np.testing.assert_allclose(probability[..., 2:4], full.probability[..., 2:4], atol=5e-4)
 
     report_dir = tmp_path / "eval"
     assert evaluate.main(["--model_path", str(tiny_ckpt), "--data_dir", str(case), "--out_dir", str(report_dir),

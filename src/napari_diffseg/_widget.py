@@ -648,7 +648,13 @@ class DiffSegWidget(QWidget):
         done = progress.batch * progress.total + progress.step
         self.progress_bar.native.setRange(0, total)
         self.progress_bar.native.setValue(done)
-        where = f", slices batch {progress.batch + 1}/{progress.batches}" if progress.batches > 1 else ""
+        where = ""
+        if progress.batches > 1:
+            from .inference import format_eta  # torch is loaded by now: a run is under way
+
+            slices = f"slices {progress.slices_done + len(progress.slices)}/{progress.slices_total}"
+            left = format_eta(progress.eta)
+            where = f", {slices}" + (f", {left}" if left else "")
         doing = "refining" if self._request is not None and self._request.is_refine else "sampling"
         self.status.value = f"{doing}: step {progress.step}/{progress.total}{where}"
         pbar = self._pbar  # napari's progress may process events: the run can end meanwhile

@@ -139,6 +139,10 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="run the network under torch.compile (CUDA graphs on a GPU): about a minute "
                         "to compile, then faster steps; pays for long runs on a GPU")
+    parser.add_argument("--batching", default=None, metavar="auto|N",
+                        help="chains per network call: auto (default, or $NAPARI_DIFFSEG_BATCHING: a short timed "
+                        "probe picks the fastest for this model, input size and precision and keeps the choice "
+                        "for later runs) or a number; it changes the speed and only the rounding of the results")
 
 
 def sampler_from_args(args: argparse.Namespace) -> str | None:

@@ -52,6 +52,7 @@ def sample_ensemble(
     known_values: torch.Tensor | None = None,
     start_step: int | None = None,
     init: torch.Tensor | None = None,
+    chains_per_call: int | None = None,
 ) -> Iterator[SamplerStep]:
     """Yield every step of ``num_ensemble`` chains for each of the S slices in ``images``.
 
@@ -64,6 +65,11 @@ def sample_ensemble(
     start_step, init: start at this (respaced) step from ``init``, the (S * N, 1, h, w) clean
     masks of earlier members, noised to that step, instead of from pure noise at the end of
     the chain: a refinement then costs start_step + 1 steps instead of the whole chain.
+
+    chains_per_call: at most this many chains go through the network together (None: all
+    S * N). Every chain's noise comes from its slice's generator whatever the split, so only
+    the speed changes, and the last bits of the arithmetic: on a CPU, GroupNorm (channels-last)
+    and matrix products split their sums differently with the batch size.
     """
     if num_ensemble < 1:
         raise ValueError("num_ensemble must be at least 1")
@@ -95,10 +101,22 @@ def sample_ensemble(
     with torch.inference_mode(), autocast_context(device, precision):
         condition = model.encode_condition(images.to(memory_format=layout))
 
+        rows = s * num_ensemble
+        chunk = rows if chains_per_call is None else max(1, min(int(chains_per_call), rows))
+        # A split that cuts through a slice's chains needs the condition per chain, not per slice.
+        per_row = condition.repeat_interleave(num_ensemble, dim=0) if chunk < rows else None
+
         def denoise(x: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+            x = x.to(memory_format=layout)
             if x0_prev is not None:
                 x0_prev = x0_prev.to(memory_format=layout)
-            return model.forward_conditioned(x.to(memory_format=layout), t, condition, x0_prev).float()
+            if per_row is None:
+                return model.forward_conditioned(x, t, condition, x0_prev).float()
+            return torch.cat([
+                model.forward_conditioned(x[i : i + chunk], t[i : i + chunk], per_row[i : i + chunk],
+                                          None if x0_prev is None else x0_prev[i : i + chunk]).float()
+                for i in range(0, rows, chunk)
+            ])
 
         self_condition = bool(getattr(getattr(model, "config", None), "self_condition", False))
         yield from diffusion.sample(denoise, x_start, draw_noise=draw, sampler=sampler, eta=eta, clip=clip,

@@ -457,7 +457,8 @@ def main(argv=None) -> int:
     from .inference import Segmenter  # torch: only once the inputs look right
 
     segmenter = Segmenter.load(args.model_path, device=args.device, reference_flags=_reference_flags(args),
-                               precision=args.precision, compile=args.compile)
+                               precision=args.precision, compile=args.compile,
+                               batching=args.batching)
     sampler = sampler_from_args(args)
     respacing = segmenter.defaults["timestep_respacing"] if args.timestep_respacing is None else args.timestep_respacing
     deterministic = segmenter.loaded.deterministic

@@ -152,7 +152,8 @@ def main(argv=None) -> int:
     _check_out_dir(out_dir)
     cases = _cases(args)
     segmenter = Segmenter.load(args.model_path, device=device, reference_flags=_reference_flags(args),
-                               precision=args.precision, compile=args.compile)
+                               precision=args.precision, compile=args.compile,
+                               batching=args.batching)
     sampler = sampler_from_args(args)
     mine = cases[rank::world]
     rows = []
@@ -190,8 +191,10 @@ def _segment_case(segmenter: Segmenter, case: data.Case, args: argparse.Namespac
         bar = tqdm(desc=case.name, unit="step", dynamic_ncols=True, leave=False)
 
     def advance(progress):
-        if bar is not None:
+        if bar is not None:  # tqdm's own rate and time left come from the steps; slices beside them
             bar.total = progress.batches * progress.total
+            bar.set_postfix_str(f"slices {progress.slices_done + len(progress.slices)}/{progress.slices_total}",
+                                refresh=False)
             bar.update(1)
 
     result = run_to_end(run, advance)

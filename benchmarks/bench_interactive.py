@@ -117,7 +117,8 @@ def simulate(segmenter, images: np.ndarray, truth: np.ndarray, args) -> dict:
                 t0 = time.perf_counter()
                 result = run_to_end(segmenter.run(images, num_ensemble=args.ensemble, seed=args.seed + len(dices),
                                                   known_mask=fixed, known_values=fixed_values, init=members,
-                                                  start_step=args.start_step, preview_interval=None))
+                                                  start_step=args.start_step, respacing=args.refine_respacing,
+                                                  preview_interval=None))
                 seconds.append(time.perf_counter() - t0)
                 mask, members = result.mask.astype(bool), result.samples
             dices.append(metrics.dice(mask, truth))
@@ -178,6 +179,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device, info = start(args, "interactive refinement")
 
+    from napari_diffseg._session import refine_respacing, refine_start_step
     from napari_diffseg.inference import Segmenter
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,9 +187,11 @@ def main(argv=None) -> int:
         if args.quick:
             args.max_rounds = min(args.max_rounds, 3)
         segmenter = Segmenter.load(model_path, device=device, precision=args.precision)
-        steps = segmenter.num_steps(segmenter.defaults["timestep_respacing"])
+        # The refine's chain and start step as the widget's Refine picks them (_session).
+        args.refine_respacing = refine_respacing(segmenter.num_steps(segmenter.defaults["timestep_respacing"]))
+        steps = segmenter.num_steps(args.refine_respacing or segmenter.defaults["timestep_respacing"])
         if args.start_step is None:
-            args.start_step = max(0, steps // 2 - 1)  # half the chain: start_step + 1 steps a round
+            args.start_step = refine_start_step(steps)  # half the chain: start_step + 1 steps a round
         cases = [c for c in data.find_cases(data_dir) if c.seg is not None]
         if not cases:
             print(f"error: {data_dir}: no labelled slices; run scripts/make_val_slices.py first", file=sys.stderr)
@@ -202,7 +206,7 @@ def main(argv=None) -> int:
             print(f"{case.name}: refine {' '.join(f'{d:.3f}' for d in rows['refine']['dice'][:6])} | "
                   f"by hand {' '.join(f'{d:.3f}' for d in rows['by_hand']['dice'][:6])}", file=sys.stderr)
     summary = summarise(per_slice, args.max_rounds)
-    print(f"{len(per_slice)} slices, {args.ensemble} members, preset {steps} steps, refine from step "
+    print(f"{len(per_slice)} slices, {args.ensemble} members, refine chain {steps} steps, refine from step "
           f"{args.start_step} ({args.start_step + 1} steps a round), scribble radius {args.radius} px, "
           f"{'whole slice' if args.region_margin is None else f'region = error box + {args.region_margin} px'}, "
           f"precision {segmenter.precision}, rounds capped at {args.max_rounds}")

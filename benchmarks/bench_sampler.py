@@ -506,7 +506,7 @@ def time_volume(volume: str, device: torch.device, num_ensemble: int, quick: boo
             return {"status": f"skipped: {exc}"}
         images, label, spacing, source = case.images, case.label, case.voxel_size, case.name
     began = time.perf_counter()
-    segmenter = Segmenter.load(model_path, device=device, precision="auto")
+    segmenter = Segmenter.load(model_path, device=device, precision="auto", batching="auto")
     load_s = time.perf_counter() - began
     with common.Timer(device) as timer:
         result = run_to_end(segmenter.run(images, num_ensemble=num_ensemble, keep_samples=False,
@@ -534,9 +534,11 @@ def print_volume(volume: dict) -> None:
           f"per call ({volume['slices_per_batch']} slice(s) per batch): {volume['seconds']:.1f} s "
           f"({volume['s_per_slice']:.2f} s a slice; model load {volume['load_s']:.2f} s){dice}")
     probe = volume.get("probe") or {}
-    if probe:
+    if "ms_per_chain" in probe:
         per_chain = ", ".join(f"{b}: {ms:.1f}" for b, ms in probe["ms_per_chain"].items())
         print(f"batching probe ({probe['probe_s']:.2f} s, included): ms per chain by chains per call: {per_chain}")
+    elif "from" in probe:
+        print(f"batching: {probe['chosen']} chains per call, the choice an earlier probe stored in {probe['from']}")
 
 
 # -- output -------------------------------------------------------------------------------------------

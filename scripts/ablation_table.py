@@ -7,6 +7,7 @@
 import argparse
 import csv
 import json
+import re
 from pathlib import Path
 
 
@@ -22,6 +23,12 @@ def row(name: str, report: dict, steps: int | None) -> str:
 
 
 def trained_steps(folder: Path) -> int | None:
+    """The step the row's model.pt was saved at (its training log), else the last logged step."""
+    log = folder.parent / f"{folder.name}.log"
+    if log.is_file():
+        found = re.findall(r"model\.pt at step (\d+)", log.read_text(errors="replace"))
+        if found:
+            return int(found[-1])
     progress = folder / "progress.csv"
     if not progress.is_file():
         return None

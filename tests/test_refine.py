@@ -142,3 +142,40 @@ def test_a_one_step_chain_samples(model):
     diffusion = Diffusion.from_config(DiffusionConfig(), "1")
     steps = list(sample_ensemble(model, diffusion, _images(), 2, seed=0, clip_range=(0.0, 1.0)))
     assert len(steps) == 1 and torch.isfinite(steps[0].x).all()
+
+
+@pytest.mark.parametrize("preset, chain, steps_run", [("4", 10, 5), ("12", 12, 6)])
+def test_a_refine_at_the_preset_runs_on_at_least_ten_steps(tmp_path, preset, chain, steps_run):
+    """With the step count left at the model's preset, a refine runs on that chain but never on
+    fewer than 10 steps (a 5-step preset would leave 3 steps after the noise); from the
+    members it starts half-way down: 5 of 10 steps, 6 of 12."""
+    from napari_diffseg import _layerdata as ld
+    from napari_diffseg import checkpoint
+    from napari_diffseg._session import Inputs, ModelCache, RunRequest, refine_respacing, run_job
+
+    assert refine_respacing(5) == "10" and refine_respacing(10) is None and refine_respacing(1000) is None
+    path = tmp_path / "tiny.pt"
+    state = {k: v.detach().clone() for k, v in tiny_model(1).state_dict().items()}
+    checkpoint.atomic_save(checkpoint.make_payload(
+        UNetConfig(**TINY), DiffusionConfig(), Geometry(), {"model": state},
+        sampling={"timestep_respacing": preset, "sampler": "ddpm", "num_ensemble": 2}), path)
+    images = np.random.default_rng(3).random((4, 16, 16)).astype(np.float32)
+    arrays = [np.ascontiguousarray(ld.to_display(image)) for image in images]
+    known = np.zeros((16, 16), bool)
+    known[4:7, 4:7] = True
+    request = RunRequest(inputs=Inputs(arrays=arrays, spatial_ndim=2, display_shape=arrays[0].shape, case="c",
+                                       reference=None),
+                         z=None, model_path=str(path), flags_path=None, device="cpu", num_ensemble=2,
+                         respacing=None, sampler=None, seed=0, keep_members=False, known_mask=known,
+                         known_values=known.astype(np.float32), init=np.zeros((2, 16, 16), np.float32))
+    job = run_job(request, ModelCache())
+    progress = []
+    while True:
+        try:
+            progress.append(next(job))
+        except StopIteration as stop:
+            outcome = stop.value
+            break
+    assert outcome.chain_steps == chain and outcome.start_step == steps_run - 1
+    assert len(progress) == steps_run and outcome.segmentation.steps == steps_run
+    assert (outcome.segmentation.samples[:, known] == 1).all()  # the marks hold

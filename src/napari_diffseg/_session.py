@@ -403,6 +403,8 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
     segmenter = cache.get(request.model_path, request.flags_path, request.device)
     images = prepare_images(request.inputs, request.z)
     respacing = segmenter.defaults["timestep_respacing"] if request.respacing is None else request.respacing
+    if request.init is not None and request.respacing is None:
+        respacing = refine_respacing(segmenter.num_steps(respacing)) or respacing
     chain_steps = segmenter.num_steps(respacing)  # a bad spec fails here, before any work
     start_step = refine_start_step(chain_steps) if request.init is not None else None
     slices: set[int] = set()
@@ -414,7 +416,7 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
     generator = segmenter.run(
         images,
         num_ensemble=request.num_ensemble,
-        respacing=request.respacing,
+        respacing=respacing,
         sampler=request.sampler,
         seed=request.seed,
         keep_samples=request.keep_samples,
@@ -699,6 +701,17 @@ def commit_changes(segmentation: np.ndarray, proposal: np.ndarray, painted: np.n
 SCRIBBLE_TUMOUR = 1  # label values of the "<case> scribbles" layer
 SCRIBBLE_BACKGROUND = 2
 SCRIBBLE_NAMES = {SCRIBBLE_TUMOUR: "tumour", SCRIBBLE_BACKGROUND: "not tumour"}
+
+
+REFINE_MIN_STEPS = 10
+
+
+def refine_respacing(preset_steps: int) -> str | None:
+    """The chain a refine runs on when the user chose no step count: the model's preset, but at
+    least 10 steps. A refine starts half-way down its chain; on the demo model's 5-step preset
+    that leaves 3 steps (from t = 500) to follow the new marks, and refining lost to painting by
+    hand (benchmarks/README.md); half of 10 steps did not. None keeps the preset."""
+    return None if preset_steps >= REFINE_MIN_STEPS else str(REFINE_MIN_STEPS)
 
 
 def refine_start_step(chain_steps: int) -> int:

@@ -341,6 +341,8 @@ class Segmenter:
         wanted = num_ensemble * num_slices
         if self.batching != "auto":
             return min(int(self.batching), wanted)
+        if "_body" in vars(self.model):
+            return min(num_ensemble, wanted)  # compiled: every batch size tried would compile anew
         sizes = batch_candidates(num_ensemble, num_slices, most_chains(self.device, net_height, net_width))
         if len(sizes) == 1:
             return sizes[0]
@@ -360,12 +362,11 @@ class Segmenter:
 
     def _stored_key(self, key: tuple) -> str:
         """The probe's choice is kept on disk per machine, architecture, input size and precision:
-        later runs skip the probe and, batching alike, give the same bits for the same seed."""
+        later runs skip the probe and batch the same way, so a seed gives the same bits again."""
         architecture = json.dumps(self.loaded.unet_config.to_dict(), sort_keys=True, default=str)
         return "|".join([_device_name(self.device), f"threads {torch.get_num_threads()}", f"torch {torch.__version__}",
                          hashlib.sha1(architecture.encode()).hexdigest()[:12], "x".join(map(str, key[:2])), key[2],
-                         "channels_last" if self.channels_last else "contiguous",
-                         "compiled" if "_body" in vars(self.model) else "eager", ",".join(map(str, key[3]))])
+                         "channels_last" if self.channels_last else "contiguous", ",".join(map(str, key[3]))])
 
     def _one_pass(self, images: torch.Tensor, precision: str) -> torch.Tensor:
         """The baseline's mask logits (S, 1, h, w): images with an all-zero mask channel, t = 0."""

@@ -79,15 +79,20 @@ def load_settings() -> dict:
     return values
 
 
+def write_json_atomically(path: Path, data) -> None:
+    """A temp file beside ``path``, then a rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=1)
+    os.replace(tmp, path)
+
+
 def save_settings(values: dict) -> None:
     """Write the known keys atomically; failures are logged, never raised (settings are a nicety)."""
     path = settings_path()
     data = {key: values.get(key, default) for key, default in DEFAULTS.items()}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".settings.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1)
-        os.replace(tmp, path)
+        write_json_atomically(path, data)
     except OSError as exc:
         log.warning("could not save settings to %s (%s)", path, exc)

@@ -14,7 +14,6 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from .checkpoint import ONE_PASS, LoadedModel, load_model
 from .diffusion import Diffusion, space_timesteps
 from .ensemble import THRESHOLD, autocast_context, ensemble_statistics, sample_ensemble
+from ._settings import config_dir, write_json_atomically
 from .errors import DiffSegError
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,6 @@ def most_chains(device: torch.device, net_height: int, net_width: int) -> int:
 
 
 def batching_file() -> Path:
-    from ._settings import config_dir
-
     return config_dir() / "batching.json"
 
 
@@ -211,11 +209,7 @@ def store_batching(key: str, chains: int) -> None:
         except (OSError, ValueError):
             table = {}
         table[key] = int(chains)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".batching.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(table, handle, indent=1)
-        os.replace(tmp, path)
+        write_json_atomically(path, table)
     except OSError as exc:
         log.warning("could not keep the batching choice in %s (%s)", path, exc)
 

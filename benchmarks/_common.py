@@ -23,7 +23,7 @@ import torch
 
 from napari_diffseg.diffusion import DiffusionConfig
 from napari_diffseg.errors import DiffSegError
-from napari_diffseg.inference import resolve_device, resolve_precision
+from napari_diffseg.inference import cpu_name, resolve_device, resolve_precision
 from napari_diffseg.unet import UNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,16 +170,11 @@ def machine() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -178,9 +178,8 @@ def batching_file() -> Path:
     return config_dir() / "batching.json"
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform reports."""
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
@@ -188,7 +187,11 @@ def _device_name(device: torch.device) -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or device.type
+    return platform.processor() or platform.machine()
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def stored_batching(key: str) -> int | None:
@@ -498,7 +501,7 @@ class Segmenter:
                                         sampler=sampler, eta=eta, precision=precision,
                                         clip_range=tuple(self.defaults["clip_range"]),
                                         clamp_variance=bool(self.defaults.get("clamp_variance", False)),
-                                        chains_per_call=chains if chains < len(zs) * num_ensemble else None, **guide)
+                                        chains_per_call=chains, **guide)
                 final = None
                 for step in steps:
                     final = step

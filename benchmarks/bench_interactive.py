@@ -118,7 +118,7 @@ def simulate(segmenter, images: np.ndarray, truth: np.ndarray, args) -> dict:
                 result = run_to_end(segmenter.run(images, num_ensemble=args.ensemble, seed=args.seed + len(dices),
                                                   known_mask=fixed, known_values=fixed_values, init=members,
                                                   start_step=args.start_step, respacing=args.refine_respacing,
-                                                  preview_interval=None))
+                                                  resample=args.resample, preview_interval=None))
                 seconds.append(time.perf_counter() - t0)
                 mask, members = result.mask.astype(bool), result.samples
             dices.append(metrics.dice(mask, truth))
@@ -173,6 +173,8 @@ def main(argv=None) -> int:
     parser.add_argument("--region_margin", type=int, default=None,
                         help="refine only inside a box drawn around the error region, this many pixels beyond "
                         "it, the current mask kept outside (the widget's Region; default: the whole slice)")
+    parser.add_argument("--resample", type=int, default=1,
+                        help="RePaint resampling: each refine step done this many times (default 1: off)")
     parser.add_argument("--max_rounds", type=int, default=10, help="rounds per slice, the NoC cap (default 10)")
     parser.add_argument("--precision", default="auto", help="auto (default), fp32 or bf16")
     parser.add_argument("--seed", type=int, default=0)
@@ -207,7 +209,7 @@ def main(argv=None) -> int:
                   f"by hand {' '.join(f'{d:.3f}' for d in rows['by_hand']['dice'][:6])}", file=sys.stderr)
     summary = summarise(per_slice, args.max_rounds)
     print(f"{len(per_slice)} slices, {args.ensemble} members, refine chain {steps} steps, refine from step "
-          f"{args.start_step} ({args.start_step + 1} steps a round), scribble radius {args.radius} px, "
+          f"{args.start_step} ({args.start_step + 1} steps a round, resample {args.resample}), scribble radius {args.radius} px, "
           f"{'whole slice' if args.region_margin is None else f'region = error box + {args.region_margin} px'}, "
           f"precision {segmenter.precision}, rounds capped at {args.max_rounds}")
     header = ["mode", *[f"Dice@{k}" for k in REPORT_ROUNDS], "NoC@85", "NoC@90", "s/round"]

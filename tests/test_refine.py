@@ -62,23 +62,25 @@ def test_no_known_pixels_and_the_chain_start_equal_the_plain_sampler_bit_for_bit
         assert torch.equal(a.x, b.x) and torch.equal(a.pred_x0, b.pred_x0)
 
 
+class _Counting(torch.nn.Module):
+    """The model, recording the timestep of every network evaluation."""
+
+    def __init__(self, inner, calls: list):
+        super().__init__()
+        self.inner, self.calls = inner, calls
+
+    def encode_condition(self, images):
+        return self.inner.encode_condition(images)
+
+    def forward_conditioned(self, x, t, condition, x0_prev=None):
+        self.calls.append(int(t[0]))
+        return self.inner.forward_conditioned(x, t, condition, x0_prev)
+
+
 def test_refine_from_members_halfway_runs_half_the_chain(model):
     diffusion = Diffusion.from_config(DiffusionConfig(), "20")
     calls = []
-
-    class Counting(torch.nn.Module):  # counts network evaluations
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def encode_condition(self, images):
-            return self.inner.encode_condition(images)
-
-        def forward_conditioned(self, x, t, condition, x0_prev=None):
-            calls.append(int(t[0]))
-            return self.inner.forward_conditioned(x, t, condition, x0_prev)
-
-    counted = Counting(model)
+    counted = _Counting(model, calls)
     full = list(sample_ensemble(counted, diffusion, _images(), 3, seed=2))
     full_calls = len(calls)
     members = full[-1].x
@@ -89,6 +91,36 @@ def test_refine_from_members_halfway_runs_half_the_chain(model):
     # Started from the members, not from scratch: closer to them than a fresh chain is.
     fresh = list(sample_ensemble(model, diffusion, _images(), 3, seed=77))[-1].x
     assert (refined[-1].x - members).abs().mean() < (fresh - members).abs().mean()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_resampling_repeats_every_step_but_the_last_and_keeps_the_known_pixels(model, sampler):
+    diffusion = Diffusion.from_config(DiffusionConfig(predict_xstart=True), "20")
+    mask, values = _known()
+    members = list(sample_ensemble(model, diffusion, _images(), 3, seed=2, clip_range=(0.0, 1.0)))[-1].x
+    calls = []
+    refine = dict(seed=5, sampler=sampler, clip_range=(0.0, 1.0), start_step=9, init=members,
+                  known_mask=mask, known_values=values)
+    once = list(sample_ensemble(_Counting(model, calls), diffusion, _images(), 3, **refine))
+    assert len(calls) == 10
+    calls.clear()
+    thrice = list(sample_ensemble(_Counting(model, calls), diffusion, _images(), 3, resample=3, **refine))
+    # Steps 9..1 three times each, step 0 once; one yield per step all the same.
+    assert len(calls) == 9 * 3 + 1 and len(thrice) == len(once) == 10
+    assert calls[:3] == [calls[0]] * 3 and calls[-2] != calls[-1]
+    chains_mask = mask.repeat_interleave(3, dim=0)
+    chains_values = values.repeat_interleave(3, dim=0)
+    assert torch.equal(thrice[-1].x[chains_mask], chains_values[chains_mask])
+    assert not torch.equal(thrice[-1].x, once[-1].x)
+
+
+def test_resampling_without_known_pixels_changes_nothing(model):
+    diffusion = Diffusion.from_config(DiffusionConfig(), "10")
+    plain = list(sample_ensemble(model, diffusion, _images(), 2, seed=9))[-1].x
+    asked = list(sample_ensemble(model, diffusion, _images(), 2, seed=9, resample=4))[-1].x
+    assert torch.equal(plain, asked)
+    with pytest.raises(ValueError, match="resample"):
+        list(sample_ensemble(model, diffusion, _images(), 2, resample=0))
 
 
 def test_refine_needs_members_and_a_valid_start(model):

@@ -385,6 +385,7 @@ class Diffusion:
         known_mask: torch.Tensor | None = None,
         known_values: torch.Tensor | None = None,
         self_condition: bool = False,
+        resample: int = 1,
     ) -> Iterator[SamplerStep]:
         """Run the reverse chain from x_start down to step 0.
 
@@ -396,6 +397,10 @@ class Diffusion:
         they are replaced by the given values noised to the new step's level (RePaint), so
         the network fills in the rest consistently with them; at the end they equal the
         values exactly.
+        ``resample``: with known pixels, every step but the last is done this many times,
+        each repeat after pushing the new state back to the step's level with the forward
+        process (RePaint's resampling with jump length 1): the unknown pixels get more than one
+        look at the known ones. Costs ``resample`` times the network calls; 1 (default) is off.
         ``self_condition``: the model also takes the previous step's (clipped) x0 estimate,
         called as ``denoise(x_t, model_timesteps, x0_prev)`` (None at the first step).
         Yields a :class:`SamplerStep` after every step, so callers can show progress and
@@ -406,6 +411,8 @@ class Diffusion:
         first = self.start_index(start_step)
         if (known_mask is None) != (known_values is None):
             raise ValueError("known_mask and known_values go together")
+        if int(resample) < 1:
+            raise ValueError("resample must be at least 1")
         if draw_noise is None:
             def draw_noise() -> torch.Tensor:
                 return torch.randn_like(x_start)
@@ -420,17 +427,22 @@ class Diffusion:
         total = first + 1
         x0_prev = None
         for count, t in enumerate(reversed(range(total))):
-            model_t = self.model_timesteps(t, x.shape[0], x.device)
-            output = denoise(x, model_t, x0_prev) if self_condition else denoise(x, model_t)
-            out = self.p_mean_variance(output.to(x.dtype), x, t, clip=clip, clip_range=clip_range,
-                                       clamp_variance=clamp_variance)
-            x0_prev = out["pred_x0"]
-            needs_noise = t > 0 and (sampler == "ddpm" or eta > 0)
-            noise = draw_noise() if needs_noise else None
-            if sampler == "ddpm":
-                x = self.ddpm_step(out, t, noise) if noise is not None else out["mean"]
-            else:
-                x = self.ddim_step(out, x, t, noise, eta)
-            if known is not None:
-                x = impose(x, t - 1)
+            repeats = int(resample) if known is not None and t > 0 else 1
+            for repeat in range(repeats):
+                if repeat:  # back from step t-1 to t: x_t ~ q(x_t | x_{t-1})
+                    beta = self._coef("betas", t, x)
+                    x = torch.sqrt(1.0 - beta) * x + torch.sqrt(beta) * draw_noise()
+                model_t = self.model_timesteps(t, x.shape[0], x.device)
+                output = denoise(x, model_t, x0_prev) if self_condition else denoise(x, model_t)
+                out = self.p_mean_variance(output.to(x.dtype), x, t, clip=clip, clip_range=clip_range,
+                                           clamp_variance=clamp_variance)
+                x0_prev = out["pred_x0"]
+                needs_noise = t > 0 and (sampler == "ddpm" or eta > 0)
+                noise = draw_noise() if needs_noise else None
+                if sampler == "ddpm":
+                    x = self.ddpm_step(out, t, noise) if noise is not None else out["mean"]
+                else:
+                    x = self.ddim_step(out, x, t, noise, eta)
+                if known is not None:
+                    x = impose(x, t - 1)
             yield SamplerStep(count, total, self.timestep_map[t], x, out["pred_x0"])

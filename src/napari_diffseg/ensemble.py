@@ -53,6 +53,7 @@ def sample_ensemble(
     start_step: int | None = None,
     init: torch.Tensor | None = None,
     chains_per_call: int | None = None,
+    resample: int = 1,
 ) -> Iterator[SamplerStep]:
     """Yield every step of ``num_ensemble`` chains for each of the S slices in ``images``.
 
@@ -65,6 +66,7 @@ def sample_ensemble(
     start_step, init: start at this (respaced) step from ``init``, the (S * N, 1, h, w) clean
     masks of earlier members, noised to that step, instead of from pure noise at the end of
     the chain: a refinement then costs start_step + 1 steps instead of the whole chain.
+    resample: RePaint's resampling with known pixels (:meth:`Diffusion.sample`).
 
     chains_per_call: at most this many chains go through the network together (None: all
     S * N). Every chain's noise comes from its slice's generator whatever the split, so only
@@ -121,7 +123,8 @@ def sample_ensemble(
         self_condition = bool(getattr(getattr(model, "config", None), "self_condition", False))
         yield from diffusion.sample(denoise, x_start, draw_noise=draw, sampler=sampler, eta=eta, clip=clip,
                                      clip_range=clip_range, clamp_variance=clamp_variance, start_step=start_step,
-                                     known_mask=known_mask, known_values=known_values, self_condition=self_condition)
+                                     known_mask=known_mask, known_values=known_values, self_condition=self_condition,
+                                     resample=resample)
 
 
 def ensemble_statistics(samples: torch.Tensor, threshold: float = THRESHOLD):

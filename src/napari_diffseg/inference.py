@@ -399,6 +399,7 @@ class Segmenter:
         known_values: np.ndarray | None = None,
         init: np.ndarray | None = None,
         start_step: int | None = None,
+        resample: int = 1,
     ) -> Generator[Progress, None, Segmentation]:
         """Sample an ensemble for a slice (4, H, W) or every brain slice of a volume (4, H, W, Z).
 
@@ -416,6 +417,8 @@ class Segmenter:
         init, start_step: refine instead of restart: the (N, *spatial) members of an earlier
         run, noised to the (respaced) step ``start_step``, then denoised from there; the run
         costs start_step + 1 steps.
+        resample: with known pixels, each step is done this many times (RePaint's resampling);
+        it multiplies the cost of the run.
         """
         precision = self.precision if precision is None else resolve_precision(precision, self.device)
         images = np.asarray(images)
@@ -436,6 +439,8 @@ class Segmenter:
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**31))
         diffusion = self.diffusion(respacing)
+        if int(resample) < 1:
+            raise DiffSegError(f"resample must be at least 1 (got {resample})")
 
         volume = images if images.ndim == 4 else images[..., None]
         height, width, depth = volume.shape[1:]
@@ -489,7 +494,7 @@ class Segmenter:
                     # Resampled to the network's grid; a pixel counts as known where most of it is.
                     km = geometry.to_network(known_in.float(), multiple, is_mask=True).to(self.device)
                     kv = geometry.to_network(values_in, multiple, is_mask=True).to(self.device)
-                    guide.update(known_mask=km > 0.5, known_values=kv)
+                    guide.update(known_mask=km > 0.5, known_values=kv, resample=int(resample))
                 if init is not None:
                     members_in = torch.from_numpy(np.ascontiguousarray(np.moveaxis(init[..., zs], -1, 0)))
                     members_in = members_in.reshape(-1, 1, height, width).float()  # (S*N, 1, H, W)
@@ -549,7 +554,7 @@ class Segmenter:
             threshold=threshold,
             settings={"timestep_respacing": respacing, "eta": eta, "precision": precision,
                       "device": str(self.device), "model": self.loaded.source,
-                      "chains_per_call": chains, "slices_per_batch": per_batch},
+                      "chains_per_call": chains, "slices_per_batch": per_batch, "resample": int(resample)},
         )
 
 

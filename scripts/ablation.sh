@@ -17,16 +17,16 @@ OUT=${OUT:-runs/ablation}
 PY=${PY:-.venv/bin/python}
 # The previous demo recipe (epsilon, constant lr 3e-4, uniform batches of 12, 50 steps), as flags
 # over scripts/train_demo.sh's current defaults.
-OLD=(--predict_xstart False --lr 3e-4 --lr_schedule constant --warmup_steps 0 --grad_clip 0 --tumour_fraction 0
+OLD=(--predict_xstart False --x0_loss_weight 0 --lr 3e-4 --lr_schedule constant --warmup_steps 0 --grad_clip 0 --tumour_fraction 0
      --batch_size 12 --sample_respacing 50)
 declare -A ROWS=(
   [old_recipe]="${OLD[*]}"
   [tumour_fraction]="${OLD[*]} --tumour_fraction 0.7"
   [cosine_lr]="${OLD[*]} --lr 1e-3 --lr_schedule cosine --warmup_steps $WARMUP --grad_clip 1.0"
   [x0]="${OLD[*]} --predict_xstart True --sample_respacing 10"
-  [recipe]="--warmup_steps $WARMUP"
+  [recipe]="--warmup_steps $WARMUP --x0_loss_weight 0"
   [recipe_x0_loss]="--warmup_steps $WARMUP --x0_loss_weight 1.0"
-  [recipe_self_condition]="--warmup_steps $WARMUP --self_condition"
+  [recipe_self_condition]="--warmup_steps $WARMUP --x0_loss_weight 0 --self_condition"
   [baseline]="BASELINE --warmup_steps $WARMUP"
 )
 NAMES=(${*:-old_recipe tumour_fraction cosine_lr x0 recipe recipe_x0_loss recipe_self_condition baseline})

@@ -52,8 +52,8 @@ def main() -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     figure.subplots_adjust(wspace=0.45)
     demo = read_progress(args.demo)
-    plot_curves(left, demo, ["loss", "mse", "vb", "val_loss"],
-                "diffusion model (MSE on x0 + variational bound; val: fixed t and noise)")
+    plot_curves(left, demo, ["loss", "mse", "vb", "x0_loss", "val_loss"],
+                "diffusion model (MSE on x0 + VB + Dice/BCE on x0; val: fixed t and noise)")
     left.set_ylabel("loss")
     plot_curves(right, read_progress(args.baseline), ["loss", "bce", "dice_loss", "val_loss"],
                 "U-Net baseline (BCE + soft Dice)")

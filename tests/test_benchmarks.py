@@ -267,7 +267,7 @@ def test_interactive_region_refines_inside_the_box_only():
     for margin in (2, None):
         calls.clear()
         args = argparse.Namespace(ensemble=2, seed=0, max_rounds=1, radius=2, start_step=1, region_margin=margin,
-                                  refine_respacing=None)
+                                  refine_respacing=None, resample=1)
         bench_interactive.simulate(Stub(), np.zeros((4, 40, 40), np.float32), truth, args)
         known, values = calls[1]  # calls[0] is the run that gives round 0
         box = np.zeros_like(truth)

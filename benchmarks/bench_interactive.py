@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device, info = start(args, "interactive refinement")
 
-    from napari_diffseg._session import refine_respacing, refine_start_step
+    from napari_diffseg._session import refine_chain
     from napari_diffseg.inference import Segmenter
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,11 +189,10 @@ def main(argv=None) -> int:
         if args.quick:
             args.max_rounds = min(args.max_rounds, 3)
         segmenter = Segmenter.load(model_path, device=device, precision=args.precision)
-        # The refine's chain and start step as the widget's Refine picks them (_session).
-        args.refine_respacing = refine_respacing(segmenter.num_steps(segmenter.defaults["timestep_respacing"]))
-        steps = segmenter.num_steps(args.refine_respacing or segmenter.defaults["timestep_respacing"])
+        # The refine's chain and start step as the widget's Refine picks them.
+        args.refine_respacing, steps, start_step = refine_chain(segmenter)
         if args.start_step is None:
-            args.start_step = refine_start_step(steps)  # half the chain: start_step + 1 steps a round
+            args.start_step = start_step  # half the chain: start_step + 1 steps a round
         cases = [c for c in data.find_cases(data_dir) if c.seg is not None]
         if not cases:
             print(f"error: {data_dir}: no labelled slices; run scripts/make_val_slices.py first", file=sys.stderr)

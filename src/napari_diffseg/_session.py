@@ -402,11 +402,12 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
     start = time.monotonic()
     segmenter = cache.get(request.model_path, request.flags_path, request.device)
     images = prepare_images(request.inputs, request.z)
-    respacing = segmenter.defaults["timestep_respacing"] if request.respacing is None else request.respacing
-    if request.init is not None and request.respacing is None:
-        respacing = refine_respacing(segmenter.num_steps(respacing)) or respacing
-    chain_steps = segmenter.num_steps(respacing)  # a bad spec fails here, before any work
-    start_step = refine_start_step(chain_steps) if request.init is not None else None
+    # A bad step spec fails here (num_steps), before any work.
+    if request.init is not None:
+        respacing, chain_steps, start_step = refine_chain(segmenter, request.respacing)
+    else:
+        respacing = segmenter.defaults["timestep_respacing"] if request.respacing is None else request.respacing
+        chain_steps, start_step = segmenter.num_steps(respacing), None
     slices: set[int] = set()
     todo = None
     if partial is not None and images.ndim == 4:
@@ -719,6 +720,17 @@ def refine_start_step(chain_steps: int) -> int:
     members' shape survives the noise but the model has room to follow the new marks. A
     10-step chain starts at step 4 and runs 5 steps."""
     return max(0, (int(chain_steps) + 1) // 2 - 1)
+
+
+def refine_chain(segmenter, respacing: str | None = None) -> tuple[str, int, int]:
+    """A refine from members: its respacing (the user's step count, else the model's preset but
+    at least REFINE_MIN_STEPS), that chain's length and the step it starts at. The widget's
+    Refine and the simulated clinician (benchmarks/bench_interactive.py) both take it from here."""
+    chosen = segmenter.defaults["timestep_respacing"] if respacing is None else respacing
+    if respacing is None:
+        chosen = refine_respacing(segmenter.num_steps(chosen)) or chosen
+    steps = segmenter.num_steps(chosen)
+    return chosen, steps, refine_start_step(steps)
 
 
 @dataclass

@@ -494,7 +494,7 @@ class Segmenter:
                     # Resampled to the network's grid; a pixel counts as known where most of it is.
                     km = geometry.to_network(known_in.float(), multiple, is_mask=True).to(self.device)
                     kv = geometry.to_network(values_in, multiple, is_mask=True).to(self.device)
-                    guide.update(known_mask=km > 0.5, known_values=kv, resample=int(resample))
+                    guide.update(known_mask=km > 0.5, known_values=kv)
                 if init is not None:
                     members_in = torch.from_numpy(np.ascontiguousarray(np.moveaxis(init[..., zs], -1, 0)))
                     members_in = members_in.reshape(-1, 1, height, width).float()  # (S*N, 1, H, W)
@@ -506,7 +506,7 @@ class Segmenter:
                                         sampler=sampler, eta=eta, precision=precision,
                                         clip_range=tuple(self.defaults["clip_range"]),
                                         clamp_variance=bool(self.defaults.get("clamp_variance", False)),
-                                        chains_per_call=chains, **guide)
+                                        chains_per_call=chains, resample=int(resample), **guide)
                 final = None
                 for step in steps:
                     final = step

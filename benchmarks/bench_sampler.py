@@ -14,6 +14,8 @@ Modes (all draw a 5-member ensemble for one slice):
 (c) fast: the model's stored sampling preset (the demo model's: 50 respaced DDPM steps),
     in bf16 where the device computes it natively (CPU: AVX512-BF16/AMX; CUDA: fp16 too, and
     instead where bf16 is missing); also in fp32.
+floor: not a sampler; the network's convolutions alone, each layer timed on its own, the time no
+    mode can beat, and the largest gain over (a) it leaves.
 --compile adds c_compiled (and b_compiled when --modes names it): the same with the UNet body
 under torch.compile (--compile_mode reduce-overhead replays CUDA graphs), as
 ``Segmenter(compile=True)`` and ``--compile`` on the command line run it.
@@ -34,6 +36,7 @@ The last line printed is the results as one JSON object (also written to --json 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -321,6 +324,74 @@ def time_sampler(cfg: Config, device: torch.device, num_ensemble: int, warmup: i
     return result, last.x
 
 
+def conv_layers(cfg: Config, device: torch.device) -> list[tuple[torch.nn.Conv2d, tuple[int, ...]]]:
+    """Every convolution one forward at batch 1 runs, with the shape of its input."""
+    seen: list[tuple[torch.nn.Conv2d, tuple[int, ...]]] = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod, tuple(inp[0].shape))))
+             for m in cfg.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    x = torch.cat([cfg.images, torch.zeros_like(cfg.images[:, :1])], dim=1)
+    try:
+        with torch.no_grad():
+            cfg.model.to(memory_format=torch.contiguous_format)(x, torch.full((1,), 500, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def conv_gflop(layers) -> float:
+    total = 0
+    for conv, shape in layers:
+        h = (shape[-2] + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
+        w = (shape[-1] + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
+        total += 2 * conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] * h * w // conv.groups
+    return total / 1e9
+
+
+def time_convolutions(layers, device: torch.device, batch: int, precision: str, channels_last: bool,
+                      calls: int = 2) -> float:
+    """Seconds per chain for the convolutions of one forward alone, each layer timed on its own
+    (fastest of ``calls`` after a warm-up) on random input of its shape at ``batch``. Nothing
+    else of the network runs, so no sampler in this layout and precision can be faster."""
+    from napari_diffseg.ensemble import autocast_context
+
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    total = 0.0
+    with torch.no_grad(), autocast_context(device, precision):
+        for conv, shape in layers:
+            layer = copy.deepcopy(conv).to(memory_format=layout)
+            x = torch.randn((batch, *shape[1:]), device=device).to(memory_format=layout)
+            layer(x)
+            best = float("inf")
+            for _ in range(calls):
+                with common.Timer(device) as timer:
+                    layer(x)
+                best = min(best, timer.seconds)
+            total += best
+            del layer, x
+    return total / batch
+
+
+def time_conv_floor(cfg: Config, device: torch.device, num_ensemble: int, precisions: list[str]) -> dict:
+    """The floor under every mode: what the network's convolutions alone cost per chain and
+    forward, in fp32 (contiguous as the reference, channels-last as ours) and in the fast
+    precision, at batch 1 and at the ensemble's batch. Divided into (a)'s time per chain and
+    forward it gives the largest speed-up over (a) that this device allows without doing less
+    arithmetic."""
+    layers = conv_layers(cfg, device)
+    rows = []
+    settings = [("fp32", False), ("fp32", True)] + [(p, True) for p in precisions if p != "fp32"]
+    for precision, channels_last in settings:
+        for batch in sorted({1, num_ensemble}):
+            seconds = time_convolutions(layers, device, batch, precision, channels_last)
+            rows.append({"precision": precision, "channels_last": channels_last, "batch": batch,
+                         "s_per_chain_forward": seconds})
+    gflop = conv_gflop(layers)
+    for row in rows:
+        row["gflop_per_s"] = gflop / row["s_per_chain_forward"]
+    return {"gflop_per_forward": gflop, "layers": len(layers), "rows": rows}
+
+
 def time_compiled(cfg: Config, device: torch.device, num_ensemble: int, warmup: int, steps: int, label: str,
                   respacing: str, sampler: str, precision: str, clip_range, mode: str = "default") -> dict:
     """A mode with the UNet body under torch.compile; skipped or failed is reported, not raised.
@@ -397,6 +468,15 @@ def bench_config(cfg: Config, device: torch.device, args) -> dict:
         a = modes["a"]["s_per_ensemble"]
         ratios = {f"{k}/a": m["s_per_ensemble"] / a for k, m in modes.items()
                   if k != "a" and m.get("status") == "ok"}
+    floor = time_conv_floor(cfg, device, n, fast) if run("floor") else None
+    if floor is not None:
+        # (a)'s seconds per chain and forward: from (a) itself, else from the bare forward at batch 1
+        a_forward = (modes["a"]["ms_per_step"] / 1000.0 / n if "a" in modes
+                     else modes["ref_b1"]["s_per_call"] if "ref_b1" in modes else None)
+        floor["a_s_per_chain_forward"] = a_forward
+        for precision in {r["precision"] for r in floor["rows"]}:
+            best = min(r["s_per_chain_forward"] for r in floor["rows"] if r["precision"] == precision)
+            floor[f"ceiling_vs_a_{precision}"] = None if a_forward is None else a_forward / best
     cfg.model.to(memory_format=torch.contiguous_format)
     result = {
         "description": cfg.description,
@@ -406,6 +486,7 @@ def bench_config(cfg: Config, device: torch.device, args) -> dict:
         "preset": {"timestep_respacing": respacing, "sampler": sampler, "clip_range": list(clip)},
         "modes": modes,
         "ratios": ratios,
+        "convolutions": floor,
     }
     if "a" in states and "b" in states and reference_steps == steps:
         # Same noise, same weights, same number of steps: the claim "faithful" in one number.
@@ -564,6 +645,19 @@ def print_config(name: str, result: dict, args, device: torch.device) -> None:
     if "a_vs_b_max_abs_diff" in result:
         print(f"(a) vs (b), same noise, after {args.warmup + args.steps} steps: largest difference "
               f"{result['a_vs_b_max_abs_diff']:.2e}")
+    floor = result.get("convolutions")
+    if floor:
+        print(f"\nconvolutions alone ({floor['layers']} layers, {floor['gflop_per_forward']:.1f} GFLOP per chain and "
+              "forward), each layer timed on its own: the floor under any mode")
+        rows = [[r["precision"], "channels-last" if r["channels_last"] else "contiguous", str(r["batch"]),
+                 common.fmt(r["s_per_chain_forward"], ".3f"), common.fmt(r["gflop_per_s"], ".0f")]
+                for r in floor["rows"]]
+        print(common.table(rows, ["precision", "layout", "batch", "s per chain-forward", "GFLOP/s"]))
+        if floor.get("a_s_per_chain_forward"):
+            ceilings = ", ".join(f"{k.rsplit('_', 1)[-1]} {v:.2f}x" for k, v in floor.items()
+                                 if k.startswith("ceiling_vs_a_") and v)
+            print(f"(a) spends {floor['a_s_per_chain_forward']:.3f} s per chain-forward; the most any mode can gain "
+                  f"over (a) without doing less arithmetic: {ceilings}")
 
 
 def print_widget(widget: dict) -> None:
@@ -602,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--configs", default="paper,demo", help="comma-separated: paper, demo")
     parser.add_argument("--modes", default="",
                         help="comma-separated mode keys to run (a, ref_b1, ref_b5, b, b_bf16, c_fp32, c, c_fp16, "
-                        "b_compiled, c_compiled); default: all but b_compiled")
+                        "b_compiled, c_compiled, floor: the convolutions alone); default: all but b_compiled")
     parser.add_argument("--reference_steps", type=int, default=None,
                         help="timed steps for (a) alone (default: --steps); (a) then is not compared with (b)")
     parser.add_argument("--ensemble", type=int, default=5, help="chains per slice")

@@ -84,6 +84,14 @@ def test_sampler_benchmark_quick(tmp_path, capsys):
         assert set(config["ratios"]) >= {"b/a", "c/a", "c_fp32/a"}
         assert all(_positive(r) for r in config["ratios"].values())
         assert config["a_vs_b_max_abs_diff"] < 1e-4
+        floor = config["convolutions"]  # the convolutions alone: fp32 both layouts, the fast precision
+        settings = {(r["precision"], r["channels_last"], r["batch"]) for r in floor["rows"]}
+        assert {("fp32", False, 1), ("fp32", False, 5), ("fp32", True, 1), ("fp32", True, 5)} <= settings
+        assert all(_positive(r["s_per_chain_forward"]) for r in floor["rows"])
+        assert floor["a_s_per_chain_forward"] == pytest.approx(modes["a"]["ms_per_step"] / 1000 / 5)
+        best_fp32 = min(r["s_per_chain_forward"] for r in floor["rows"] if r["precision"] == "fp32")
+        assert floor["ceiling_vs_a_fp32"] == pytest.approx(floor["a_s_per_chain_forward"] / best_fp32)
+    assert "convolutions alone" in printed
 
     volume = results["volume"]  # the whole-volume row: a 3-slice phantom volume in --quick
     assert volume["status"] == "ok" and volume["brain_slices"] == 3 and volume["shape"][-1] == 3
@@ -112,6 +120,7 @@ def test_sampler_benchmark_mode_selection():
     assert set(config["modes"]) == {"a", "b"}
     assert config["modes"]["a"]["timed_steps"] == 2 and config["modes"]["b"]["timed_steps"] == 1
     assert set(config["ratios"]) == {"b/a"} and "a_vs_b_max_abs_diff" not in config
+    assert config["convolutions"] is None  # "floor" not asked for
     assert results["widget"] is None and results["volume"] is None and results["reference_timed_steps"] == 2
 
 
@@ -279,3 +288,13 @@ def test_interactive_region_refines_inside_the_box_only():
         else:
             assert known[~box].all()  # everything outside the box is kept ...
             np.testing.assert_array_equal(values[~box], start[~box])  # ... as the current mask
+
+
+def test_conv_gflop_counts_multiply_adds_of_every_layer():
+    """2 x C_in x C_out x k x k x output pixels per convolution, strides and groups included."""
+    plain = torch.nn.Conv2d(4, 8, 3, padding=1)
+    strided = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+    grouped = torch.nn.Conv2d(8, 8, 1, groups=2)
+    layers = [(plain, (1, 4, 16, 16)), (strided, (1, 8, 16, 16)), (grouped, (1, 8, 16, 16))]
+    expected = 2 * 4 * 8 * 9 * 16 * 16 + 2 * 8 * 8 * 9 * 8 * 8 + 2 * 8 * 8 * 16 * 16 // 2
+    assert bench_sampler.conv_gflop(layers) == pytest.approx(expected / 1e9)

@@ -90,6 +90,35 @@ def test_every_docking_path_segments(dock, make_napari_viewer, qtbot, tiny_check
         qtbot.waitUntil(lambda: widget._metrics_worker is None, timeout=RUN_TIMEOUT_MS)
 
 
+def test_a_wide_dock_puts_the_groups_side_by_side(make_napari_viewer, qtbot, tiny_checkpoint):
+    """Docked at the bottom the groups sit in three columns, so the dock needs far less height than
+    the single column of a side dock and leaves the canvas its room; narrow again, one column."""
+    from napari_diffseg._widget import WIDE_LAYOUT_MIN_WIDTH, DiffSegWidget
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1400, 900)
+    _add(viewer, _case_layers(truth=True))
+    widget = DiffSegWidget(viewer)
+    widget.persist_settings = False
+    dock = viewer.window.add_dock_widget(widget, name="Diffusion segmentation", area="right")
+    qtbot.waitUntil(lambda: widget.width() > 0)
+    assert widget.width() < WIDE_LAYOUT_MIN_WIDTH and not widget.is_wide_layout
+    narrow_height = widget.minimumSizeHint().height()
+    viewer.window.remove_dock_widget(dock)
+
+    viewer.window.add_dock_widget(widget, name="Diffusion segmentation", area="bottom")
+    qtbot.waitUntil(lambda: widget.is_wide_layout, timeout=5000)
+    assert widget.minimumSizeHint().width() < WIDE_LAYOUT_MIN_WIDTH  # fits the width that switches it
+    assert widget.minimumSizeHint().height() < 0.6 * narrow_height
+    widget.resize(WIDE_LAYOUT_MIN_WIDTH - 200, 900)  # made narrow (a floating window): one column again
+    qtbot.waitUntil(lambda: not widget.is_wide_layout, timeout=5000)
+    widget.configure(persist=False, model_path=str(tiny_checkpoint), **TINY)
+    _run(qtbot, widget)  # and it still works
+    assert f"{CASE} diffseg proposal" in viewer.layers
+    widget._metrics_timer.stop()
+    qtbot.waitUntil(lambda: widget._metrics_worker is None, timeout=RUN_TIMEOUT_MS)
+
+
 def test_layer_checks_see_through_napari_proxies():
     """Layers handed out by a PublicOnlyProxy viewer are proxies: type() lies, isinstance does not."""
     from napari.layers import Image

@@ -47,7 +47,9 @@ from magicgui.widgets import (
     create_widget,
 )
 from qtpy.QtCore import Qt, QTimer
-from qtpy.QtWidgets import QComboBox, QGroupBox, QListWidget, QListWidgetItem, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QBoxLayout, QComboBox, QGroupBox, QListWidget, QListWidgetItem, QVBoxLayout, QWidget,
+)
 
 from . import MODALITIES
 from . import _layerdata as ld
@@ -82,6 +84,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_ENSEMBLE = 20
+# From this width on (a bottom or top dock, a wide floating window) the groups sit in three
+# columns side by side; more than the three columns need at their narrowest.
+WIDE_LAYOUT_MIN_WIDTH = 960
 MAX_MEMBERS_BYTES = 1_000_000_000  # larger member stacks are not kept (the core allocates them too)
 STEP_PRESETS = [  # (label, respacing); None = the checkpoint's default
     ("model default", None),
@@ -212,8 +217,20 @@ class DiffSegWidget(QWidget):
 
         from .inference import available_devices, available_precisions
 
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(4, 4, 4, 4)
+        # Three columns of groups: stacked in a narrow (left/right) dock, side by side in a wide
+        # one (bottom/top, or a wide floating window), where a single column would leave the
+        # canvas a strip (resizeEvent switches the direction).
+        self._root = QBoxLayout(QBoxLayout.Direction.TopToBottom, self)
+        self._root.setContentsMargins(4, 4, 4, 4)
+        self._columns = []
+        for _ in range(3):
+            column = QWidget()
+            column_layout = QVBoxLayout(column)
+            column_layout.setContentsMargins(0, 0, 0, 0)
+            self._root.addWidget(column)
+            self._columns.append(column_layout)
+        inputs_column, run_column, review_column = self._columns
+        layout = inputs_column
 
         self.layer_pickers = {
             m: create_widget(annotation=Image, label=m, options={
@@ -238,6 +255,7 @@ class DiffSegWidget(QWidget):
         self.model_status.native.setWordWrap(True)
         self.model_box = Container(widgets=[self.model_path, self.flags_path, self.model_status])
         layout.addWidget(self._group("Model", self.model_box.native))
+        layout = run_column
 
         self.ensemble = Slider(min=1, max=MAX_ENSEMBLE, value=5, label="ensemble size",
                                tooltip="number of chains: their mean is the mask, their variance the uncertainty")
@@ -271,6 +289,7 @@ class DiffSegWidget(QWidget):
         run_row.margins = (0, 0, 0, 0)
         self.run_box = Container(widgets=[run_row, self.progress_bar, self.status], labels=False)
         layout.addWidget(self.run_box.native)
+        layout = review_column
 
         tumour, background = SCRIBBLE_HEX[SCRIBBLE_TUMOUR], SCRIBBLE_HEX[SCRIBBLE_BACKGROUND]
         self.scribble_legend = Label(value=(
@@ -318,7 +337,9 @@ class DiffSegWidget(QWidget):
         review = self._group("Review", self.review.native)
         review.layout().addWidget(self.ranking)
         layout.addWidget(review)
-        layout.addStretch(1)
+        for column in self._columns:  # side by side, each column's groups sit at the top
+            column.addStretch(1)
+        self._root.addStretch(1)
         self._set_review_enabled(None)
 
         self.run_button.changed.connect(self.run)
@@ -342,6 +363,17 @@ class DiffSegWidget(QWidget):
         self._metrics_timer.setSingleShot(True)
         self._metrics_timer.setInterval(250)
         self._metrics_timer.timeout.connect(self._recompute_metrics)
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        super().resizeEvent(event)
+        wide = event.size().width() >= WIDE_LAYOUT_MIN_WIDTH
+        direction = QBoxLayout.Direction.LeftToRight if wide else QBoxLayout.Direction.TopToBottom
+        if self._root.direction() != direction:
+            self._root.setDirection(direction)
+
+    @property
+    def is_wide_layout(self) -> bool:
+        return self._root.direction() == QBoxLayout.Direction.LeftToRight
 
     @staticmethod
     def _group(title: str, inner: QWidget) -> QGroupBox:

@@ -474,9 +474,10 @@ def bench_config(cfg: Config, device: torch.device, args) -> dict:
         a_forward = (modes["a"]["ms_per_step"] / 1000.0 / n if "a" in modes
                      else modes["ref_b1"]["s_per_call"] if "ref_b1" in modes else None)
         floor["a_s_per_chain_forward"] = a_forward
-        for precision in {r["precision"] for r in floor["rows"]}:
-            best = min(r["s_per_chain_forward"] for r in floor["rows"] if r["precision"] == precision)
-            floor[f"ceiling_vs_a_{precision}"] = None if a_forward is None else a_forward / best
+        best: dict[str, float] = {}
+        for r in floor["rows"]:
+            best[r["precision"]] = min(best.get(r["precision"], float("inf")), r["s_per_chain_forward"])
+        floor["ceiling_vs_a"] = {p: a_forward / s for p, s in best.items()} if a_forward else {}
     cfg.model.to(memory_format=torch.contiguous_format)
     result = {
         "description": cfg.description,
@@ -653,9 +654,8 @@ def print_config(name: str, result: dict, args, device: torch.device) -> None:
                  common.fmt(r["s_per_chain_forward"], ".3f"), common.fmt(r["gflop_per_s"], ".0f")]
                 for r in floor["rows"]]
         print(common.table(rows, ["precision", "layout", "batch", "s per chain-forward", "GFLOP/s"]))
-        if floor.get("a_s_per_chain_forward"):
-            ceilings = ", ".join(f"{k.rsplit('_', 1)[-1]} {v:.2f}x" for k, v in floor.items()
-                                 if k.startswith("ceiling_vs_a_") and v)
+        if floor["ceiling_vs_a"]:
+            ceilings = ", ".join(f"{p} {v:.2f}x" for p, v in floor["ceiling_vs_a"].items())
             print(f"(a) spends {floor['a_s_per_chain_forward']:.3f} s per chain-forward; the most any mode can gain "
                   f"over (a) without doing less arithmetic: {ceilings}")
 

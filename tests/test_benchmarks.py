@@ -90,7 +90,7 @@ def test_sampler_benchmark_quick(tmp_path, capsys):
         assert all(_positive(r["s_per_chain_forward"]) for r in floor["rows"])
         assert floor["a_s_per_chain_forward"] == pytest.approx(modes["a"]["ms_per_step"] / 1000 / 5)
         best_fp32 = min(r["s_per_chain_forward"] for r in floor["rows"] if r["precision"] == "fp32")
-        assert floor["ceiling_vs_a_fp32"] == pytest.approx(floor["a_s_per_chain_forward"] / best_fp32)
+        assert floor["ceiling_vs_a"]["fp32"] == pytest.approx(floor["a_s_per_chain_forward"] / best_fp32)
     assert "convolutions alone" in printed
 
     volume = results["volume"]  # the whole-volume row: a 3-slice phantom volume in --quick

@@ -428,16 +428,16 @@ class Diffusion:
         x0_prev = None
         for count, t in enumerate(reversed(range(total))):
             repeats = int(resample) if known is not None and t > 0 else 1
+            model_t = self.model_timesteps(t, x.shape[0], x.device)
+            needs_noise = t > 0 and (sampler == "ddpm" or eta > 0)
             for repeat in range(repeats):
                 if repeat:  # back from step t-1 to t: x_t ~ q(x_t | x_{t-1})
                     beta = self._coef("betas", t, x)
                     x = torch.sqrt(1.0 - beta) * x + torch.sqrt(beta) * draw_noise()
-                model_t = self.model_timesteps(t, x.shape[0], x.device)
                 output = denoise(x, model_t, x0_prev) if self_condition else denoise(x, model_t)
                 out = self.p_mean_variance(output.to(x.dtype), x, t, clip=clip, clip_range=clip_range,
                                            clamp_variance=clamp_variance)
                 x0_prev = out["pred_x0"]
-                needs_noise = t > 0 and (sampler == "ddpm" or eta > 0)
                 noise = draw_noise() if needs_noise else None
                 if sampler == "ddpm":
                     x = self.ddpm_step(out, t, noise) if noise is not None else out["mean"]

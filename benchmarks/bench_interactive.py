@@ -28,47 +28,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from _common import REPO, fmt, make_parser, start, table, write_json
 
 from napari_diffseg import data, metrics
+from napari_diffseg.clicks import NOT_TUMOUR, TUMOUR, largest_error, next_click
 
 THRESHOLDS = (0.85, 0.90)
 REPORT_ROUNDS = (0, 1, 3, 5)
-
-
-def largest_error(mask: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, int] | None:
-    """The largest connected error region of the mask (bool) and the label it should have (1: a
-    missed tumour region, 0: a false one); None when the mask has no error."""
-    best = None
-    for value, error in ((1, truth & ~mask), (0, mask & ~truth)):
-        labels, count = ndimage.label(error)
-        if count == 0:
-            continue
-        sizes = ndimage.sum(error, labels, index=np.arange(1, count + 1))
-        k = int(np.argmax(sizes))
-        if best is None or sizes[k] > best[0]:
-            best = (sizes[k], value, labels == k + 1)
-    return None if best is None else (best[2], best[1])
-
-
-def next_scribble(mask: np.ndarray, truth: np.ndarray, radius: int) -> tuple[np.ndarray, int] | None:
-    """The disk (bool, mask-shaped) at the centre of the largest error region, and its label
-    (1: a missed tumour region, 0: a false one); None when the mask has no error."""
-    found = largest_error(mask, truth)
-    if found is None:
-        return None
-    region, value = found
-    # The interior point farthest from the region's border (of several, the one nearest the
-    # region's centroid): a click a person would make.
-    inside = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
-    ys, xs = np.nonzero(inside == inside.max())
-    centroid = np.argwhere(region).mean(axis=0)
-    k = int(np.argmin((ys - centroid[0]) ** 2 + (xs - centroid[1]) ** 2))
-    cy, cx = ys[k], xs[k]
-    yy, xx = np.ogrid[: mask.shape[0], : mask.shape[1]]
-    return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2, value
 
 
 def region_box(region: np.ndarray, margin: int) -> np.ndarray:
@@ -97,9 +64,10 @@ def simulate(segmenter, images: np.ndarray, truth: np.ndarray, args) -> dict:
         mask, members = first.copy(), start.samples
         known = np.zeros(truth.shape, bool)
         values = np.zeros(truth.shape, np.float32)
+        marks = np.zeros(truth.shape, np.uint8)
         dices, seconds = [metrics.dice(mask, truth)], []
         for _ in range(args.max_rounds):
-            mark = next_scribble(mask, truth, args.radius)
+            mark = next_click(mask, truth, args.radius)
             if mark is None:  # perfect: every later round scores the same
                 dices.append(dices[-1])
                 continue
@@ -107,6 +75,7 @@ def simulate(segmenter, images: np.ndarray, truth: np.ndarray, args) -> dict:
             box = None if args.region_margin is None else region_box(largest_error(mask, truth)[0], args.region_margin)
             known |= disk
             values[disk] = value
+            marks[disk] = TUMOUR if value else NOT_TUMOUR
             if mode == "by_hand":
                 mask = np.where(known, values > 0.5, mask)
             else:
@@ -116,7 +85,7 @@ def simulate(segmenter, images: np.ndarray, truth: np.ndarray, args) -> dict:
                     fixed_values = np.where(known, values, mask).astype(np.float32)
                 t0 = time.perf_counter()
                 result = run_to_end(segmenter.run(images, num_ensemble=args.ensemble, seed=args.seed + len(dices),
-                                                  known_mask=fixed, known_values=fixed_values, init=members,
+                                                  known_mask=fixed, known_values=fixed_values, marks=marks, init=members,
                                                   start_step=args.start_step, respacing=args.refine_respacing,
                                                   resample=args.resample, preview_interval=None))
                 seconds.append(time.perf_counter() - t0)

@@ -2,7 +2,7 @@
 # Train the bundled demo model on the 9 training cases of ../shared/brats18 (or $BRATS_DIR),
 # on the CPU; the 3 validation cases are held out. Re-runnable; resumes if interrupted (the
 # wall-time budget and the cosine schedule continue where they stopped).
-#   bash scripts/train_demo.sh            # 100 min on both CPU threads: the bundled model
+#   bash scripts/train_demo.sh            # 100 + 60 min on both CPU threads: the bundled model
 # Environment: BRATS_DIR, OUT (default runs/demo), MINUTES (training wall time, default 100),
 # OBJECTIVE (diffusion, or segmentation for the U-Net baseline: scripts/train_baseline.sh),
 # THREADS (CPU threads, default 2: the fourth bundled model had the whole 2-core CPU; the third
@@ -14,11 +14,16 @@
 # lr 1e-3 with a 200-step warm-up and cosine decay to zero, gradient norm clipped to 1, batch
 # 16. Flags given to this script come last and override these (scripts/ablation.sh changes one
 # lever at a time that way).
+# Then (diffusion only, MARK_MINUTES > 0, default 60) a second run in $OUT/marks starts from that
+# model and learns to read the user's marks: half the slices come with simulated marks
+# (--click_fraction 0.5) in two new input channels, lr 3e-4 with a 50-step warm-up and cosine
+# decay. Its model.pt is the bundled model (scripts/export_demo_model.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BRATS_DIR=${BRATS_DIR:-../shared/brats18}
 OUT=${OUT:-runs/demo}
 MINUTES=${MINUTES:-100}
+MARK_MINUTES=${MARK_MINUTES:-60}
 OBJECTIVE=${OBJECTIVE:-diffusion}
 THREADS=${THREADS:-2}
 NORM_GROUPS=${NORM_GROUPS:-8}
@@ -37,8 +42,9 @@ X0_LOSS=()
 [ -f "$OUT/checkpoint.pt" ] && RESUME=(--resume "$OUT/checkpoint.pt")
 # 128x128 (the slice is resampled in and out transparently), 3.7 M parameters, bf16 + channels-last.
 # --predict_xstart is a model flag: it is stored in model.pt, and sampling follows it.
+train() {
 "$PY" -m napari_diffseg.train \
-  --data_dir "$OUT/split/train" --val_dir "$OUT/split/val" --out_dir "$OUT" \
+  --data_dir "$OUT/split/train" --val_dir "$OUT/split/val" \
   --image_size 128 --channel_mult 1,2,3,4 --num_channels 32 --num_res_blocks 1 --num_heads 1 \
   --attention_resolutions 16 --learn_sigma True --use_scale_shift_norm False \
   --diffusion_steps 1000 --noise_schedule linear --rescale_learned_sigmas False --rescale_timesteps False \
@@ -47,4 +53,12 @@ X0_LOSS=()
   --lr_schedule cosine --warmup_steps 200 --grad_clip 1.0 --tumour_fraction 0.7 \
   --precision bf16 --channels_last --augment --seed 0 \
   --save_interval 250 --log_interval 25 --max_minutes "$MINUTES" --sample_respacing 10 \
-  --objective "$OBJECTIVE" --threads "$THREADS" --norm_groups "$NORM_GROUPS" "${RESUME[@]}" "$@"
+  --objective "$OBJECTIVE" --threads "$THREADS" --norm_groups "$NORM_GROUPS" "$@"
+}
+train --out_dir "$OUT" "${RESUME[@]}" "$@"
+if [ "$OBJECTIVE" = diffusion ] && [ "$MARK_MINUTES" != 0 ]; then
+  RESUME=()
+  [ -f "$OUT/marks/checkpoint.pt" ] && RESUME=(--resume "$OUT/marks/checkpoint.pt")
+  train --out_dir "$OUT/marks" --max_minutes "$MARK_MINUTES" --init_from "$OUT/model.pt" --click_fraction 0.5 \
+    --lr 3e-4 --warmup_steps 50 "${RESUME[@]}" "$@"
+fi

@@ -219,20 +219,22 @@ def test_interactive_benchmark_quick(tmp_path, capsys):
     assert all(len(s["refine"]["dice"]) == 4 for s in results["slices"])  # round 0 + 3 rounds
 
 
-def test_next_scribble_marks_the_centre_of_the_largest_error():
+def test_next_click_marks_the_centre_of_the_largest_error():
     import numpy as np
+
+    from napari_diffseg import clicks
 
     truth = np.zeros((40, 40), bool)
     truth[5:25, 5:25] = True
     mask = truth.copy()
     mask[5:25, 5:15] = False  # a 20x10 miss
     mask[30:34, 30:34] = True  # a small false positive
-    disk, value = bench_interactive.next_scribble(mask, truth, radius=2)
+    disk, value = clicks.next_click(mask, truth, radius=2)
     assert value == 1 and disk.sum() == 13  # a radius-2 disk
     ys, xs = np.nonzero(disk)
     assert truth[ys, xs].all() and not mask[ys, xs].any()  # inside the missed region
     assert abs(ys.mean() - 14.5) <= 1 and abs(xs.mean() - 9.5) <= 1  # its centre
-    assert bench_interactive.next_scribble(truth, truth, 2) is None
+    assert clicks.next_click(truth, truth, 2) is None
     assert bench_interactive.rounds_to([0.5, 0.86, 0.91], 0.85, 10) == 1
     assert bench_interactive.rounds_to([0.5, 0.6], 0.9, 10) == 10
 
@@ -240,11 +242,13 @@ def test_next_scribble_marks_the_centre_of_the_largest_error():
 def test_region_box_surrounds_the_largest_error():
     import numpy as np
 
+    from napari_diffseg import clicks
+
     truth = np.zeros((40, 40), bool)
     truth[5:25, 5:25] = True
     mask = truth.copy()
     mask[5:25, 5:15] = False
-    region, value = bench_interactive.largest_error(mask, truth)
+    region, value = clicks.largest_error(mask, truth)
     assert value == 1 and region.sum() == 200
     box = bench_interactive.region_box(region, 3)
     assert box[2:28, 2:18].all() and box.sum() == 26 * 16  # rows 5-24, cols 5-14, grown by 3

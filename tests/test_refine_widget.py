@@ -180,6 +180,8 @@ def test_refine_holds_scribbles_and_accepted_pixels_outside_the_region(make_widg
     scribbles.paint((17, 18), SCRIBBLE_BACKGROUND)
     marks = scribbles.data.copy()
     assert (marks == 1).sum() >= 5 and (marks == 2).sum() >= 5
+    # The scribbles also travel as marks, for a model trained to read them (this one ignores them).
+    np.testing.assert_array_equal(ld.to_display(widget._build_refine_request().marks), marks)
 
     _refine(qtbot, widget, key=True)  # Shift-R
     assert not _errors_since(start), widget.messages

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import MODALITIES
 from . import _layerdata as ld
+from .clicks import NOT_TUMOUR, TUMOUR
 from .data import classify_file, normalise_intensity
 from .errors import DiffSegError
 
@@ -340,6 +341,7 @@ class RunRequest:
     known_mask: np.ndarray | None = None
     known_values: np.ndarray | None = None
     init: np.ndarray | None = None
+    marks: np.ndarray | None = None  # the scribbles (1 tumour, 2 not tumour), for a model that reads them
     note: str = ""  # what the refine holds fixed, for the closing message
 
     @property
@@ -429,6 +431,7 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
         known_values=request.known_values,
         init=request.init,
         start_step=start_step,
+        marks=request.marks,
     )
     while True:
         try:
@@ -699,8 +702,7 @@ def commit_changes(segmentation: np.ndarray, proposal: np.ndarray, painted: np.n
 # Refine: the user's marks as known pixels, and where to mark next
 # ---------------------------------------------------------------------------------------------
 
-SCRIBBLE_TUMOUR = 1  # label values of the "<case> scribbles" layer
-SCRIBBLE_BACKGROUND = 2
+SCRIBBLE_TUMOUR, SCRIBBLE_BACKGROUND = TUMOUR, NOT_TUMOUR  # label values of the "<case> scribbles" layer
 SCRIBBLE_NAMES = {SCRIBBLE_TUMOUR: "tumour", SCRIBBLE_BACKGROUND: "not tumour"}
 
 
@@ -743,6 +745,7 @@ class KnownPixels:
     background: int = 0
     from_segmentation: int = 0  # pixels outside the region taken from the accepted segmentation
     ignored_labels: tuple[int, ...] = ()  # scribble labels other than 1 and 2 (not used)
+    marks: np.ndarray | None = None  # uint8: the scribbles of labels 1 and 2, 0 elsewhere
 
     @property
     def count(self) -> int:
@@ -783,8 +786,9 @@ def known_pixels(scribbles: np.ndarray, segmentation: np.ndarray | None = None,
     values[tumour] = 1.0
     values[background] = 0.0
     other = np.unique(scribbles[(scribbles != 0) & ~tumour & ~background])
+    marks = np.where(tumour, SCRIBBLE_TUMOUR, np.where(background, SCRIBBLE_BACKGROUND, 0)).astype(np.uint8)
     return KnownPixels(known, values, int(tumour.sum()), int(background.sum()), from_segmentation,
-                       tuple(int(v) for v in other))
+                       tuple(int(v) for v in other), marks)
 
 
 @dataclass

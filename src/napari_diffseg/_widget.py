@@ -1152,6 +1152,7 @@ class DiffSegWidget(QWidget):
                                    "(1 = tumour, 2 = not tumour): ignored")
         request.known_mask = np.ascontiguousarray(ld.to_core(known.mask))
         request.known_values = np.ascontiguousarray(ld.to_core(known.values))
+        request.marks = np.ascontiguousarray(ld.to_core(known.marks))
         request.note = known.summary()
         state = self.results.get(inputs.case)
         if state is not None and state.spatial_shape == tuple(reversed(inputs.display_shape)):

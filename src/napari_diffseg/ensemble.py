@@ -54,6 +54,7 @@ def sample_ensemble(
     init: torch.Tensor | None = None,
     chains_per_call: int | None = None,
     resample: int = 1,
+    hints: torch.Tensor | None = None,
 ) -> Iterator[SamplerStep]:
     """Yield every step of ``num_ensemble`` chains for each of the S slices in ``images``.
 
@@ -67,6 +68,8 @@ def sample_ensemble(
     masks of earlier members, noised to that step, instead of from pure noise at the end of
     the chain: a refinement then costs start_step + 1 steps instead of the whole chain.
     resample: RePaint's resampling with known pixels (:meth:`Diffusion.sample`).
+    hints: (S, hint_channels, h, w) the user's marks for a model trained with them (its
+    ``hint_channels``); the network sees them at every step. Ignored by a model without.
 
     chains_per_call: at most this many chains go through the network together (None: all
     S * N). Every chain's noise comes from its slice's generator whatever the split, so only
@@ -101,7 +104,11 @@ def sample_ensemble(
     channels_last = images.ndim == 4 and next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     with torch.inference_mode(), autocast_context(device, precision):
-        condition = model.encode_condition(images.to(memory_format=layout))
+        if hints is not None and getattr(getattr(model, "config", None), "hint_channels", 0):
+            condition = model.encode_condition(images.to(memory_format=layout),
+                                               hints.to(device).to(memory_format=layout))
+        else:
+            condition = model.encode_condition(images.to(memory_format=layout))
 
         rows = s * num_ensemble
         chunk = rows if chains_per_call is None else max(1, min(int(chains_per_call), rows))

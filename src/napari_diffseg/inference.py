@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .checkpoint import ONE_PASS, LoadedModel, load_model
+from .clicks import marks_to_hints
 from .diffusion import Diffusion, space_timesteps
 from .ensemble import THRESHOLD, autocast_context, ensemble_statistics, sample_ensemble
 from ._settings import config_dir, write_json_atomically
@@ -374,6 +375,13 @@ class Segmenter:
             condition = self.model.encode_condition(images.to(memory_format=layout))
             return self.model.forward_conditioned(zeros.to(memory_format=layout), t, condition).float()
 
+    def _hints(self, marks: np.ndarray, zs: list[int]) -> torch.Tensor:
+        """(S, 2, h, w) mark channels at the network's grid. A mark counts wherever it covers a
+        fifth of a network pixel: a thin stroke must not vanish when the slice shrinks."""
+        per_slice = torch.from_numpy(marks_to_hints(np.moveaxis(marks[..., zs], -1, 0)))
+        shrunk = self.loaded.geometry.to_network(per_slice, self.loaded.unet_config.size_multiple)
+        return (shrunk > 0.2).float().to(self.device)
+
     @staticmethod
     def _slices(array: np.ndarray, zs: list[int]) -> torch.Tensor:
         """(H, W, Z) -> (len(zs), 1, H, W) float, the layout the geometry works on."""
@@ -400,6 +408,7 @@ class Segmenter:
         init: np.ndarray | None = None,
         start_step: int | None = None,
         resample: int = 1,
+        marks: np.ndarray | None = None,
     ) -> Generator[Progress, None, Segmentation]:
         """Sample an ensemble for a slice (4, H, W) or every brain slice of a volume (4, H, W, Z).
 
@@ -419,6 +428,10 @@ class Segmenter:
         costs start_step + 1 steps.
         resample: with known pixels, each step is done this many times (RePaint's resampling);
         it multiplies the cost of the run.
+        marks: the input's spatial shape, the user's marks (1 tumour, 2 not tumour, else none):
+        a model trained with marks (``hint_channels``) also sees them as input, so it can
+        follow them beyond the marked pixels; others ignore them. Give them as known pixels
+        too, to make the members end exactly at them.
         """
         precision = self.precision if precision is None else resolve_precision(precision, self.device)
         images = np.asarray(images)
@@ -460,6 +473,12 @@ class Segmenter:
                 raise DiffSegError(f"the members to refine must have shape {(num_ensemble, *spatial)}; "
                                    f"got {np.shape(init)}")
             init = np.asarray(init, np.float32).reshape(num_ensemble, height, width, depth)
+        if marks is not None:
+            if np.shape(marks) != spatial:
+                raise DiffSegError(f"the marks must have the image's shape {spatial}; got {np.shape(marks)}")
+            marks = np.asarray(marks).reshape(height, width, depth)
+            if not self.loaded.unet_config.hint_channels:
+                marks = None  # the model was not trained to read them
         todo = _brain_slices(volume) if slices is None else [int(z) for z in slices]
         allocate = allocate or (lambda _name, shape, dtype: np.zeros(shape, dtype))
         probability = allocate("probability", (height, width, depth), np.float32)
@@ -502,6 +521,8 @@ class Segmenter:
                                  start_step=start_step)
                 elif start_step is not None:
                     guide.update(start_step=start_step)
+                if marks is not None:
+                    guide.update(hints=self._hints(marks, zs))
                 steps = sample_ensemble(self.model, diffusion, net_in, num_ensemble, seed=seed, slice_keys=zs,
                                         sampler=sampler, eta=eta, precision=precision,
                                         clip_range=tuple(self.defaults["clip_range"]),

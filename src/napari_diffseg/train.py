@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from . import data
 from .checkpoint import DEFAULT_SAMPLING, MASK_CLIP_RANGE, atomic_save, make_payload, read_checkpoint, is_ours
+from .clicks import HINT_CHANNELS, marks_to_hints, simulate_marks
 from .cli import add_model_flags, check_unsupported_flags, guarded, make_parser, model_flags_from_args, positive_int
 from .diffusion import Diffusion, DiffusionConfig
 from .ensemble import autocast_context
@@ -215,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--self_condition", action="store_true",
                         help="the network also sees the previous step's x0 estimate (an extra input channel; zeros "
                         "at the first step; half the training steps see a detached estimate); stored in the model")
+    recipe.add_argument("--click_fraction", type=fraction, default=0.0,
+                        help="share of training slices that come with simulated user marks: one at the centre of "
+                        "the largest error of the model's own estimate, up to two more that agree with the truth. "
+                        "The model gets two input channels for marks (tumour, not tumour), stored in it, and a "
+                        "refine then feeds it the user's scribbles (0: no mark channels, as the reference)")
+    recipe.add_argument("--init_from", default="",
+                        help="start from the weights of this trained model (its model.pt or checkpoint.pt, the EMA "
+                        "weights) instead of random ones; the model flags must match, except that input channels "
+                        "it lacks (e.g. the marks of --click_fraction) start at zero, so the network starts out "
+                        "computing what that model did. A fresh optimizer and schedule")
     return parser
 
 
@@ -260,8 +271,11 @@ class Trainer:
             flags["learn_sigma"] = False  # one output channel: the mask logit
         if self.segmentation and args.self_condition:
             raise DiffSegError("--self_condition is for the diffusion objective; leave it out with --objective segmentation")
+        if self.segmentation and args.click_fraction:
+            raise DiffSegError("--click_fraction is for the diffusion objective; leave it out with --objective segmentation")
         self.unet_config = UNetConfig.from_flags({**flags, "norm_groups": args.norm_groups,
-                                                  "self_condition": args.self_condition})
+                                                  "self_condition": args.self_condition,
+                                                  "hint_channels": HINT_CHANNELS if args.click_fraction else 0})
         self.diffusion_config = DiffusionConfig.from_flags(flags)
         self.geometry = Geometry(crop_border=args.crop_border, resize_to=args.resize_to or None)
         self.sampling = {**DEFAULT_SAMPLING, "timestep_respacing": args.sample_respacing,
@@ -283,6 +297,8 @@ class Trainer:
         self.model.to(device)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if args.init_from:
+            self._init_from(Path(args.init_from))
         self.ema = EMA(self.model, args.ema_rate)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
@@ -331,6 +347,30 @@ class Trainer:
         if "torch_rng" in payload:
             torch.set_rng_state(payload["torch_rng"])
         self.log(f"resumed from {path} at step {self.step}")
+
+    def _init_from(self, path: Path) -> None:
+        if path.is_dir():
+            path = path / MODEL_NAME
+        payload = read_checkpoint(path)
+        if not is_ours(payload) or not isinstance(payload.get("weights"), dict):
+            raise DiffSegError(f"{path}: not a diffseg-train model; --init_from takes the model.pt or checkpoint.pt "
+                               "of an earlier run")
+        source = UNetConfig.from_flags(payload["unet_config"])
+        if (replace(source, hint_channels=0) != replace(self.unet_config, hint_channels=0)
+                or source.hint_channels > self.unet_config.hint_channels):
+            raise DiffSegError(f"{path}: was trained with other model flags; give the same flags to start from it "
+                               "(only --click_fraction may add mark channels)")
+        state = payload["weights"].get("ema") or payload["weights"]["model"]
+        own = self.model.state_dict()
+        for name, value in state.items():
+            value = value.to(own[name].dtype)
+            if value.shape != own[name].shape:  # the first layer, without the new mark channels
+                padded = torch.zeros_like(own[name])
+                padded[:, : value.shape[1]] = value
+                value = padded
+            own[name] = value
+        self.model.load_state_dict(own)
+        self.log(f"started from the weights of {path}")
 
     def save(self) -> None:
         if self.rank != 0:
@@ -393,11 +433,13 @@ class Trainer:
         x = torch.cat([images, x_t], dim=1)
         if self.args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x0_prev = None
+        x0_prev = hints = None
         if self.unet_config.self_condition:
             x0_prev = self._self_condition_input(x, t, x_t, generator)
+        if self.unet_config.hint_channels:
+            hints = self._simulated_marks(x, t, x_t, masks, x0_prev, generator)
         with autocast_context(self.device, self.args.precision):
-            output = self.net(x, t, x0_prev)
+            output = self.net(x, t, x0_prev, hints)
         losses = self.diffusion.training_losses(output.float(), masks, x_t, t, noise)
         if self.args.x0_loss_weight > 0:
             x0_loss = x0_dice_bce(self.diffusion.x0_estimate(output.float(), x_t, t), masks)
@@ -415,6 +457,24 @@ class Trainer:
         estimate = self.diffusion.x0_estimate(first, x_t, t).clamp(*clip)
         use = (torch.rand(x_t.shape[0], generator=generator) < 0.5).to(self.device)
         return torch.where(use.reshape(-1, 1, 1, 1), estimate, torch.zeros_like(estimate))
+
+    def _simulated_marks(self, x, t, x_t, masks, x0_prev, generator: torch.Generator) -> torch.Tensor:
+        """The mark channels: for a --click_fraction share of the slices, marks placed against
+        the model's own (detached) estimate without marks, as a user would correct it; none for
+        the rest (a plain run)."""
+        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
+        hints = torch.zeros((x.shape[0], self.unet_config.hint_channels, *x.shape[2:]))
+        chosen = np.flatnonzero(rng.random(x.shape[0]) < self.args.click_fraction)
+        if chosen.size:
+            rows = torch.from_numpy(chosen).to(self.device)
+            with torch.no_grad(), autocast_context(self.device, self.args.precision):
+                first = self.net(x[rows], t[rows], None if x0_prev is None else x0_prev[rows]).float()
+            estimate = (self.diffusion.x0_estimate(first, x_t[rows], t[rows]) > 0.5)[:, 0].cpu().numpy()
+            truth = (masks[rows, 0] > 0.5).cpu().numpy()
+            for i, row in enumerate(chosen):
+                hints[row] = torch.from_numpy(marks_to_hints(simulate_marks(estimate[i], truth[i], rng)))
+        hints = hints.to(self.device)
+        return hints.contiguous(memory_format=torch.channels_last) if self.args.channels_last else hints
 
     def train_step(self) -> dict[str, float]:
         rng = np.random.default_rng(_step_seed(self.args.seed, self.rank, self.step))

@@ -49,6 +49,9 @@ class UNetConfig:
     # Not a reference flag: one more input channel, the previous step's x0 estimate (Chen et
     # al., Analog Bits): each step sees what the chain already decided.
     self_condition: bool = False
+    # Not a reference flag: input channels for the user's marks (tumour, not tumour), so a
+    # refine can tell a mark from the model's own state; they come last in the first layer.
+    hint_channels: int = 0
 
     @classmethod
     def from_flags(cls, flags: dict) -> "UNetConfig":
@@ -69,8 +72,9 @@ class UNetConfig:
 
     @property
     def stem_channels(self) -> int:
-        """Input channels of the first layer: images, noisy mask, and x0 estimate if self-conditioned."""
-        return self.in_channels + int(self.self_condition)
+        """Input channels of the first layer: images, noisy mask, x0 estimate if self-conditioned,
+        then the marks' channels."""
+        return self.in_channels + int(self.self_condition) + self.hint_channels
 
     @property
     def mults(self) -> tuple[float, ...]:
@@ -310,27 +314,37 @@ class UNet(nn.Module):
         )
 
     # -- forward paths -------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None,
+                hints: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, in_channels, H, W), images then noisy mask; t: (B,) integer timesteps;
-        x0_prev: (B, 1, H, W) the previous x0 estimate of a self-conditioned model (None: zeros)."""
+        x0_prev: (B, 1, H, W) the previous x0 estimate of a self-conditioned model (None: zeros);
+        hints: (B, hint_channels, H, W) the user's marks (None: none)."""
         if self.config.self_condition:
             x = torch.cat([x, torch.zeros_like(x[:, :1]) if x0_prev is None else x0_prev.to(x.dtype)], dim=1)
+        if self.config.hint_channels:
+            extra = x.new_zeros((x.shape[0], self.config.hint_channels, *x.shape[2:])) if hints is None else hints
+            x = torch.cat([x, extra.to(x.dtype)], dim=1)
         return self._body(self.input_blocks[0](x, None), t)
 
     @property
     def _stem(self) -> nn.Conv2d:
         return self.input_blocks[0][0]
 
-    def encode_condition(self, images: torch.Tensor) -> torch.Tensor:
-        """First-layer features of the conditioning images (bias included).
+    def encode_condition(self, images: torch.Tensor, hints: torch.Tensor | None = None) -> torch.Tensor:
+        """First-layer features of the conditioning images (bias included) and of the marks.
 
         The stem is linear, so conv(cat(images, mask)) = conv_images(images) + conv_mask(mask).
         The image half is the same for every step and every chain: computing it once saves
-        a concatenation and most of the stem per step, and lets N chains share one copy.
+        a concatenation and most of the stem per step, and lets N chains share one copy. The
+        marks, like the images, are the slice's, so they join it here.
         """
         stem = self._stem
         n = self.config.cond_channels
-        return F.conv2d(images, stem.weight[:, :n], stem.bias, padding=1)
+        features = F.conv2d(images, stem.weight[:, :n], stem.bias, padding=1)
+        if self.config.hint_channels and hints is not None:  # zeros add nothing
+            k = self.config.hint_channels
+            features = features + F.conv2d(hints.to(images.dtype), stem.weight[:, -k:], None, padding=1)
+        return features
 
     def forward_conditioned(
         self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, x0_prev: torch.Tensor | None = None

@@ -467,8 +467,10 @@ class Trainer:
         chosen = np.flatnonzero(rng.random(x.shape[0]) < self.args.click_fraction)
         if chosen.size:
             rows = torch.from_numpy(chosen).to(self.device)
+            # The bare module, not the DDP wrapper: ranks draw different counts, and a wrapped
+            # forward on one rank only could wait on the others.
             with torch.no_grad(), autocast_context(self.device, self.args.precision):
-                first = self.net(x[rows], t[rows], None if x0_prev is None else x0_prev[rows]).float()
+                first = self.model(x[rows], t[rows], None if x0_prev is None else x0_prev[rows]).float()
             estimate = (self.diffusion.x0_estimate(first, x_t[rows], t[rows]) > 0.5)[:, 0].cpu().numpy()
             truth = (masks[rows, 0] > 0.5).cpu().numpy()
             for i, row in enumerate(chosen):

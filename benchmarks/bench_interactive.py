@@ -62,8 +62,6 @@ def simulate(segmenter, images: np.ndarray, truth: np.ndarray, args) -> dict:
     rows = {}
     for mode in ("refine", "by_hand"):
         mask, members = first.copy(), start.samples
-        known = np.zeros(truth.shape, bool)
-        values = np.zeros(truth.shape, np.float32)
         marks = np.zeros(truth.shape, np.uint8)
         dices, seconds = [metrics.dice(mask, truth)], []
         for _ in range(args.max_rounds):
@@ -73,9 +71,8 @@ def simulate(segmenter, images: np.ndarray, truth: np.ndarray, args) -> dict:
                 continue
             disk, value = mark
             box = None if args.region_margin is None else region_box(largest_error(mask, truth)[0], args.region_margin)
-            known |= disk
-            values[disk] = value
             marks[disk] = TUMOUR if value else NOT_TUMOUR
+            known, values = marks > 0, (marks == TUMOUR).astype(np.float32)
             if mode == "by_hand":
                 mask = np.where(known, values > 0.5, mask)
             else:
@@ -85,9 +82,10 @@ def simulate(segmenter, images: np.ndarray, truth: np.ndarray, args) -> dict:
                     fixed_values = np.where(known, values, mask).astype(np.float32)
                 t0 = time.perf_counter()
                 result = run_to_end(segmenter.run(images, num_ensemble=args.ensemble, seed=args.seed + len(dices),
-                                                  known_mask=fixed, known_values=fixed_values, marks=marks, init=members,
-                                                  start_step=args.start_step, respacing=args.refine_respacing,
-                                                  resample=args.resample, preview_interval=None))
+                                                  known_mask=fixed, known_values=fixed_values, marks=marks,
+                                                  init=members, start_step=args.start_step,
+                                                  respacing=args.refine_respacing, resample=args.resample,
+                                                  preview_interval=None))
                 seconds.append(time.perf_counter() - t0)
                 mask, members = result.mask.astype(bool), result.samples
             dices.append(metrics.dice(mask, truth))

@@ -786,7 +786,7 @@ def known_pixels(scribbles: np.ndarray, segmentation: np.ndarray | None = None,
     values[tumour] = 1.0
     values[background] = 0.0
     other = np.unique(scribbles[(scribbles != 0) & ~tumour & ~background])
-    marks = np.where(tumour, SCRIBBLE_TUMOUR, np.where(background, SCRIBBLE_BACKGROUND, 0)).astype(np.uint8)
+    marks = np.where(tumour | background, scribbles, 0).astype(np.uint8)
     return KnownPixels(known, values, int(tumour.sum()), int(background.sum()), from_segmentation,
                        tuple(int(v) for v in other), marks)
 

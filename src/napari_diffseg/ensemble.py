@@ -104,11 +104,10 @@ def sample_ensemble(
     channels_last = images.ndim == 4 and next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     with torch.inference_mode(), autocast_context(device, precision):
-        if hints is not None and getattr(getattr(model, "config", None), "hint_channels", 0):
-            condition = model.encode_condition(images.to(memory_format=layout),
-                                               hints.to(device).to(memory_format=layout))
-        else:
-            condition = model.encode_condition(images.to(memory_format=layout))
+        conditioning = [images.to(memory_format=layout)]
+        if hints is not None:  # a model without mark channels ignores them
+            conditioning.append(hints.to(device).to(memory_format=layout))
+        condition = model.encode_condition(*conditioning)
 
         rows = s * num_ensemble
         chunk = rows if chains_per_call is None else max(1, min(int(chains_per_call), rows))

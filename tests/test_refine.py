@@ -211,3 +211,21 @@ def test_a_refine_at_the_preset_runs_on_at_least_ten_steps(tmp_path, preset, cha
     assert outcome.chain_steps == chain and outcome.start_step == steps_run - 1
     assert len(progress) == steps_run and outcome.segmentation.steps == steps_run
     assert (outcome.segmentation.samples[:, known] == 1).all()  # the marks hold
+
+
+def test_what_unknown_pixels_hold_does_not_reach_the_known_values():
+    """The widget fills the pixels it does not know with 0, bench_interactive with the current
+    mask; on the network's coarser grid a pixel at a region's edge mixes both, and only its
+    known part may decide its value."""
+    segmenter = _segmenter()
+    rng = np.random.default_rng(2)
+    images = rng.random((4, 45, 37)).astype(np.float32)  # resampled to 32x32 and back
+    known = np.zeros((45, 37), bool)
+    known[6:30, 4:21] = True  # edges that cut through network pixels
+    inside = (rng.random((45, 37)) < 0.5).astype(np.float32)  # known values that vary within a network pixel
+    zeros_outside = np.where(known, inside, 0.0).astype(np.float32)
+    ones_outside = np.where(known, inside, 1.0).astype(np.float32)
+    runs = [run_to_end(segmenter.run(images, seed=3, known_mask=known, known_values=values))
+            for values in (zeros_outside, ones_outside)]
+    assert np.array_equal(runs[0].samples, runs[1].samples)
+    assert np.array_equal(runs[0].samples[:, known], np.broadcast_to(inside[known], (3, known.sum())))

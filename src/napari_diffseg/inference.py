@@ -510,10 +510,13 @@ class Segmenter:
                 if known_mask is not None:
                     known_in = self._slices(known_mask, zs) > 0.5  # (S, 1, H, W), the input's grid
                     values_in = self._slices(known_values, zs)
-                    # Resampled to the network's grid; a pixel counts as known where most of it is.
-                    km = geometry.to_network(known_in.float(), multiple, is_mask=True).to(self.device)
-                    kv = geometry.to_network(values_in, multiple, is_mask=True).to(self.device)
-                    guide.update(known_mask=km > 0.5, known_values=kv)
+                    # Resampled to the network's grid: a pixel counts as known where most of it is, and
+                    # its value is the majority over its known part only, so whatever a caller holds in
+                    # the unknown pixels (zeros, the current mask) cannot leak in at a region's edge.
+                    known_share = geometry.to_network(known_in.float(), multiple)
+                    known_sum = geometry.to_network(values_in * known_in, multiple)
+                    kv = (known_sum > 0.5 * known_share).float()
+                    guide.update(known_mask=(known_share > 0.5).to(self.device), known_values=kv.to(self.device))
                 if init is not None:
                     members_in = torch.from_numpy(np.ascontiguousarray(np.moveaxis(init[..., zs], -1, 0)))
                     members_in = members_in.reshape(-1, 1, height, width).float()  # (S*N, 1, H, W)

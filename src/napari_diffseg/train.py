@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from . import data
+from .augment import augment_batch
 from .checkpoint import DEFAULT_SAMPLING, MASK_CLIP_RANGE, atomic_save, make_payload, read_checkpoint, is_ours
 from .clicks import HINT_CHANNELS, marks_to_hints, simulate_marks
 from .cli import add_model_flags, check_unsupported_flags, guarded, make_parser, model_flags_from_args, positive_int
@@ -194,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype (fp16 on CUDA only)")
     extra.add_argument("--channels_last", action="store_true", help="channels-last memory layout (faster with bf16)")
     extra.add_argument("--augment", action="store_true", help="random left-right flips")
+    extra.add_argument("--augment_intensity", action="store_true",
+                       help="a random gamma (0.7-1.4) and gain (0.9-1.1) per slice and modality, as scanners differ")
+    extra.add_argument("--augment_spatial", action="store_true",
+                       help="a random rotation (up to 15 degrees) and zoom (0.9-1.1) per slice, images and mask alike")
     extra.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     extra.add_argument("--sample_respacing", default="", help="default sampling steps stored in model.pt (e.g. 50)")
     extra.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -404,14 +409,14 @@ class Trainer:
         return self.args.lr * lr_factor(self.args.lr_schedule, self.step, self.args.warmup_steps, self.progress())
 
     # -- one optimizer step ------------------------------------------------------------------
-    def _batch(self, dataset: SliceSet, rng: np.random.Generator, size: int, tumour_fraction: float = 0.0):
+    def _batch(self, dataset: SliceSet, rng: np.random.Generator, size: int, tumour_fraction: float = 0.0,
+               augment: bool = True):
         idx = torch.from_numpy(dataset.draw(rng, size, tumour_fraction))
         images = dataset.images[idx].float()
         masks = dataset.masks[idx].float()
-        if self.args.augment:
-            flip = torch.from_numpy(rng.random(size) < 0.5)
-            images[flip] = images[flip].flip(-2)
-            masks[flip] = masks[flip].flip(-2)
+        if augment:
+            images, masks = augment_batch(images, masks, rng, flip=self.args.augment,
+                                          intensity=self.args.augment_intensity, spatial=self.args.augment_spatial)
         return images.to(self.device), masks.to(self.device)
 
     def _segmentation_losses(self, images, masks):
@@ -513,7 +518,8 @@ class Trainer:
         self.model.eval()
         total, seen = 0.0, 0
         for start in range(0, count, self.args.batch_size):
-            images, masks = self._batch(self.val_set, rng, min(self.args.batch_size, count - start))
+            # the held-out slices as they are: an augmented validation loss would measure the augmentation
+            images, masks = self._batch(self.val_set, rng, min(self.args.batch_size, count - start), augment=False)
             total += self._losses(images, masks, generator)["loss"].sum().item()
             seen += images.shape[0]
         return total / max(seen, 1)

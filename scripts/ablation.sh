@@ -39,7 +39,7 @@ train_row() {
     OUT="$OUT/$name" MINUTES=$MINUTES THREADS=1 bash scripts/train_baseline.sh ${flags#BASELINE} > "$OUT/$name.log" 2>&1
   else
     # shellcheck disable=SC2086
-    OUT="$OUT/$name" MINUTES=$MINUTES MARK_MINUTES=0 THREADS=1 bash scripts/train_demo.sh $flags > "$OUT/$name.log" 2>&1
+    OUT="$OUT/$name" MINUTES=$MINUTES MARK_MINUTES=0 AUG_MINUTES=0 THREADS=1 bash scripts/train_demo.sh $flags > "$OUT/$name.log" 2>&1
   fi
 }
 

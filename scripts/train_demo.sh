@@ -2,7 +2,7 @@
 # Train the bundled demo model on the 9 training cases of ../shared/brats18 (or $BRATS_DIR),
 # on the CPU; the 3 validation cases are held out. Re-runnable; resumes if interrupted (the
 # wall-time budget and the cosine schedule continue where they stopped).
-#   bash scripts/train_demo.sh            # 100 + 60 min on both CPU threads: the bundled model
+#   bash scripts/train_demo.sh            # 100 + 60 min on both CPU threads, then 75 min on one: the bundled model
 # Environment: BRATS_DIR, OUT (default runs/demo), MINUTES (training wall time, default 100),
 # OBJECTIVE (diffusion, or segmentation for the U-Net baseline: scripts/train_baseline.sh),
 # THREADS (CPU threads, default 2: the fourth bundled model had the whole 2-core CPU; the third
@@ -17,13 +17,20 @@
 # Then (diffusion only, MARK_MINUTES > 0, default 60) a second run in $OUT/marks starts from that
 # model and learns to read the user's marks: half the slices come with simulated marks
 # (--click_fraction 0.5) in two new input channels, lr 3e-4 with a 50-step warm-up and cosine
-# decay. Its model.pt is the bundled model (scripts/export_demo_model.py).
+# decay.
+# Then (MARK_MINUTES and AUG_MINUTES > 0, default 75) a third run in $OUT/augment goes on from the
+# marks run's model with the same flags plus intensity and spatial augmentation
+# (--augment_intensity --augment_spatial), on AUG_THREADS threads (default 1: the bundled model's
+# third run had one core, its control run without augmentation the other; docs/evaluation). Its
+# model.pt is the bundled model (scripts/export_demo_model.py --respacing 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BRATS_DIR=${BRATS_DIR:-../shared/brats18}
 OUT=${OUT:-runs/demo}
 MINUTES=${MINUTES:-100}
 MARK_MINUTES=${MARK_MINUTES:-60}
+AUG_MINUTES=${AUG_MINUTES:-75}
+AUG_THREADS=${AUG_THREADS:-1}
 OBJECTIVE=${OBJECTIVE:-diffusion}
 THREADS=${THREADS:-2}
 NORM_GROUPS=${NORM_GROUPS:-8}
@@ -61,4 +68,11 @@ if [ "$OBJECTIVE" = diffusion ] && [ "$MARK_MINUTES" != 0 ]; then
   [ -f "$OUT/marks/checkpoint.pt" ] && RESUME=(--resume "$OUT/marks/checkpoint.pt")
   train --out_dir "$OUT/marks" --max_minutes "$MARK_MINUTES" --init_from "$OUT/model.pt" --click_fraction 0.5 \
     --lr 3e-4 --warmup_steps 50 "${RESUME[@]}" "$@"
+  if [ "$AUG_MINUTES" != 0 ]; then
+    RESUME=()
+    [ -f "$OUT/augment/checkpoint.pt" ] && RESUME=(--resume "$OUT/augment/checkpoint.pt")
+    train --out_dir "$OUT/augment" --max_minutes "$AUG_MINUTES" --init_from "$OUT/marks/model.pt" \
+      --click_fraction 0.5 --lr 3e-4 --warmup_steps 50 --augment_intensity --augment_spatial \
+      --threads "$AUG_THREADS" "${RESUME[@]}" "$@"
+  fi
 fi

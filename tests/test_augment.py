@@ -99,3 +99,16 @@ def test_augmentation_flags_are_stored_and_leave_the_validation_loss_alone(tmp_p
     assert augmented.run() == 0
     args = checkpoint.read_checkpoint(augmented.out_dir / "model.pt")["train_args"]
     assert args["augment_intensity"] is True and args["augment_spatial"] is True
+
+
+def test_rotation_on_a_non_square_slice_keeps_shapes_undistorted():
+    """A disk stays round (no shear) when the slice is twice as wide as high."""
+    h, w = 40, 80
+    yy, xx = torch.meshgrid(torch.arange(h) - h / 2 + 0.5, torch.arange(w) - w / 2 + 0.5, indexing="ij")
+    disk = ((yy ** 2 + xx ** 2) < 12 ** 2).float()[None, None].repeat(4, 1, 1, 1)
+    _, warped = augment.rotate_and_zoom(disk, disk, np.random.default_rng(5), zoom_range=(1.0, 1.0))
+    for i in range(4):
+        ys, xs = torch.nonzero(warped[i, 0], as_tuple=True)
+        spread = np.linalg.eigvalsh(np.cov(np.stack([ys.numpy(), xs.numpy()]).astype(float)))
+        assert spread[1] / spread[0] < 1.05  # round; a sheared disk is an ellipse (1.4-1.6 here)
+        assert abs(len(ys) - float(disk[i].sum())) < 0.05 * float(disk[i].sum())

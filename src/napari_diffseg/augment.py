@@ -61,8 +61,11 @@ def rotate_and_zoom(images: torch.Tensor, masks: torch.Tensor, rng: np.random.Ge
     zoom = rng.uniform(*zoom_range, n)
     # affine_grid maps output coordinates to input ones: dividing by the zoom enlarges the content
     cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
+    # the grid's coordinates run -1..1 along each axis, so on a non-square slice the rotation's
+    # cross terms carry the aspect ratio (x is the last axis, of width w)
+    h, w = images.shape[-2:]
     theta = np.zeros((n, 2, 3))
-    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin * h / w, sin * w / h, cos
     theta = torch.from_numpy(theta).to(torch.float32)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     warped = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)

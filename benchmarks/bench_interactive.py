@@ -55,6 +55,7 @@ def rounds_to(dices: list[float], threshold: float, cap: int) -> int:
 
 
 def simulate(segmenter, images: np.ndarray, truth: np.ndarray, args) -> dict:
+    from napari_diffseg._session import known_pixels
     from napari_diffseg.inference import run_to_end
 
     start = run_to_end(segmenter.run(images, num_ensemble=args.ensemble, seed=args.seed, preview_interval=None))
@@ -72,17 +73,15 @@ def simulate(segmenter, images: np.ndarray, truth: np.ndarray, args) -> dict:
             disk, value = mark
             box = None if args.region_margin is None else region_box(largest_error(mask, truth)[0], args.region_margin)
             marks[disk] = TUMOUR if value else NOT_TUMOUR
-            known, values = marks > 0, (marks == TUMOUR).astype(np.float32)
             if mode == "by_hand":
-                mask = np.where(known, values > 0.5, mask)
+                scribbled = known_pixels(marks)
+                mask = np.where(scribbled.mask, scribbled.values > 0.5, mask)
             else:
-                fixed, fixed_values = known, values
-                if box is not None:  # outside the drawn region the current mask stays as it is
-                    fixed = known | ~box
-                    fixed_values = np.where(known, values, mask).astype(np.float32)
+                # the widget's rule: outside a drawn region the current mask stays, the marks win
+                known = known_pixels(marks, segmentation=mask, region=box)
                 t0 = time.perf_counter()
                 result = run_to_end(segmenter.run(images, num_ensemble=args.ensemble, seed=args.seed + len(dices),
-                                                  known_mask=fixed, known_values=fixed_values, marks=marks,
+                                                  known_mask=known.mask, known_values=known.values, marks=marks,
                                                   init=members, start_step=args.start_step,
                                                   respacing=args.refine_respacing, resample=args.resample,
                                                   preview_interval=None))

@@ -14,7 +14,7 @@ VAL=${VAL:-runs/demo/split/val}
 MODEL=${MODEL:-runs/demo/model.pt}
 BASELINE=${BASELINE:-runs/baseline/model.pt}
 SLICES=runs/val_slices
-SWEEP_STEPS=${SWEEP_STEPS:-1,2,5,10,20,50,1000}
+SWEEP_STEPS=${SWEEP_STEPS:-2,5,10,20,50,1000}
 PARTS=${*:-slices volumes sweep baseline phantoms}
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
 [ -d "$SLICES" ] || "$PY" scripts/make_val_slices.py --out "$SLICES"

@@ -13,6 +13,7 @@ import torch
 from napari_diffseg import checkpoint
 from napari_diffseg.diffusion import Diffusion, DiffusionConfig, make_betas, space_timesteps
 from napari_diffseg.ensemble import ensemble_statistics, sample_ensemble
+from napari_diffseg.errors import DiffSegError
 from napari_diffseg.geometry import Geometry
 from napari_diffseg.inference import Segmenter, run_to_end
 from napari_diffseg.unet import UNet, UNetConfig
@@ -143,6 +144,15 @@ def test_ensemble_statistics_on_hand_made_samples():
     assert torch.count_nonzero(v1) == 0 and k1.tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("spec, fix", [("ddim300", "plain form 300"), ("ddim0", "take 2 to 1000"),
+                                       ("ddim1", "take 2 to 1000"), ("ddim5000", "take 2 to 1000")])
+def test_an_impossible_ddim_count_names_a_fix_that_works(spec, fix):
+    with pytest.raises(DiffSegError, match=fix):
+        space_timesteps(1000, spec)
+    if fix.startswith("plain form"):
+        assert len(space_timesteps(1000, fix.split()[-1])) == 300
+
+
 @pytest.mark.parametrize("spec, count", [("10", 10), ("ddim10", 10), ("25,25", 50), ("", 1000)])
 def test_respacing_counts_and_alpha_bar(spec, count):
     use = space_timesteps(1000, spec)
@@ -261,7 +271,6 @@ def test_checkpoint_clip_range_reaches_the_sampler(tmp_path):
 
 def test_precision_auto_follows_native_bf16_and_bad_choices_are_refused(monkeypatch):
     from napari_diffseg import inference
-    from napari_diffseg.errors import DiffSegError
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
@@ -305,7 +314,7 @@ def test_compile_option_runs_the_network_under_torch_compile(tmp_path):
 
 def test_compile_without_a_c_compiler_is_a_clear_error(tmp_path, monkeypatch):
     from napari_diffseg import inference
-    from napari_diffseg.errors import DiffSegError
+
 
     monkeypatch.setattr(inference.shutil, "which", lambda name: None)
     with pytest.raises(DiffSegError, match="needs a C compiler"):

@@ -176,6 +176,17 @@ def test_a_one_step_chain_samples(model):
     assert len(steps) == 1 and torch.isfinite(steps[0].x).all()
 
 
+def test_a_run_from_noise_on_the_lone_step_t0_is_refused_with_the_fix():
+    """Spacing "1" keeps only t = 0, where the network reads its input as an almost clean mask:
+    from noise that returns noise, so a fresh run says so instead of showing it."""
+    segmenter = _segmenter()
+    images = np.random.default_rng(0).random((4, 20, 20)).astype(np.float32)
+    with pytest.raises(DiffSegError, match="2 steps or more"):
+        run_to_end(segmenter.run(images, num_ensemble=2, respacing="1"))
+    result = run_to_end(segmenter.run(images, num_ensemble=2, respacing="2"))
+    assert result.steps == 2
+
+
 @pytest.mark.parametrize("preset, chain, steps_run", [("4", 10, 5), ("12", 12, 6)])
 def test_a_refine_at_the_preset_runs_on_at_least_ten_steps(tmp_path, preset, chain, steps_run):
     """With the step count left at the model's preset, a refine runs on that chain but never on

@@ -212,6 +212,32 @@ def test_refine_holds_scribbles_and_accepted_pixels_outside_the_region(make_widg
     assert not expected.mask[~near].any()  # nothing left to look at where everything is known
 
 
+def test_a_region_before_any_accept_holds_the_proposal_outside_it(make_widget, qtbot):
+    """Nothing accepted yet, so the segmentation is empty: outside a region the refine holds
+    the proposal the user sees, not that emptiness (which wiped the proposal there); once the
+    slice is accepted into, the segmentation counts again."""
+    viewer, widget = make_widget(steps=str(STEPS), num_ensemble=2)
+    widget.threshold.value = 0.3  # a random network: a proposal with tumour pixels to keep
+    _run(qtbot, widget)
+    proposal = viewer.layers[f"{CASE} diffseg proposal"]
+    before = proposal.data.copy()
+    assert before.any()
+    widget.draw_region()
+    _rectangle(viewer.layers[f"{CASE} refine region"], (8, 20), (6, 22))
+    region = np.zeros((32, 32), bool)
+    region[7:22, 5:24] = True
+    _refine(qtbot, widget)
+    assert "proposal pixels outside the region" in widget.status.value
+    np.testing.assert_array_equal(proposal.data[~region], before[~region])
+
+    widget.accept()
+    seg = viewer.layers[f"{CASE} segmentation"]
+    seg.data_setitem(np.nonzero(seg.data), 0)  # the user clears the accepted slice (not a stroke)
+    _refine(qtbot, widget)
+    assert "accepted pixels outside the region" in widget.status.value
+    assert not proposal.data[~region].any()  # the (cleared) segmentation is what is held now
+
+
 def test_refine_of_a_volume_slice_and_a_slice_without_members(make_widget, qtbot):
     viewer, widget = make_widget(shape=(32, 32, 4), steps=str(STEPS), num_ensemble=2, keep_members=False)
     widget.scribble()

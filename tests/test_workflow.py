@@ -92,24 +92,33 @@ def test_every_docking_path_segments(dock, make_napari_viewer, qtbot, tiny_check
 
 def test_a_wide_dock_puts_the_groups_side_by_side(make_napari_viewer, qtbot, tiny_checkpoint):
     """Docked at the bottom the groups sit in three columns, so the dock needs far less height than
-    the single column of a side dock and leaves the canvas its room; narrow again, one column."""
+    the single column of a side dock and leaves the canvas its room; narrow again, one column.
+    The groups scroll, so neither dock makes napari's window taller than it was (a single
+    column is taller than a laptop screen), and a side dock scrolls up and down only."""
     from napari_diffseg._widget import WIDE_LAYOUT_MIN_WIDTH, DiffSegWidget
 
     viewer = make_napari_viewer(show=True)
-    viewer.window._qt_window.resize(1400, 900)
+    window = viewer.window._qt_window
+    window.resize(1280, 700)
+    qtbot.waitUntil(lambda: window.height() == 700)
     _add(viewer, _case_layers(truth=True))
     widget = DiffSegWidget(viewer)
     widget.persist_settings = False
     dock = viewer.window.add_dock_widget(widget, name="Diffusion segmentation", area="right")
     qtbot.waitUntil(lambda: widget.width() > 0)
     assert widget.width() < WIDE_LAYOUT_MIN_WIDTH and not widget.is_wide_layout
-    narrow_height = widget.minimumSizeHint().height()
+    narrow_height = widget._content.minimumSizeHint().height()
+    assert narrow_height > 700  # the single column does not fit: it scrolls
+    assert window.height() == 700
+    qtbot.waitUntil(lambda: widget._scroll.verticalScrollBar().isVisible(), timeout=5000)
+    assert not widget._scroll.horizontalScrollBar().isVisible()
     viewer.window.remove_dock_widget(dock)
 
     viewer.window.add_dock_widget(widget, name="Diffusion segmentation", area="bottom")
     qtbot.waitUntil(lambda: widget.is_wide_layout, timeout=5000)
     assert widget.minimumSizeHint().width() < WIDE_LAYOUT_MIN_WIDTH  # fits the width that switches it
-    assert widget.minimumSizeHint().height() < 0.6 * narrow_height
+    assert widget._content.minimumSizeHint().height() < 0.6 * narrow_height
+    assert window.height() == 700
     widget.resize(WIDE_LAYOUT_MIN_WIDTH - 200, 900)  # made narrow (a floating window): one column again
     qtbot.waitUntil(lambda: not widget.is_wide_layout, timeout=5000)
     widget.configure(persist=False, model_path=str(tiny_checkpoint), **TINY)
@@ -172,7 +181,7 @@ def test_corrections_survive_runs_threshold_and_accept(make_widget, qtbot, tmp_p
     seg.paint((1, 8, 8), 2)
     seg.paint((1, 24, 24), 0)
     painted = seg.data.copy()
-    touched = widget._painted[CASE]  # what the brush went over (changed or not)
+    touched = widget._edits[CASE].touched.copy()  # what the brush changed
     assert touched[1].sum() > 20 and not touched[[0, 2, 3]].any()
     assert (painted == 2).sum() > 10 and not ((painted != accepted) & ~touched).any()
 
@@ -207,6 +216,51 @@ def test_corrections_survive_runs_threshold_and_accept(make_widget, qtbot, tmp_p
     np.testing.assert_array_equal(image.affine, AFFINE.astype(np.float32))
     assert image.shape == (32, 32, 4)
     np.testing.assert_array_equal(np.asarray(image.dataobj), ld.to_core(after))
+
+
+def test_hand_edits_follow_napari_undo():
+    """The user's voxels are those a stroke changed and that still differ from what the accepts
+    wrote: napari's undo writes values back without a paint event, so an undone stroke must hand
+    its voxels back to the next Accept, and an undone Accept must leave nothing marked."""
+    from napari.layers import Labels
+
+    layer = Labels(np.zeros((2, 16, 16), np.uint8))
+    edits = _session.HandEdits(layer.data)
+    accepting = []  # the widget does not record its own writes as strokes
+    layer.events.paint.connect(lambda event: None if accepting else edits.mark(event.value))
+
+    def accept(proposal):
+        indices, values, kept = edits.commit(layer.data, proposal, [0])
+        accepting.append(True)
+        layer.data_setitem(indices, values)
+        accepting.clear()
+        written = np.zeros(layer.data.shape, bool)
+        written[indices] = True
+        return written, kept
+
+    proposal = np.zeros((2, 16, 16), np.uint8)
+    proposal[:, 4:12, 4:12] = 1
+    _, kept = accept(proposal)
+    assert kept == 0 and edits.accepted.tolist() == [True, False]
+    layer.brush_size = 5
+    layer.paint((0, 8, 8), 0)  # erase in the accepted tumour
+    erased = edits.edited(layer.data)
+    assert erased.sum() > 10 and not layer.data[erased].any()
+    assert edits.holds_work(layer.data, 0) and not edits.holds_work(layer.data, 1)
+
+    layer.undo()  # the stroke is gone: nothing is the user's
+    assert not edits.edited(layer.data).any()
+    new_proposal = proposal.copy()
+    new_proposal[0, 4:12, 4:8] = 0
+    _, kept = accept(new_proposal)
+    assert kept == 0 and np.array_equal(layer.data[0], new_proposal[0])
+
+    layer.paint((0, 8, 10), 2)  # a stroke the next Accept keeps
+    stroke = edits.edited(layer.data)
+    written, kept = accept(proposal)
+    assert kept > 0 and written.any() and not (written & stroke).any() and (layer.data[stroke] == 2).all()
+    layer.undo()  # undo that Accept: the stroke is still the user's, the rest is not
+    assert np.array_equal(edits.edited(layer.data), stroke)
 
 
 def test_accept_refuses_a_slice_without_proposal(make_widget, qtbot):

@@ -677,6 +677,55 @@ def mark_painted(painted: np.ndarray, atoms) -> None:
             painted[tuple(indices)] = True
 
 
+def _slices_region(shape: tuple, zs: Sequence[int] | None) -> np.ndarray:
+    region = np.zeros(shape, bool)
+    if zs is None:
+        region[...] = True
+    else:
+        region[list(zs)] = True
+    return region
+
+
+class HandEdits:
+    """What the user did by hand in a case's segmentation layer (display order).
+
+    A voxel is the user's while a paint stroke has reached it and it still differs from what the
+    accepts wrote there. napari's undo writes the old values back without a paint event, so an
+    undone stroke hands its voxels back to the next Accept, and an undone Accept leaves nothing
+    marked as painted.
+    """
+
+    def __init__(self, initial: np.ndarray):
+        self.written = np.array(initial, copy=True)  # the layer as the accepts left it, strokes aside
+        self.touched = np.zeros(self.written.shape, bool)  # voxels a paint stroke reached
+        # per slice of display axis 0 (one flag for a 2D slice): accepted into at least once
+        self.accepted = np.zeros(self.written.shape[0] if self.written.ndim == 3 else 1, bool)
+
+    def mark(self, atoms) -> None:
+        mark_painted(self.touched, atoms)
+
+    def edited(self, segmentation: np.ndarray) -> np.ndarray:
+        return self.touched & (np.asarray(segmentation) != self.written)
+
+    def holds_work(self, segmentation: np.ndarray, z: int | None) -> bool:
+        """Whether the slice (None: the 2D slice) was accepted into or edited by hand."""
+        if z is None:
+            return bool(self.accepted[0] or self.edited(segmentation).any())
+        edited = self.touched[z] & (np.asarray(segmentation[z]) != self.written[z])
+        return bool(self.accepted[z] or edited.any())
+
+    def commit(self, segmentation: np.ndarray, proposal: np.ndarray,
+               zs: Sequence[int] | None = None) -> tuple[tuple[np.ndarray, ...], np.ndarray, int]:
+        """:func:`commit_changes` with the user's voxels left alone; records what it writes."""
+        edited = self.edited(segmentation)
+        indices, values, kept = commit_changes(segmentation, proposal, edited, zs)
+        ours = _slices_region(self.written.shape, zs) & ~edited
+        self.written[ours] = np.asarray(proposal)[ours]
+        self.touched[ours] = False
+        self.accepted[slice(None) if zs is None or self.written.ndim != 3 else list(zs)] = True
+        return indices, values, kept
+
+
 def commit_changes(segmentation: np.ndarray, proposal: np.ndarray, painted: np.ndarray,
                    zs: Sequence[int] | None = None) -> tuple[tuple[np.ndarray, ...], np.ndarray, int]:
     """What accepting ``proposal`` into ``segmentation`` changes (arrays in display order).
@@ -686,11 +735,7 @@ def commit_changes(segmentation: np.ndarray, proposal: np.ndarray, painted: np.n
     the proposal would have changed): indices and values go to ``Labels.data_setitem`` so the
     accept is one step of napari's undo history.
     """
-    region = np.zeros(segmentation.shape, bool)
-    if zs is None:
-        region[...] = True
-    else:
-        region[list(zs)] = True
+    region = _slices_region(segmentation.shape, zs)
     differs = region & (np.asarray(segmentation) != np.asarray(proposal))
     kept = int(np.count_nonzero(differs & painted))
     change = differs & ~painted
@@ -743,7 +788,8 @@ class KnownPixels:
     values: np.ndarray  # float32, 0 or 1 where mask
     tumour: int = 0  # scribbled pixels of each kind
     background: int = 0
-    from_segmentation: int = 0  # pixels outside the region taken from the accepted segmentation
+    from_segmentation: int = 0  # pixels outside the region taken from the segmentation below
+    outside_source: str = "accepted"  # what that segmentation is: "accepted" or "proposal" pixels
     ignored_labels: tuple[int, ...] = ()  # scribble labels other than 1 and 2 (not used)
     marks: np.ndarray | None = None  # uint8: the scribbles of labels 1 and 2, 0 elsewhere
 
@@ -756,18 +802,20 @@ class KnownPixels:
         if self.tumour or self.background:
             parts.append(f"{self.tumour} tumour and {self.background} not-tumour scribbled pixels")
         if self.from_segmentation:
-            parts.append(f"{self.from_segmentation} accepted pixels outside the region")
+            parts.append(f"{self.from_segmentation} {self.outside_source} pixels outside the region")
         return " and ".join(parts) or "no known pixels"
 
 
 def known_pixels(scribbles: np.ndarray, segmentation: np.ndarray | None = None,
-                 region: np.ndarray | None = None) -> KnownPixels:
+                 region: np.ndarray | None = None, source: str = "accepted") -> KnownPixels:
     """The known pixels of a refine, from 2D arrays of one slice (the same shape).
 
     scribbles: 1 = tumour (known 1), 2 = not tumour (known 0), anything else unmarked.
     segmentation, region: where a region is drawn, the accepted segmentation (label > 0 is
     tumour) is known everywhere outside it, so the refine redoes only the region; without a
     region (None or empty) only the scribbles are known. Scribbles win over the segmentation.
+    source: what the segmentation is, for the summary ("accepted", or "proposal" where the
+    caller holds the current proposal because nothing was accepted on the slice).
     """
     scribbles = np.asarray(scribbles)
     known = np.zeros(scribbles.shape, bool)
@@ -787,7 +835,7 @@ def known_pixels(scribbles: np.ndarray, segmentation: np.ndarray | None = None,
     values[background] = 0.0
     other = np.unique(scribbles[(scribbles != 0) & ~tumour & ~background])
     marks = np.where(tumour | background, scribbles, 0).astype(np.uint8)
-    return KnownPixels(known, values, int(tumour.sum()), int(background.sum()), from_segmentation,
+    return KnownPixels(known, values, int(tumour.sum()), int(background.sum()), from_segmentation, source,
                        tuple(int(v) for v in other), marks)
 
 

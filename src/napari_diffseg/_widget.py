@@ -12,11 +12,12 @@ Results: a Run writes only the proposal layers (``<case> diffseg proposal`` and
 ``<case> diffseg uncertainty``, optionally ``members``); Accept copies the proposal of the current
 slice (all sampled slices after a whole-volume run) into ``<case> segmentation``, the user's
 editable Labels layer. Runs and the threshold never write there, and Accept leaves voxels the
-user painted there alone.
+user painted there alone (``_session.HandEdits``; an undone stroke is no longer the user's).
 
 Refine resamples the current slice with known pixels: the user's scribbles (``<case> scribbles``,
 1 = tumour, 2 = not tumour) and, where a region is drawn in the Shapes layer
-``<case> refine region``, the accepted segmentation outside that region. It starts from the
+``<case> refine region``, the accepted segmentation outside that region (the proposal on a
+slice with nothing accepted or painted). It starts from the
 slice's members of the last run noised to half the chain (a full run when there are none) and
 updates the proposal like a Run; it never writes into the segmentation either. After every
 result, ``<case> next mark`` outlines the slice's most uncertain region (``_session.next_mark``).
@@ -46,9 +47,10 @@ from magicgui.widgets import (
     SpinBox,
     create_widget,
 )
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QSize, Qt, QTimer
 from qtpy.QtWidgets import (
-    QBoxLayout, QComboBox, QGroupBox, QListWidget, QListWidgetItem, QVBoxLayout, QWidget,
+    QBoxLayout, QComboBox, QFrame, QGroupBox, QListWidget, QListWidgetItem, QScrollArea, QVBoxLayout,
+    QWidget,
 )
 
 from . import MODALITIES
@@ -58,12 +60,12 @@ from ._session import (
     SCRIBBLE_BACKGROUND,
     SCRIBBLE_NAMES,
     SCRIBBLE_TUMOUR,
+    HandEdits,
     LayerInfo,
     Partial,
     ResultState,
     RunRequest,
     check_inputs,
-    commit_changes,
     demo_model_available,
     error_message,
     evaluate,
@@ -71,7 +73,6 @@ from ._session import (
     guarded_job,
     is_out_of_memory,
     known_pixels,
-    mark_painted,
     match_layers,
     slice_index,
 )
@@ -186,7 +187,7 @@ class DiffSegWidget(QWidget):
         self.results: dict[str, ResultState] = {}
         self.current_case: str | None = None
         self._result_reference = None  # the t1 layer of the shown result (scale, translate, metadata)
-        self._painted: dict[str, np.ndarray] = {}  # per case: voxels the user painted in the segmentation
+        self._edits: dict[str, HandEdits] = {}  # per case: the user's own voxels in the segmentation
         self._accepting = False
         self.preview_updates = 0
         self.progress_steps = 0  # progress reports of the current/last run (one per denoising step)
@@ -220,8 +221,18 @@ class DiffSegWidget(QWidget):
         # Three columns of groups: stacked in a narrow (left/right) dock, side by side in a wide
         # one (bottom/top, or a wide floating window), where a single column would leave the
         # canvas a strip (resizeEvent switches the direction).
-        self._root = QBoxLayout(QBoxLayout.Direction.TopToBottom, self)
+        # The groups scroll: one column is about 1000 px tall, more than a laptop screen, and
+        # without a scroll area napari would grow its window past the screen to fit it.
+        self._content = QWidget()
+        self._root = QBoxLayout(QBoxLayout.Direction.TopToBottom, self._content)
         self._root.setContentsMargins(4, 4, 4, 4)
+        self._scroll = QScrollArea()
+        self._scroll.setWidgetResizable(True)
+        self._scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self._scroll.setWidget(self._content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self._scroll)
         self._columns = []
         for _ in range(3):
             column = QWidget()
@@ -370,6 +381,14 @@ class DiffSegWidget(QWidget):
         direction = QBoxLayout.Direction.LeftToRight if wide else QBoxLayout.Direction.TopToBottom
         if self._root.direction() != direction:
             self._root.setDirection(direction)
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        # Never narrower than the groups with the scroll bar beside them: a dock then scrolls up
+        # and down only. napari's style sheet widens the groups once docked, so asked each time.
+        hint = super().minimumSizeHint()
+        width = (self._content.minimumSizeHint().width() + self._scroll.verticalScrollBar().sizeHint().width()
+                 + 2 * self._scroll.frameWidth())
+        return QSize(max(hint.width(), width), hint.height())
 
     @property
     def is_wide_layout(self) -> bool:
@@ -959,15 +978,15 @@ class DiffSegWidget(QWidget):
                                        scale=tuple(reference.scale), translate=tuple(reference.translate),
                                        axis_labels=ld.axis_labels(len(shape)), metadata=metadata, opacity=0.7,
                                        colormap=_label_colormap(SEGMENTATION_RGBA))
-        self._painted[state.case] = np.zeros(shape, bool)
+        self._edits[state.case] = HandEdits(layer.data)
         layer.events.paint.connect(lambda event, case=state.case: self._on_painted(case, event))
         return layer
 
     def _on_painted(self, case: str, event) -> None:
-        painted = self._painted.get(case)
-        if painted is None or self._accepting:
+        edits = self._edits.get(case)
+        if edits is None or self._accepting:
             return
-        mark_painted(painted, getattr(event, "value", None))
+        edits.mark(getattr(event, "value", None))
 
     def accept(self, *_) -> None:
         """Copy the proposal into the segmentation layer: the current slice after a slice run,
@@ -978,7 +997,9 @@ class DiffSegWidget(QWidget):
             return
         reference = self._result_reference
         layer = self._ensure_segmentation_layer(state, reference)
-        painted = self._painted.setdefault(state.case, np.zeros(layer.data.shape, bool))
+        edits = self._edits.get(state.case)
+        if edits is None or edits.written.shape != layer.data.shape:
+            edits = self._edits[state.case] = HandEdits(layer.data)
         proposal = ld.to_display(state.mask()).astype(layer.data.dtype)
         if not state.is_volume:
             zs, where = None, "the slice"
@@ -991,7 +1012,7 @@ class DiffSegWidget(QWidget):
                 self.notify(f"slice {z} has no proposal yet: run it first (or go to a sampled slice)", "warning")
                 return
             zs, where = [z], f"slice {z}"
-        indices, values, kept = commit_changes(layer.data, proposal, painted, zs)
+        indices, values, kept = edits.commit(layer.data, proposal, zs)
         self._accepting = True
         try:
             layer.data_setitem(indices, values)  # one step of napari's undo (Ctrl-Z in the layer)
@@ -1118,6 +1139,21 @@ class DiffSegWidget(QWidget):
             region = region[z]
         return region if region.any() else None
 
+    def _outside_region(self, inputs, segmentation, z: int | None) -> tuple[np.ndarray | None, str]:
+        """What a region refine holds outside the region on the slice (display order): the
+        segmentation where the slice was accepted into or painted by hand, else the proposal the
+        user sees (a Region drawn before any Accept must not wipe it), else nothing (background)."""
+        edits = self._edits.get(inputs.case)
+        if segmentation is not None and edits is not None and edits.written.shape == segmentation.data.shape \
+                and edits.holds_work(segmentation.data, z):
+            return np.asarray(segmentation.data if z is None else segmentation.data[z]), "accepted"
+        state = self.results.get(inputs.case)
+        if state is not None and state.spatial_shape == tuple(reversed(inputs.display_shape)) \
+                and (z is None or z in state.slices):
+            proposal = ld.to_display(state.mask())
+            return np.asarray(proposal if z is None else proposal[z]), "proposal"
+        return None, "accepted"
+
     def _build_refine_request(self) -> RunRequest | None:
         """The request of a refine of the current slice (DiffSegError for bad layers), or None
         (with a warning) when nothing is marked."""
@@ -1139,8 +1175,8 @@ class DiffSegWidget(QWidget):
 
         marks = np.zeros(inputs.display_shape[-2:], np.uint8) if scribbles is None else on_slice(scribbles)
         region = self._region_mask(region_layer, inputs, z)
-        accepted = None if segmentation is None or region is None else on_slice(segmentation)
-        known = known_pixels(marks, accepted, region)
+        outside, source = self._outside_region(inputs, segmentation, z) if region is not None else (None, "accepted")
+        known = known_pixels(marks, outside, region, source)
         where = "this slice" if z is None else f"slice {z}"
         if known.count == 0:
             name = ld.layer_name(inputs.case, "scribbles", True)

@@ -78,6 +78,9 @@ def space_timesteps(num_timesteps: int, spec: str | int | None) -> list[int]:
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == wanted:
                 return list(range(0, num_timesteps, stride))
+        if not 2 <= wanted <= num_timesteps:
+            raise DiffSegError(f"timestep respacing {spec!r}: the model has {num_timesteps} steps; "
+                               f"take 2 to {num_timesteps} of them (e.g. ddim50)")
         raise DiffSegError(
             f"timestep respacing {spec!r}: no integer stride gives exactly {wanted} steps out of "
             f"{num_timesteps}; pick another count (e.g. ddim50) or use the plain form {wanted}"

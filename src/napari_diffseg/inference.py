@@ -452,6 +452,12 @@ class Segmenter:
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**31))
         diffusion = self.diffusion(respacing)
+        if (not self.loaded.deterministic and init is None and start_step is None
+                and diffusion.num_timesteps == 1 and self.loaded.diffusion_config.diffusion_steps > 1):
+            # improved-diffusion's spacing puts a lone step at t = 0: the network would take pure
+            # noise for an almost clean mask and hand it back (Dice 0.04 on the held-out slices).
+            raise DiffSegError(f"timestep respacing {respacing!r} keeps only the step t = 0, which cannot "
+                               "turn noise into a mask; use 2 steps or more")
         if int(resample) < 1:
             raise DiffSegError(f"resample must be at least 1 (got {resample})")
 

@@ -492,3 +492,107 @@ def test_slice_range_parses_python_slices():
     assert slice_range(":12") == slice(None, 12)
     assert slice_range("3:") == slice(3, None)
     assert list(range(10)[slice_range("-3:")]) == [7, 8, 9]
+
+
+def test_slabs_that_pick_nothing_are_refused_and_metrics_cover_the_slab(tiny_ckpt, tmp_path, capsys):
+    """--slices that pick no slice (reversed, past the end) are a user error in both tools, not
+    an all-background mask scored 0; metrics.json scores the slab that was segmented, says which,
+    and a re-run does not leave an earlier run's samples beside its own results."""
+    from napari_diffseg import evaluate, sample
+
+    case = write_case(tmp_path / "case", shape=(32, 32, 6), with_seg=True)
+    out = tmp_path / "out"
+    for slab in ("5:2", "40:50"):
+        assert sample.main([str(a) for a in sample_args(tiny_ckpt, case, out, "--slices", slab)]) == 2
+        assert "slices 0 to 5" in capsys.readouterr().err
+        assert evaluate.main(["--model_path", str(tiny_ckpt), "--data_dir", str(case), "--out_dir",
+                              str(tmp_path / f"eval{slab[0]}"), "--timestep_respacing", "3", "--ensemble_sizes", "1",
+                              "--num_ensemble", "1", "--device", "cpu", "--slices", slab]) == 2
+        assert "slices 0 to 5" in capsys.readouterr().err
+    assert not (out / "case").exists()
+
+    assert sample.main([str(a) for a in sample_args(tiny_ckpt, case, out, "--slices", "2:4", "--save_samples",
+                                                    "--timestep_respacing", "10")]) == 0
+    metrics = json.loads((out / "case" / "metrics.json").read_text())
+    mask = nib.load(str(out / "case" / "mask.nii.gz")).get_fdata() > 0
+    truth = nib.load(str(case / "case_seg.nii.gz")).get_fdata() > 0
+    assert metrics["slices"] == "2:4"
+    assert metrics["dice"] == pytest.approx(_dice(mask[..., 2:4], truth[..., 2:4]))
+    assert (out / "case" / "samples.nii.gz").is_file()
+    assert sample.main([str(a) for a in sample_args(tiny_ckpt, case, out, "--slices", "2:4")]) == 0
+    assert not (out / "case" / "samples.nii.gz").exists()
+
+
+def test_metrics_json_writes_an_undefined_distance_as_null(tmp_path):
+    from napari_diffseg import sample
+
+    path = tmp_path / "metrics.json"
+    sample._write_json(path, {"dice": 0.0, "hd95": float("nan")})
+    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == \
+        {"dice": 0.0, "hd95": None}
+
+
+@pytest.mark.parametrize("device, words", [("cuda:5", ("cuda:5", "no cuda gpu")), ("cuda:abc", ("cuda:n",))])
+def test_a_device_with_a_bad_index_is_one_line(device, words, tiny_ckpt, tmp_path, capsys):
+    from napari_diffseg import sample
+
+    case = write_case(tmp_path / "case")
+    args = sample_args(tiny_ckpt, case, tmp_path / "out")
+    args[args.index("--device") + 1] = device
+    assert sample.main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err.lower()
+    assert "traceback" not in err and all(w in err for w in words), err
+
+
+def test_bad_training_and_eval_numbers_are_one_line(tiny_ckpt, tmp_path, capsys):
+    from napari_diffseg import evaluate, train
+
+    data_dir = tmp_path / "data"
+    write_case(data_dir / "case", with_seg=True)
+    cases = [("--lr", "-1", "--lr -1"), ("--threads", "-1", "--threads -1"), ("--max_steps", "-1", "--max_steps -1"),
+             ("--resize_to", "7", "multiple of 2"), ("--crop_border", "200", "200-pixel border crop")]
+    for flag, value, words in cases:
+        args = train_args(data_dir, tmp_path / "out", "--max_steps", "1", flag, value)  # the last one counts
+        assert train.main([str(a) for a in args]) == 2, flag
+        assert words in capsys.readouterr().err
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "checkpoint.pt").write_bytes(b"an earlier run")
+    assert train.main([str(a) for a in train_args(data_dir, earlier, "--max_steps", "1")]) == 2
+    assert "--resume" in capsys.readouterr().err and (earlier / "checkpoint.pt").read_bytes() == b"an earlier run"
+    assert evaluate.main(["--model_path", str(tiny_ckpt), "--data_dir", str(data_dir), "--out_dir",
+                          str(tmp_path / "eval"), "--radius", "-1"]) == 2
+    assert "--radius" in capsys.readouterr().err
+
+
+def test_results_are_readable_like_any_new_file(tiny_ckpt, tmp_path):
+    """Checkpoints and reports go through a private temp file: renamed into place they carry the
+    permissions of a newly created file (the umask's), not the temp file's owner-only 0600."""
+    from napari_diffseg import evaluate
+
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "copy.pt"
+        checkpoint.atomic_save(torch.load(tiny_ckpt, weights_only=True), path)
+        evaluate._write_text(tmp_path / "report.md", "report")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
+
+
+def test_sigterm_stops_a_command_like_ctrl_c():
+    """A kill or a scheduler's timeout takes the Ctrl-C path (temporary files cleaned up, exit
+    130), and the previous handler is back afterwards."""
+    from napari_diffseg.cli import guarded
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    @guarded
+    def main(argv=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 0
+
+    assert main() == 130
+    assert signal.getsignal(signal.SIGTERM) is before

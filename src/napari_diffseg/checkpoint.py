@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .cli import MODEL_FLAG_DEFAULTS
+from .data import readable_like_new_files
 from .diffusion import DiffusionConfig
 from .errors import DiffSegError
 from .geometry import Geometry
@@ -70,6 +71,7 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        readable_like_new_files(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import DiffSegError
@@ -180,6 +182,11 @@ def guarded(main):
 
     @functools.wraps(main)
     def wrapper(argv=None) -> int:
+        # A kill or a scheduler's timeout (SIGTERM) stops a run like Ctrl-C does, so its temporary
+        # files are cleaned up on the way out (a command may install its own handler instead).
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return main(argv) or 0
         except DiffSegError as exc:
@@ -188,8 +195,15 @@ def guarded(main):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def slice_range(value: str) -> slice:
@@ -203,6 +217,17 @@ def slice_range(value: str) -> slice:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected START:STOP slice numbers, e.g. 40:90, got {value!r}") from None
     return slice(*bounds)
+
+
+def slab_indices(slab: slice, depth: int, where: str) -> range:
+    """The slice numbers --slices picks out of a volume of `depth` slices; a DiffSegError naming
+    the volume's range when it picks none (a reversed or out-of-range START:STOP)."""
+    picked = range(depth)[slab]
+    if len(picked) == 0:
+        raise DiffSegError(f"--slices {'' if slab.start is None else slab.start}:"
+                           f"{'' if slab.stop is None else slab.stop} picks no slice of {where}, which has "
+                           f"slices 0 to {depth - 1}; give START:STOP with START < STOP inside that range")
+    return picked
 
 
 def positive_int(value: str) -> int:

@@ -370,6 +370,14 @@ def _cast_for_saving(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.asarray(array, dtype=dtype)
 
 
+def readable_like_new_files(path: PathLike) -> None:
+    """Give a temp file (mkstemp makes them 0600, owner only) the permissions a newly created
+    file gets under the current umask, before it is renamed into place as a result."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_nifti(
     path: PathLike,
     array: np.ndarray,

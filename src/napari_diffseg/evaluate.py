@@ -44,7 +44,7 @@ import numpy as np
 
 from . import data, metrics
 from .cli import (MODEL_FLAG_DEFAULTS, add_sampling_flags, check_unsupported_flags, guarded, make_parser,
-                  positive_int, read_flags_file, sampler_from_args, slice_range)
+                  positive_int, read_flags_file, sampler_from_args, slab_indices, slice_range)
 from .ensemble import THRESHOLD
 from .errors import DiffSegError
 
@@ -182,6 +182,7 @@ def _atomic_write(path: Path, writer, mode: str = "w") -> None:
     try:
         with os.fdopen(fd, mode) as handle:
             writer(handle)
+        data.readable_like_new_files(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -362,6 +363,7 @@ def restrict_case(case: data.Case, slab: str | slice) -> data.Case:
     """The case cut to a slab of its last axis (a volume and --slices START:STOP), else itself."""
     if not isinstance(slab, slice) or not case.is_volume:
         return case
+    slab_indices(slab, case.images.shape[-1], case.name)  # a slab with no slice is an error, not an empty score
     label = None if case.label is None else case.label[..., slab]
     return dataclasses.replace(case, images=case.images[..., slab], label=label)
 
@@ -437,6 +439,8 @@ def render_markdown(report: dict) -> str:
 @guarded
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.radius > 0:
+        raise DiffSegError(f"--radius {args.radius}: the AUROC's neighbourhood needs a radius above 0 (default {RADIUS})")
     started = time.time()
     out_dir = Path(args.out_dir)
     files = data.find_cases(args.data_dir)

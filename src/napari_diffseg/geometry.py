@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import DiffSegError
+
 
 def _center_pad(x: torch.Tensor, height: int, width: int, value: float = 0.0) -> torch.Tensor:
     dh, dw = height - x.shape[-2], width - x.shape[-1]
@@ -47,7 +49,8 @@ class Geometry:
     def _cropped(self, height: int, width: int) -> tuple[int, int]:
         b = self.crop_border
         if height <= 2 * b or width <= 2 * b:
-            raise ValueError(f"a {height}x{width} slice is too small for a {b}-pixel border crop")
+            raise DiffSegError(f"a {height}x{width} slice is too small for a {b}-pixel border crop "
+                               "(--crop_border, stored in the model): crop less, or give larger slices")
         return height - 2 * b, width - 2 * b
 
     def network_size(self, height: int, width: int, multiple: int) -> tuple[int, int]:
@@ -60,6 +63,7 @@ class Geometry:
         """(B, C, H, W) at the data's size -> (B, C, h, w) at the network's."""
         b = self.crop_border
         if b:
+            self._cropped(*x.shape[-2:])  # a clear error, not an empty tensor, for too large a crop
             x = x[..., b:-b, b:-b]
         if self.resize_to:
             side = max(x.shape[-2:])

@@ -40,6 +40,15 @@ def resolve_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    if name.startswith("cuda:"):
+        index = name[len("cuda:"):]
+        if not index.isdigit():
+            raise DiffSegError(f"--device {name!r}: write cuda:N with N a GPU number, e.g. cuda:0")
+        if not torch.cuda.is_available():
+            raise DiffSegError(f"--device {name}: no CUDA GPU is available here; use --device cpu or auto")
+        if int(index) >= torch.cuda.device_count():
+            raise DiffSegError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                               f"numbered 0 to {torch.cuda.device_count() - 1}")
     if name == "cuda" and not torch.cuda.is_available():
         raise DiffSegError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):

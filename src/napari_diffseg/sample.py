@@ -21,7 +21,7 @@ import numpy as np
 
 from . import data, metrics
 from .cli import (MODEL_FLAG_DEFAULTS, add_model_flags, add_sampling_flags, check_unsupported_flags, guarded,
-                  make_parser, model_flags_from_args, read_flags_file, sampler_from_args, slice_range)
+                  make_parser, model_flags_from_args, read_flags_file, sampler_from_args, slab_indices, slice_range)
 from .errors import DiffSegError
 from .inference import Segmentation, Segmenter, _brain_slices, run_to_end
 
@@ -117,22 +117,32 @@ def write_results(case: data.Case, result: Segmentation, out: Path, save_samples
         save(out / "samples.nii.gz", members, case.affine, case.header, dtype=np.float32)
 
 
-def case_metrics(case: data.Case, result: Segmentation) -> dict:
+def case_metrics(case: data.Case, result: Segmentation, slab: slice | None = None) -> dict:
+    """Dice and HD95 against the case's truth; with --slices on a volume, over that slab only
+    (the slices outside it were not segmented)."""
     spacing = case.voxel_size
-    return {
+    mask, truth = np.asarray(result.mask), np.asarray(case.label)
+    if slab is not None and case.is_volume:
+        mask, truth = mask[..., slab], truth[..., slab]
+    row = {
         "case": case.name,
-        "dice": metrics.dice(result.mask, case.label),
-        "hd95": metrics.hd95(result.mask, case.label, spacing=spacing),
+        "dice": metrics.dice(mask, truth),
+        "hd95": metrics.hd95(mask, truth, spacing=spacing),
         "num_ensemble": result.num_ensemble,
         "steps": result.steps,
         "sampler": result.sampler,
         "seed": result.seed,
     }
+    if slab is not None and case.is_volume:
+        row["slices"] = f"{'' if slab.start is None else slab.start}:{'' if slab.stop is None else slab.stop}"
+    return row
 
 
 def _write_json(path: Path, payload: dict) -> None:
+    # nan (HD95 with an empty mask) is not JSON: written as null
+    clean = {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in payload.items()}
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    tmp.write_text(json.dumps(clean, indent=2, default=float))
     os.replace(tmp, path)
 
 
@@ -164,11 +174,16 @@ def main(argv=None) -> int:
         spill = disk_arrays(out_dir / f".{case.name}.partial") if case.is_volume else contextlib.nullcontext()
         with spill as allocate:
             result = _segment_case(segmenter, case, args, sampler, allocate)
+            # An earlier run's files that this run does not write would sit beside the new ones.
+            rewritten = {"samples.nii.gz": args.save_samples, "metrics.json": case.label is not None}
+            for name, written in rewritten.items():
+                if not written:
+                    (out / name).unlink(missing_ok=True)
             write_results(case, result, out, args.save_samples)
             row = {"case": case.name, "seconds": round(time.time() - started, 2), "steps": result.steps,
                    "num_ensemble": result.num_ensemble}
             if case.label is not None:
-                row = {**case_metrics(case, result), "seconds": row["seconds"]}
+                row = {**case_metrics(case, result, args.slices), "seconds": row["seconds"]}
                 _write_json(out / "metrics.json", row)
         rows.append(row)
         print(f"{case.name}: wrote {out}", file=sys.stderr)
@@ -179,8 +194,13 @@ def main(argv=None) -> int:
 def _segment_case(segmenter: Segmenter, case: data.Case, args: argparse.Namespace, sampler, allocate) -> Segmentation:
     slices = None
     if args.slices is not None and case.is_volume:
-        wanted = set(range(case.images.shape[-1])[args.slices])
-        slices = [z for z in _brain_slices(case.images) if z in wanted]
+        wanted = slab_indices(args.slices, case.images.shape[-1], case.name)
+        brain = _brain_slices(case.images)
+        slices = [z for z in brain if z in wanted]
+        if not slices:
+            raise DiffSegError(f"--slices {wanted.start}:{wanted.stop} holds no brain slice of {case.name} "
+                               f"(its brain spans slices {brain[0]} to {brain[-1]})" if brain else
+                               f"{case.name}: no slice holds any brain (all four images are zero)")
     run = segmenter.run(case.images, num_ensemble=args.num_ensemble, respacing=args.timestep_respacing,
                         sampler=sampler, eta=args.eta, seed=args.seed, keep_samples=args.save_samples,
                         preview_interval=None, allocate=allocate, slices=slices)

@@ -244,6 +244,11 @@ def fraction(value: str) -> float:
 class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        for name, low in (("lr", 0.0), ("threads", 0), ("max_steps", 0), ("max_minutes", 0), ("crop_border", 0),
+                          ("resize_to", 0), ("warmup_steps", 0)):
+            value = getattr(args, name)
+            if value < low:
+                raise DiffSegError(f"--{name} {value}: give a number of at least {low}")
         self.rank, self.world, local_rank = _distributed()
         self.stop_requested = False
         flags = model_flags_from_args(args)
@@ -265,6 +270,10 @@ class Trainer:
         if self.rank == 0:
             try:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
+                earlier = self.out_dir / CHECKPOINT_NAME
+                if earlier.exists() and not args.resume:
+                    raise DiffSegError(f"--out_dir {self.out_dir} holds an earlier run ({earlier}); continue it with "
+                                       f"--resume {earlier}, or give another --out_dir (or delete that one)")
                 probe = self.out_dir / f".write-test-{os.getpid()}"
                 probe.write_bytes(b"")
                 probe.unlink()
@@ -282,6 +291,10 @@ class Trainer:
                                                   "self_condition": args.self_condition,
                                                   "hint_channels": HINT_CHANNELS if args.click_fraction else 0})
         self.diffusion_config = DiffusionConfig.from_flags(flags)
+        multiple = self.unet_config.size_multiple
+        if args.resize_to and args.resize_to % multiple:
+            raise DiffSegError(f"--resize_to {args.resize_to}: the network halves the slice {multiple.bit_length() - 1} "
+                               f"times, so give a multiple of {multiple} (e.g. {max(multiple, args.resize_to // multiple * multiple)})")
         self.geometry = Geometry(crop_border=args.crop_border, resize_to=args.resize_to or None)
         self.sampling = {**DEFAULT_SAMPLING, "timestep_respacing": args.sample_respacing,
                          "clip_range": list(MASK_CLIP_RANGE), "clamp_variance": True}

@@ -127,6 +127,8 @@ def show_overlay(viewer, widget) -> None:
         if kind == "seg":
             layer.contour = 1
     viewer.reset_view()
+    # The groups scroll in a side dock: bring the Review group's Dice into view.
+    widget._scroll.ensureWidgetVisible(widget.metrics_label.native)
 
 
 def simulated_scribbles(truth, probability, width: int = 2, min_pixels: int = 20):

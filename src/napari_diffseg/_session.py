@@ -677,15 +677,6 @@ def mark_painted(painted: np.ndarray, atoms) -> None:
             painted[tuple(indices)] = True
 
 
-def _slices_region(shape: tuple, zs: Sequence[int] | None) -> np.ndarray:
-    region = np.zeros(shape, bool)
-    if zs is None:
-        region[...] = True
-    else:
-        region[list(zs)] = True
-    return region
-
-
 class HandEdits:
     """What the user did by hand in a case's segmentation layer (display order).
 
@@ -709,38 +700,31 @@ class HandEdits:
 
     def holds_work(self, segmentation: np.ndarray, z: int | None) -> bool:
         """Whether the slice (None: the 2D slice) was accepted into or edited by hand."""
-        if z is None:
-            return bool(self.accepted[0] or self.edited(segmentation).any())
-        edited = self.touched[z] & (np.asarray(segmentation[z]) != self.written[z])
-        return bool(self.accepted[z] or edited.any())
+        where = slice(None) if z is None else z
+        edited = self.touched[where] & (np.asarray(segmentation)[where] != self.written[where])
+        return bool(self.accepted[0 if z is None else z] or edited.any())
 
     def commit(self, segmentation: np.ndarray, proposal: np.ndarray,
                zs: Sequence[int] | None = None) -> tuple[tuple[np.ndarray, ...], np.ndarray, int]:
-        """:func:`commit_changes` with the user's voxels left alone; records what it writes."""
+        """What accepting ``proposal`` into ``segmentation`` changes, recorded as written.
+
+        Only slices ``zs`` (display axis 0) are touched, all of it when None. The user's voxels
+        are left alone. Returns (indices, new values, number of the user's voxels kept that the
+        proposal would have changed): indices and values go to ``Labels.data_setitem`` so the
+        accept is one step of napari's undo history.
+        """
+        segmentation, proposal = np.asarray(segmentation), np.asarray(proposal)
+        region = np.zeros(segmentation.shape, bool)
+        region[slice(None) if zs is None else list(zs)] = True
         edited = self.edited(segmentation)
-        indices, values, kept = commit_changes(segmentation, proposal, edited, zs)
-        ours = _slices_region(self.written.shape, zs) & ~edited
-        self.written[ours] = np.asarray(proposal)[ours]
+        differs = region & (segmentation != proposal)
+        kept = int(np.count_nonzero(differs & edited))
+        indices = np.nonzero(differs & ~edited)
+        ours = region & ~edited
+        self.written[ours] = proposal[ours]
         self.touched[ours] = False
         self.accepted[slice(None) if zs is None or self.written.ndim != 3 else list(zs)] = True
-        return indices, values, kept
-
-
-def commit_changes(segmentation: np.ndarray, proposal: np.ndarray, painted: np.ndarray,
-                   zs: Sequence[int] | None = None) -> tuple[tuple[np.ndarray, ...], np.ndarray, int]:
-    """What accepting ``proposal`` into ``segmentation`` changes (arrays in display order).
-
-    Only slices ``zs`` (display axis 0) are touched, all of it when None. Voxels the user
-    painted are left alone. Returns (indices, new values, number of painted voxels kept that
-    the proposal would have changed): indices and values go to ``Labels.data_setitem`` so the
-    accept is one step of napari's undo history.
-    """
-    region = _slices_region(segmentation.shape, zs)
-    differs = region & (np.asarray(segmentation) != np.asarray(proposal))
-    kept = int(np.count_nonzero(differs & painted))
-    change = differs & ~painted
-    indices = np.nonzero(change)
-    return indices, np.asarray(proposal)[indices], kept
+        return indices, proposal[indices], kept
 
 
 # ---------------------------------------------------------------------------------------------

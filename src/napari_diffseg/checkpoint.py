@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .cli import MODEL_FLAG_DEFAULTS
-from .data import readable_like_new_files
+from .data import atomic_write
 from .diffusion import DiffusionConfig
 from .errors import DiffSegError
 from .geometry import Geometry
@@ -63,20 +62,15 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise DiffSegError(f"{path.parent}: cannot write there ({exc.strerror}); choose a writable folder") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        readable_like_new_files(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    def write(handle) -> None:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+    atomic_write(path, write, "wb")
 
 
 # What to give instead, shared by the messages below (they show in the CLI and in the widget).

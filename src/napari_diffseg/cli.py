@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import signal
 import sys
 import threading
 from pathlib import Path
+
+import numpy as np
 
 from .errors import DiffSegError
 
@@ -219,13 +222,32 @@ def slice_range(value: str) -> slice:
     return slice(*bounds)
 
 
+def slice_text(slab: slice) -> str:
+    """START:STOP as the user writes it (the inverse of :func:`slice_range`)."""
+    return f"{'' if slab.start is None else slab.start}:{'' if slab.stop is None else slab.stop}"
+
+
+def json_safe(value):
+    """JSON-safe copy: nan/inf -> None, numpy scalars -> Python, tuple -> list, int keys -> str."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
 def slab_indices(slab: slice, depth: int, where: str) -> range:
     """The slice numbers --slices picks out of a volume of `depth` slices; a DiffSegError naming
     the volume's range when it picks none (a reversed or out-of-range START:STOP)."""
     picked = range(depth)[slab]
     if len(picked) == 0:
-        raise DiffSegError(f"--slices {'' if slab.start is None else slab.start}:"
-                           f"{'' if slab.stop is None else slab.stop} picks no slice of {where}, which has "
+        raise DiffSegError(f"--slices {slice_text(slab)} picks no slice of {where}, which has "
                            f"slices 0 to {depth - 1}; give START:STOP with START < STOP inside that range")
     return picked
 

@@ -19,6 +19,7 @@ import contextlib
 import os
 import re
 import secrets
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -370,12 +371,29 @@ def _cast_for_saving(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.asarray(array, dtype=dtype)
 
 
-def readable_like_new_files(path: PathLike) -> None:
-    """Give a temp file (mkstemp makes them 0600, owner only) the permissions a newly created
-    file gets under the current umask, before it is renamed into place as a result."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+def atomic_write(path: PathLike, writer, mode: str = "w") -> None:
+    """Write a result file through ``writer(handle)`` into a temp file beside ``path``, then
+    rename it over ``path``: a reader never sees a half-written file, and an error leaves none.
+
+    The file gets the permissions any newly created file gets under the umask (mkstemp's own
+    are 0600, owner only). A folder that cannot take the temp file is a DiffSegError.
+    """
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise DiffSegError(f"{path.parent}: cannot write there ({exc.strerror}); choose a writable folder") from None
+    try:
+        with os.fdopen(fd, mode) as handle:
+            writer(handle)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def save_nifti(

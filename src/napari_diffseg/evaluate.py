@@ -44,7 +44,8 @@ import numpy as np
 
 from . import data, metrics
 from .cli import (MODEL_FLAG_DEFAULTS, add_sampling_flags, check_unsupported_flags, guarded, make_parser,
-                  positive_int, read_flags_file, sampler_from_args, slab_indices, slice_range)
+                  json_safe, positive_int, read_flags_file, sampler_from_args, slab_indices, slice_range,
+                  slice_text)
 from .ensemble import THRESHOLD
 from .errors import DiffSegError
 
@@ -162,42 +163,14 @@ def summarise(rows: list[dict], keys=SUMMARY_KEYS) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _clean(value):
-    """JSON-safe copy: nan/inf -> None, numpy scalars -> Python, tuple -> list, int keys -> str."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _atomic_write(path: Path, writer, mode: str = "w") -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as handle:
-            writer(handle)
-        data.readable_like_new_files(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda handle: handle.write(text))
+    data.atomic_write(path, lambda handle: handle.write(text))
 
 
 def _save_figure(figure, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    _atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100, bbox_inches="tight"), "wb")
+    data.atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100, bbox_inches="tight"), "wb")
     plt.close(figure)
 
 
@@ -354,9 +327,7 @@ def _slice_choice(value: str) -> str | slice:
 
 
 def _slices_text(slab: str | slice) -> str:
-    if isinstance(slab, str):
-        return slab
-    return f"{'' if slab.start is None else slab.start}:{'' if slab.stop is None else slab.stop}"
+    return slab if isinstance(slab, str) else slice_text(slab)
 
 
 def restrict_case(case: data.Case, slab: str | slice) -> data.Case:
@@ -540,7 +511,7 @@ def main(argv=None) -> int:
         "timing": {"total_seconds": round(time.time() - started, 3),
                    "sampling_seconds": round(sum(r["sampling_seconds"] for r in rows), 3)},
     }
-    _write_text(out_dir / "report.json", json.dumps(_clean(report), indent=2) + "\n")
+    _write_text(out_dir / "report.json", json.dumps(json_safe(report), indent=2) + "\n")
     _write_text(out_dir / "report.md", render_markdown(report))
 
     print("\n".join(_case_table(rows, overall)))
@@ -550,7 +521,7 @@ def main(argv=None) -> int:
                  dice_vs_ensemble_size=by_size, report=str(out_dir / "report.json"))
     if sweep:
         final["dice_vs_steps"] = {s["steps"]: s["dice_ensemble"] for s in sweep}
-    print(json.dumps(_clean(final)))
+    print(json.dumps(json_safe(final)))
     return 0
 
 

@@ -21,7 +21,8 @@ import numpy as np
 
 from . import data, metrics
 from .cli import (MODEL_FLAG_DEFAULTS, add_model_flags, add_sampling_flags, check_unsupported_flags, guarded,
-                  make_parser, model_flags_from_args, read_flags_file, sampler_from_args, slab_indices, slice_range)
+                  json_safe, make_parser, model_flags_from_args, read_flags_file, sampler_from_args, slab_indices,
+                  slice_range, slice_text)
 from .errors import DiffSegError
 from .inference import Segmentation, Segmenter, _brain_slices, run_to_end
 
@@ -134,16 +135,13 @@ def case_metrics(case: data.Case, result: Segmentation, slab: slice | None = Non
         "seed": result.seed,
     }
     if slab is not None and case.is_volume:
-        row["slices"] = f"{'' if slab.start is None else slab.start}:{'' if slab.stop is None else slab.stop}"
+        row["slices"] = slice_text(slab)
     return row
 
 
 def _write_json(path: Path, payload: dict) -> None:
     # nan (HD95 with an empty mask) is not JSON: written as null
-    clean = {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in payload.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(clean, indent=2, default=float))
-    os.replace(tmp, path)
+    data.atomic_write(path, lambda handle: handle.write(json.dumps(json_safe(payload), indent=2)))
 
 
 @guarded
@@ -198,7 +196,7 @@ def _segment_case(segmenter: Segmenter, case: data.Case, args: argparse.Namespac
         brain = _brain_slices(case.images)
         slices = [z for z in brain if z in wanted]
         if not slices:
-            raise DiffSegError(f"--slices {wanted.start}:{wanted.stop} holds no brain slice of {case.name} "
+            raise DiffSegError(f"--slices {slice_text(args.slices)} holds no brain slice of {case.name} "
                                f"(its brain spans slices {brain[0]} to {brain[-1]})" if brain else
                                f"{case.name}: no slice holds any brain (all four images are zero)")
     run = segmenter.run(case.images, num_ensemble=args.num_ensemble, respacing=args.timestep_respacing,

@@ -35,8 +35,9 @@ OBJECTIVE=${OBJECTIVE:-diffusion}
 THREADS=${THREADS:-2}
 NORM_GROUPS=${NORM_GROUPS:-8}
 PY=${PY:-.venv/bin/python}
-# Held out: every fourth case in name order; no training step sees them.
-VAL_CASES="Brats18_CBICA_ABM_1 Brats18_TCIA02_135_1 Brats18_TCIA10_637_1"
+# Held out: every fourth case in name order of the first 12; no training step sees them.
+# scripts/crossval.sh gives each fold's held-out cases here (VAL_CASES, space-separated).
+VAL_CASES=${VAL_CASES:-"Brats18_CBICA_ABM_1 Brats18_TCIA02_135_1 Brats18_TCIA10_637_1"}
 mkdir -p "$OUT/split/train" "$OUT/split/val"
 for case in "$BRATS_DIR"/*/; do
   name=$(basename "$case")

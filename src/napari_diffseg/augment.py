@@ -40,12 +40,15 @@ def flip_left_right(images: torch.Tensor, masks: torch.Tensor, rng: np.random.Ge
 
 
 def jitter_intensity(images: torch.Tensor, rng: np.random.Generator,
-                     gamma_range=GAMMA_RANGE, gain_range=GAIN_RANGE) -> torch.Tensor:
-    """x -> gain * x ** gamma per slice and modality, clipped back to [0, 1]."""
+                     gamma_range=GAMMA_RANGE, gain_range=GAIN_RANGE, modalities: int = 4) -> torch.Tensor:
+    """x -> gain * x ** gamma per slice and modality, clipped back to [0, 1]. With neighbouring
+    slices as extra channels (``modalities`` channels per slice offset) a modality's draw holds
+    for all its offsets: a scanner changes a whole volume's contrast, not one slice's."""
     n, c = images.shape[:2]
+    groups = modalities if c % modalities == 0 else c
     log_low, log_high = math.log(gamma_range[0]), math.log(gamma_range[1])
-    gamma = torch.from_numpy(np.exp(rng.uniform(log_low, log_high, (n, c)))).to(images)
-    gain = torch.from_numpy(rng.uniform(*gain_range, (n, c))).to(images)
+    gamma = torch.from_numpy(np.exp(rng.uniform(log_low, log_high, (n, groups)))).to(images).repeat(1, c // groups)
+    gain = torch.from_numpy(rng.uniform(*gain_range, (n, groups))).to(images).repeat(1, c // groups)
     shape = (n, c) + (1,) * (images.ndim - 2)
     # clamp before the power: a negative value would give nan, and 0 ** gamma stays 0
     jittered = images.clamp(0, 1).pow(gamma.view(shape)) * gain.view(shape)

@@ -21,6 +21,7 @@ from .data import atomic_write
 from .diffusion import DiffusionConfig
 from .errors import DiffSegError
 from .geometry import Geometry
+from .preprocess import InputSpec
 from .unet import UNet, UNetConfig
 
 FORMAT = "napari-diffseg-checkpoint"
@@ -51,6 +52,7 @@ class LoadedModel:
     # "diffusion" (the method) or "segmentation" (the deterministic U-Net baseline: one
     # forward pass at t = 0 with an all-zero mask channel gives the mask's logit)
     objective: str = "diffusion"
+    inputs: InputSpec = field(default_factory=InputSpec)  # normalisation and neighbouring slices
 
     @property
     def deterministic(self) -> bool:
@@ -283,6 +285,14 @@ def load_model(
     payload = read_checkpoint(path)
     if is_ours(payload):
         unet_config, diffusion_config, state = _our_parts(payload, path, use_ema)
+        try:
+            inputs = InputSpec.from_dict(payload.get("inputs"))
+        except (DiffSegError, TypeError, ValueError) as exc:
+            raise DiffSegError(f"{path}: the input settings stored in the checkpoint are not valid ({exc}); "
+                               "the file is damaged or was written by another program") from None
+        if inputs.channels != unet_config.cond_channels:
+            raise DiffSegError(f"{path}: the checkpoint's input settings ({inputs.channels} image channels) do not "
+                               f"match its network ({unet_config.cond_channels}); the file is damaged")
         model = _build(unet_config, state, path, "the file may be damaged")
         return LoadedModel(
             model=model,
@@ -292,6 +302,7 @@ def load_model(
             sampling={**DEFAULT_SAMPLING, **payload.get("sampling", {})},
             source=str(path),
             objective=str(payload.get("objective", "diffusion")),
+            inputs=inputs,
         )
     if _is_state_dict(payload):
         _check_unet_weights(payload, path)

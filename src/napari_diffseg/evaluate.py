@@ -15,7 +15,14 @@ Figures per case (:func:`score_case`, reusable for any model that yields members
   flags wrong voxels, within 10 voxels of prediction or truth / over every voxel; nan for a
   single member (a deterministic model: variance 0 everywhere carries no ranking);
 - ``slice_variance_dice_pearson``: Pearson correlation, over the slices (last axis) holding
-  tumour in the truth or the prediction, between a slice's mean variance and its Dice.
+  tumour in the truth or the prediction, between a slice's mean variance and its Dice;
+- ``qubrats_variance`` / ``qubrats_entropy``: the QU-BraTS uncertainty score (whole tumour,
+  true negatives counted inside the brain) of the ensemble variance (scaled by 0.25 to
+  [0, 100]) and of the binary entropy of the ensemble mean; nan where there is no ranking.
+
+``--save_maps`` also keeps each case's probability (ensemble mean) and uncertainty (ensemble
+variance, or the baseline's p(1 - p)) as ``maps/<case>.npz`` (float16, the case's grid), so that
+post-processing can be decided on them later without sampling again.
 
 ``--slices brain`` (default) samples every brain slice. ``--slices tumour`` samples only
 the slices with tumour in the truth, two slices either side included, which is much faster
@@ -52,7 +59,7 @@ from .errors import DiffSegError
 RADIUS = 10
 TUMOUR_SLICE_MARGIN = 2
 SUMMARY_KEYS = ("dice_ensemble", "dice_single_mean", "hd95", "auroc_variance_error", "auroc_variance_error_all",
-                "slice_variance_dice_pearson")
+                "slice_variance_dice_pearson", "qubrats_variance", "qubrats_entropy")
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,14 +80,16 @@ def per_slice_dice(pred: np.ndarray, truth: np.ndarray, slices: list[int]) -> np
 
 
 def score_case(members: np.ndarray, truth: np.ndarray, spacing=None, radius: float = RADIUS,
-               threshold: float = THRESHOLD, uncertainty: np.ndarray | None = None) -> dict:
+               threshold: float = THRESHOLD, uncertainty: np.ndarray | None = None,
+               brain: np.ndarray | None = None) -> dict:
     """Score the probability members (N, *spatial) of one case against its truth mask.
 
     N = 1 (a deterministic model) is allowed: the ensemble is the single member, the
     variance is 0 and the variance figures are nan, unless the model brings its own
     ``uncertainty`` map (the baseline's Bernoulli variance p(1 - p)), which then stands in
-    for the ensemble variance. Returns floats (nan where undefined) and a few counts; see
-    the module docstring for the meaning of each key.
+    for the ensemble variance. ``brain`` (default: every voxel) bounds the true negatives of
+    the QU-BraTS score. Returns floats (nan where undefined) and a few counts; see the module
+    docstring for the meaning of each key.
     """
     members = np.asarray(members, dtype=np.float32)
     truth = np.asarray(truth).astype(bool)
@@ -101,6 +110,12 @@ def score_case(members: np.ndarray, truth: np.ndarray, spacing=None, radius: flo
     else:
         auroc = {"neighbourhood": float("nan"), "all": float("nan")}
 
+    if ranked:
+        qu_variance = metrics.qubrats_score(metrics.variance_to_uncertainty(variance), mask, truth, brain)["score"]
+        qu_entropy = metrics.qubrats_score(metrics.entropy_uncertainty(probability), mask, truth, brain)["score"]
+    else:
+        qu_variance = qu_entropy = float("nan")
+
     correlation, tumour_slices = float("nan"), 0
     if truth.ndim >= 3:
         has_tumour = (truth | mask).reshape(-1, truth.shape[-1]).any(axis=0)
@@ -118,6 +133,8 @@ def score_case(members: np.ndarray, truth: np.ndarray, spacing=None, radius: flo
         "auroc_variance_error": float(auroc["neighbourhood"]),
         "auroc_variance_error_all": float(auroc["all"]),
         "slice_variance_dice_pearson": float(correlation),
+        "qubrats_variance": float(qu_variance),
+        "qubrats_entropy": float(qu_entropy),
         "tumour_slices": int(tumour_slices),
         "empty_tumour_slices": empty_tumour_slices(mask, truth),
         "truth_voxels": int(truth.sum()),
@@ -172,6 +189,18 @@ def _save_figure(figure, path: Path) -> None:
 
     data.atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100, bbox_inches="tight"), "wb")
     plt.close(figure)
+
+
+def save_maps(path: Path, probability: np.ndarray, uncertainty: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data.atomic_write(path, lambda handle: np.savez_compressed(
+        handle, probability=probability.astype(np.float16), uncertainty=uncertainty.astype(np.float16)), "wb")
+
+
+def load_maps(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(probability, uncertainty) as float32, from a file of :func:`save_maps`."""
+    with np.load(path) as maps:
+        return maps["probability"].astype(np.float32), maps["uncertainty"].astype(np.float32)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -300,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sampling step counts of the Dice-vs-steps sweep")
     parser.add_argument("--sweep_cases", type=positive_int, default=None, help="cases in the sweep (default: all)")
     parser.add_argument("--sweep_ensemble", type=positive_int, default=5, help="ensemble size in the sweep")
+    parser.add_argument("--save_maps", action="store_true",
+                        help="also write maps/<case>.npz: probability and uncertainty (float16) on the case's grid")
     return parser
 
 
@@ -367,16 +398,17 @@ def _sample(segmenter, case: data.Case, num: int, respacing, sampler, args) -> t
 
 def _case_table(rows: list[dict], overall: dict) -> list[str]:
     lines = ["| case | Dice ens. | Dice single | HD95 (mm) | AUROC var-err (nbhd) | AUROC var-err (all) "
-             "| slice var~Dice r | s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['case']} | {_fmt(r['dice_ensemble'])} | {_fmt(r['dice_single_mean'])} | "
-                     f"{_fmt(r['hd95'], 2)} | {_fmt(r['auroc_variance_error'])} | "
-                     f"{_fmt(r['auroc_variance_error_all'])} | {_fmt(r['slice_variance_dice_pearson'])} | "
-                     f"{_fmt(r['seconds'], 1)} |")
-    lines.append(f"| **mean** | {_fmt(overall['dice_ensemble'])} | {_fmt(overall['dice_single_mean'])} | "
-                 f"{_fmt(overall['hd95'], 2)} | {_fmt(overall['auroc_variance_error'])} | "
-                 f"{_fmt(overall['auroc_variance_error_all'])} | {_fmt(overall['slice_variance_dice_pearson'])} | |")
+             "| slice var~Dice r | QU-BraTS var. | QU-BraTS entropy | s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cells(r: dict) -> str:
+        return (f"{_fmt(r['dice_ensemble'])} | {_fmt(r['dice_single_mean'])} | {_fmt(r['hd95'], 2)} | "
+                f"{_fmt(r['auroc_variance_error'])} | {_fmt(r['auroc_variance_error_all'])} | "
+                f"{_fmt(r['slice_variance_dice_pearson'])} | {_fmt(r.get('qubrats_variance'))} | "
+                f"{_fmt(r.get('qubrats_entropy'))}")
+
+    lines += [f"| {r['case']} | {cells(r)} | {_fmt(r['seconds'], 1)} |" for r in rows]
+    lines.append(f"| **mean** | {cells(overall)} | |")
     return lines
 
 
@@ -451,8 +483,9 @@ def main(argv=None) -> int:
         members, uncertainty = _sample(segmenter, case, num_run, respacing, sampler, args)
         sampled = time.time() - t0
         truth = case.label.astype(bool)
+        brain = case.images.any(axis=0)
         row = {"case": case.name, **score_case(members[: args.num_ensemble], truth, case.voxel_size, args.radius,
-                                               uncertainty=uncertainty)}
+                                               uncertainty=uncertainty, brain=brain)}
         row["dice_by_ensemble_size"] = dice_by_ensemble_size(members, truth, sizes)
         row["sampling_seconds"] = round(sampled, 3)
         row["seconds"] = round(time.time() - t0, 3)
@@ -462,6 +495,8 @@ def main(argv=None) -> int:
         probability, variance, mask = ensemble_masks(members[: args.num_ensemble])
         if uncertainty is not None:
             variance = uncertainty
+        if args.save_maps:
+            save_maps(out_dir / "maps" / f"{case.name}.npz", probability, variance)
         plot_panel(case.images[3], truth, mask, variance, case.name, out_dir / f"panel_{case.name}.png")
         print(f"[{index + 1}/{len(labelled)}] {case.name}: Dice {row['dice_ensemble']:.3f} "
               f"(single {row['dice_single_mean']:.3f}), HD95 {_fmt(row['hd95'], 2)}, {row['seconds']:.1f} s",
@@ -482,7 +517,8 @@ def main(argv=None) -> int:
             for case_files in sweep_files:
                 case = data.load_case(case_files)
                 members, _ = _sample(segmenter, case, args.sweep_ensemble, spacing, sampler, args)
-                sweep_rows.append({"case": case.name, **score_case(members, case.label, case.voxel_size, args.radius)})
+                sweep_rows.append({"case": case.name, **score_case(members, case.label, case.voxel_size, args.radius,
+                                                                   brain=case.images.any(axis=0))})
             entry = {"steps": steps, "timestep_respacing": spacing, "seconds": round(time.time() - t0, 3),
                      **summarise(sweep_rows), "per_case": {r["case"]: r["dice_ensemble"] for r in sweep_rows}}
             sweep.append(entry)

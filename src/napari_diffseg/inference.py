@@ -28,6 +28,7 @@ from .diffusion import Diffusion, space_timesteps
 from .ensemble import THRESHOLD, autocast_context, ensemble_statistics, sample_ensemble
 from ._settings import config_dir, write_json_atomically
 from .errors import DiffSegError
+from .preprocess import MODALITY_COUNT, neighbour_slices, normalise, volume_statistics
 
 log = logging.getLogger(__name__)
 
@@ -444,7 +445,7 @@ class Segmenter:
         """
         precision = self.precision if precision is None else resolve_precision(precision, self.device)
         images = np.asarray(images)
-        cond = self.loaded.unet_config.cond_channels
+        cond = MODALITY_COUNT
         if images.ndim not in (3, 4) or images.shape[0] != cond:
             raise DiffSegError(
                 f"images must be ({cond}, H, W) or ({cond}, H, W, Z) (t1, t1ce, t2, flair); got shape {images.shape}"
@@ -502,6 +503,8 @@ class Segmenter:
         samples = allocate("samples", (num_ensemble, height, width, depth), np.float32) if keep_samples else None
 
         geometry, multiple = self.loaded.geometry, self.loaded.unet_config.size_multiple
+        spec = self.loaded.inputs
+        stats = torch.from_numpy(volume_statistics(volume, spec))  # of the whole input, once
         members_per_slice = 1 if self.loaded.deterministic else num_ensemble
         chains = self.chains_per_call(members_per_slice, len(todo), *geometry.network_size(height, width, multiple),
                                       precision) if todo else members_per_slice
@@ -511,8 +514,9 @@ class Segmenter:
         began = time.monotonic()
         for b, zs in enumerate(batches):
             counts = {"slices_done": b * per_batch, "slices_total": len(todo)}
-            batch = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume[..., zs], -1, 0))).float()
-            net_in = geometry.to_network(batch, multiple).to(self.device)
+            batch = torch.from_numpy(neighbour_slices(volume, zs, spec))
+            net_in = normalise(geometry.to_network(batch, multiple), stats.expand(len(zs), -1, -1), spec)
+            net_in = net_in.to(self.device)
             if self.loaded.deterministic:
                 logits = self._one_pass(net_in, precision)
                 back = geometry.from_network(torch.sigmoid(logits), height, width)[None, :, 0]

@@ -139,3 +139,68 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     if denominator == 0:
         return float("nan")
     return float((dx * dy).sum() / denominator)
+
+
+# --------------------------------------------------------------------------------------------
+# QU-BraTS uncertainty score (Mehta et al., MELBA 2022)
+# --------------------------------------------------------------------------------------------
+
+QUBRATS_THRESHOLDS = np.linspace(100.0, 0.0, 41)  # tau from 100 down to 0 in 40 steps
+
+
+def variance_to_uncertainty(variance: np.ndarray) -> np.ndarray:
+    """Ensemble variance of {0, 1} members -> QU-BraTS uncertainty in [0, 100] (0.25 is the
+    largest variance such members can have)."""
+    return np.clip(np.asarray(variance, dtype=np.float32) / 0.25 * 100.0, 0.0, 100.0)
+
+
+def entropy_uncertainty(probability: np.ndarray) -> np.ndarray:
+    """Binary entropy (bits) of the ensemble mean, scaled to [0, 100]."""
+    p = np.clip(np.asarray(probability, dtype=np.float64), 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -(np.where(p > 0, p * np.log2(p), 0.0) + np.where(p < 1, (1 - p) * np.log2(1 - p), 0.0))
+    return (100.0 * h).astype(np.float32)
+
+
+def _kept_counts(uncertainty: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """How many of the given voxels have uncertainty <= each threshold (kept at that tau)."""
+    return np.searchsorted(np.sort(uncertainty.reshape(-1)), thresholds, side="right")
+
+
+def qubrats_score(uncertainty: np.ndarray, pred: np.ndarray, truth: np.ndarray,
+                  brain: np.ndarray | None = None, thresholds: np.ndarray = QUBRATS_THRESHOLDS) -> dict[str, float]:
+    """The QU-BraTS score of an uncertainty map u in [0, 100] for one region.
+
+    At each threshold tau the voxels with u > tau are filtered out. On the rest: the Dice of
+    pred against truth, the share of the true positives that were filtered (FTP, relative to
+    the unfiltered count) and the share of the true negatives inside the brain that were
+    filtered (FTN). Each curve's area over tau / 100 gives AUC(Dice), AUC(FTP), AUC(FTN);
+    ``score = (AUC(Dice) + (1 - AUC(FTP)) + (1 - AUC(FTN))) / 3``, higher is better. A
+    threshold where nothing of pred or truth is left scores Dice 1 (nothing to find, nothing
+    found), as :func:`dice` does; with no true positive (negative) at all FTP (FTN) is 0.
+    ``brain`` defaults to every voxel.
+    """
+    pred, truth = _as_masks(pred, truth)
+    u = np.asarray(uncertainty, dtype=np.float32)
+    if u.shape != pred.shape:
+        raise ValueError(f"uncertainty shape {u.shape} differs from mask shape {pred.shape}")
+    brain = np.ones_like(pred) if brain is None else np.asarray(brain).astype(bool)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    tp = _kept_counts(u[pred & truth], thresholds).astype(np.float64)
+    fp = _kept_counts(u[pred & ~truth], thresholds).astype(np.float64)
+    fn = _kept_counts(u[~pred & truth], thresholds).astype(np.float64)
+    tn = _kept_counts(u[~pred & ~truth & brain], thresholds).astype(np.float64)
+    total = 2 * tp + fp + fn
+    dice_curve = np.where(total > 0, 2 * tp / np.maximum(total, 1), 1.0)
+    tp_all = int((pred & truth).sum())
+    tn_all = int((~pred & ~truth & brain).sum())
+    ftp = (tp_all - tp) / tp_all if tp_all else np.zeros_like(tp)
+    ftn = (tn_all - tn) / tn_all if tn_all else np.zeros_like(tn)
+    span = abs(thresholds[0] - thresholds[-1])
+
+    def area(curve: np.ndarray) -> float:  # trapezoid rule (np.trapezoid needs numpy 2)
+        return float(abs(np.sum((curve[1:] + curve[:-1]) / 2 * np.diff(thresholds))) / span)
+
+    auc_dice, auc_ftp, auc_ftn = area(dice_curve), area(ftp), area(ftn)
+    return {"score": (auc_dice + (1 - auc_ftp) + (1 - auc_ftn)) / 3, "auc_dice": auc_dice,
+            "auc_ftp": auc_ftp, "auc_ftn": auc_ftn}

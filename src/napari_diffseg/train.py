@@ -39,6 +39,7 @@ from .ensemble import autocast_context
 from .errors import DiffSegError
 from .geometry import Geometry
 from .inference import resolve_device
+from .preprocess import INPUT_NORMS, InputSpec, neighbour_slices, normalise, volume_statistics
 from .unet import UNet, UNetConfig, count_parameters
 
 CHECKPOINT_NAME = "checkpoint.pt"  # full training state, for --resume
@@ -50,9 +51,12 @@ MODEL_NAME = "model.pt"  # weights + configuration, for sampling
 class SliceSet:
     """Every training slice preprocessed to the network's size, kept in memory (fp16)."""
 
-    images: torch.Tensor  # (M, 4, h, w)
+    images: torch.Tensor  # (M, C, h, w): 4 modalities per slice offset (preprocess.InputSpec), [0, 1]
     masks: torch.Tensor  # (M, 1, h, w) {0, 1}
     names: list[str]
+    # (M, 4, 2) mean and std per modality of each slice's volume, for --input_norm zscore; the
+    # normalisation is applied per batch, after the augmentation, which works on [0, 1] images
+    stats: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -77,9 +81,9 @@ class SliceSet:
 
 
 def build_slice_set(path: str | Path, geometry: Geometry, multiple: int, require_labels: bool = True,
-                    log=print) -> SliceSet:
+                    log=print, spec: InputSpec = InputSpec()) -> SliceSet:
     cases = data.find_cases(path)
-    images, masks, names = [], [], []
+    images, masks, names, stats = [], [], [], []
     for files in cases:
         if files.seg is None:
             if require_labels:
@@ -92,15 +96,16 @@ def build_slice_set(path: str | Path, geometry: Geometry, multiple: int, require
         zs = data.brain_slices(case) if case.is_volume else [0]
         vol = case.images if case.is_volume else case.images[..., None]
         lab = case.label if case.is_volume else case.label[..., None]
-        batch = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol[..., zs], -1, 0)))
+        batch = torch.from_numpy(neighbour_slices(vol, zs, spec))
         label = torch.from_numpy(np.ascontiguousarray(np.moveaxis(lab[..., zs], -1, 0)))[:, None].float()
         images.append(geometry.to_network(batch, multiple).half())
+        stats.append(torch.from_numpy(volume_statistics(vol, spec))[None].expand(len(zs), -1, -1))
         masks.append(geometry.to_network(label, multiple, is_mask=True).to(torch.uint8))
         names.extend(f"{case.name}:{z}" for z in zs)
     if not names:
         raise DiffSegError(f"{path}: no labelled cases found; training needs images with a segmentation")
     log(f"loaded {len(names)} slices from {len(cases)} cases in {path}")
-    return SliceSet(torch.cat(images), torch.cat(masks), names)
+    return SliceSet(torch.cat(images), torch.cat(masks), names, torch.cat(stats))
 
 
 def _soft_dice_loss(p: torch.Tensor, masks: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -205,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument("--norm_groups", type=positive_int, default=32,
                        help="GroupNorm groups (the reference: 32). At num_channels 32 that is one channel per "
                        "group, which hides a uniform offset of the noisy mask from the network; 8 keeps it visible")
+    extra.add_argument("--input_norm", default="percentile", choices=list(INPUT_NORMS),
+                       help="what the model sees of each modality: the per-volume [0, 1] percentile scaling, or "
+                       "that z-scored over the volume's brain (stored in the model; sampling follows it)")
+    extra.add_argument("--context", type=int, default=0,
+                       help="neighbouring slices on either side fed as extra condition channels (2.5D; stored "
+                       "in the model; a lone 2D slice repeats itself)")
     extra.add_argument("--objective", default="diffusion", choices=["diffusion", "segmentation"],
                        help="diffusion (the method) or segmentation (deterministic U-Net baseline, Dice + BCE)")
     recipe = parser.add_argument_group("training recipe (defaults: the reference's behaviour)")
@@ -245,7 +256,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         for name, low in (("lr", 0.0), ("threads", 0), ("max_steps", 0), ("max_minutes", 0), ("crop_border", 0),
-                          ("resize_to", 0), ("warmup_steps", 0)):
+                          ("resize_to", 0), ("warmup_steps", 0), ("context", 0)):
             value = getattr(args, name)
             if value < low:
                 raise DiffSegError(f"--{name} {value}: give a number of at least {low}")
@@ -287,7 +298,9 @@ class Trainer:
             raise DiffSegError("--self_condition is for the diffusion objective; leave it out with --objective segmentation")
         if self.segmentation and args.click_fraction:
             raise DiffSegError("--click_fraction is for the diffusion objective; leave it out with --objective segmentation")
-        self.unet_config = UNetConfig.from_flags({**flags, "norm_groups": args.norm_groups,
+        self.inputs = InputSpec(args.input_norm, args.context)
+        self.unet_config = UNetConfig.from_flags({**flags, "in_channels": self.inputs.channels + 1,
+                                                  "norm_groups": args.norm_groups,
                                                   "self_condition": args.self_condition,
                                                   "hint_channels": HINT_CHANNELS if args.click_fraction else 0})
         self.diffusion_config = DiffusionConfig.from_flags(flags)
@@ -333,8 +346,9 @@ class Trainer:
 
         multiple = self.unet_config.size_multiple
         log = self.log
-        self.train_set = build_slice_set(args.data_dir, self.geometry, multiple, log=log)
-        self.val_set = build_slice_set(args.val_dir, self.geometry, multiple, log=log) if args.val_dir else None
+        self.train_set = build_slice_set(args.data_dir, self.geometry, multiple, log=log, spec=self.inputs)
+        self.val_set = (build_slice_set(args.val_dir, self.geometry, multiple, log=log, spec=self.inputs)
+                        if args.val_dir else None)
         self.log(
             f"model: {count_parameters(self.model):,} parameters, network input "
             f"{tuple(self.train_set.images.shape[-2:])}, device {device}, {self.world} process(es), "
@@ -355,7 +369,8 @@ class Trainer:
         if payload.get("objective", "diffusion") != self.args.objective:
             raise DiffSegError(f"{path}: was trained with --objective {payload.get('objective', 'diffusion')}; "
                                "give the same objective to resume")
-        if UNetConfig.from_flags(payload["unet_config"]) != self.unet_config:
+        if (UNetConfig.from_flags(payload["unet_config"]) != self.unet_config
+                or InputSpec.from_dict(payload.get("inputs")) != self.inputs):
             raise DiffSegError(f"{path}: was trained with other model flags; give the same flags to resume")
         self.model.load_state_dict(payload["weights"]["model"])
         self.ema.shadow = {k: v.float().to(self.device) for k, v in payload["weights"]["ema"].items()}
@@ -375,7 +390,8 @@ class Trainer:
                                "of an earlier run")
         source = UNetConfig.from_flags(payload["unet_config"])
         if (replace(source, hint_channels=0) != replace(self.unet_config, hint_channels=0)
-                or source.hint_channels > self.unet_config.hint_channels):
+                or source.hint_channels > self.unet_config.hint_channels
+                or InputSpec.from_dict(payload.get("inputs")) != self.inputs):
             raise DiffSegError(f"{path}: was trained with other model flags; give the same flags to start from it "
                                "(only --click_fraction may add mark channels)")
         state = payload["weights"].get("ema") or payload["weights"]["model"]
@@ -396,7 +412,8 @@ class Trainer:
         weights = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                    "ema": {k: v.cpu() for k, v in self.ema.shadow.items()}}
         common = dict(unet_config=self.unet_config, diffusion_config=self.diffusion_config,
-                      geometry=self.geometry, sampling=self.sampling, objective=self.args.objective)
+                      geometry=self.geometry, sampling=self.sampling, objective=self.args.objective,
+                      inputs=self.inputs.to_dict())
         train_args = {k: v for k, v in vars(self.args).items()}
         atomic_save(make_payload(weights=weights, step=self.step, optimizer=self.optimizer.state_dict(),
                                  torch_rng=torch.get_rng_state(), train_args=train_args,
@@ -430,6 +447,8 @@ class Trainer:
         if augment:
             images, masks = augment_batch(images, masks, rng, flip=self.args.augment,
                                           intensity=self.args.augment_intensity, spatial=self.args.augment_spatial)
+        if dataset.stats is not None:
+            images = normalise(images, dataset.stats[idx], self.inputs)
         return images.to(self.device), masks.to(self.device)
 
     def _segmentation_losses(self, images, masks):

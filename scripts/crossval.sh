@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Cross-validation: the project's way of deciding a recipe. One call trains and scores one fold
+# of one arm; run the four folds of an arm (two side by side, one core each) and then
+# scripts/crossval_table.py for the table in docs/evaluation/crossval/.
+#   bash scripts/crossval.sh ARM FOLD [extra diffseg-train flags]
+#   e.g. bash scripts/crossval.sh recipe 0 & bash scripts/crossval.sh recipe 1 & wait
+#
+# The folds (fixed here before any scoring, never changed after): the 16 cases of
+# ../shared/brats18 in name order, which groups them by site (2013_*, CBICA_*, TCIA01_*, ...),
+# dealt out in turn: case i goes to fold i mod 4. Every fold then holds cases of several sites
+# and 4 cases; a fold's model trains on the other 12 and never sees its own 4.
+#
+# Arms (each a set of diffseg-train flags on top of scripts/train_demo.sh's recipe; only its
+# first run: no mark channels, which an automatic segmentation never feeds):
+#   baseline   the same U-Net and recipe as a deterministic segmenter (Dice + BCE), one pass
+#   recipe     the bundled model's recipe: x0 prediction, Dice + BCE on the x0 estimate, 70 %
+#              tumour slices, cosine lr, flips, intensity and spatial augmentation
+#   Further arms add one lever each to `recipe`; see the case statement below.
+# Budget: STEPS optimizer steps at batch 16 (default 300), by steps and not by minutes, so that a
+# busy CPU costs time but never changes a result.
+# Each fold is scored with diffseg-eval on its 4 held-out volumes, every brain slice in 3D, 5
+# members at the model's 2-step preset in bf16 (the product's defaults), seed 0; the maps are
+# kept for post-processing decisions (runs/cv/ARM/foldK/eval/maps). The figures that decide are
+# copied to docs/evaluation/crossval/ARM/foldK/ as each fold ends, to be committed.
+# Resumable: a fold whose model is finished is not trained again, a scored fold not scored again;
+# an interrupted training continues from its checkpoint.
+# Environment: BRATS_DIR, STEPS, THREADS (default 1), PY, CV_SRC (a copy of src/ to run from,
+# so that editing the checkout does not change a run in flight; default: the installed package),
+# RUNS (default runs/cv), DOCS (default docs/evaluation/crossval).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ARM=${1:?usage: crossval.sh ARM FOLD [flags]}
+FOLD=${2:?usage: crossval.sh ARM FOLD [flags]}
+shift 2
+BRATS_DIR=${BRATS_DIR:-../shared/brats18}
+STEPS=${STEPS:-300}
+THREADS=${THREADS:-1}
+PY=${PY:-.venv/bin/python}
+RUNS=${RUNS:-runs/cv}
+DOCS=${DOCS:-docs/evaluation/crossval}
+if [ -n "${CV_SRC:-}" ]; then export PYTHONPATH="$(cd "$CV_SRC" && pwd)"; fi
+export OMP_NUM_THREADS=$THREADS
+
+mapfile -t CASES < <(ls -d "$BRATS_DIR"/*/ | xargs -n1 basename | LC_ALL=C sort)
+[ "${#CASES[@]}" -eq 16 ] || { echo "expected 16 cases in $BRATS_DIR, found ${#CASES[@]}" >&2; exit 2; }
+VAL=()
+for i in "${!CASES[@]}"; do
+  [ $((i % 4)) -eq "$FOLD" ] && VAL+=("${CASES[$i]}")
+done
+
+OBJECTIVE=diffusion
+FLAGS=(--augment_intensity --augment_spatial)
+case $ARM in
+  baseline) OBJECTIVE=segmentation ;;
+  recipe) ;;
+  *) echo "unknown arm: $ARM (baseline, recipe)" >&2; exit 2 ;;
+esac
+
+OUT=$RUNS/$ARM/fold$FOLD
+DEST=$DOCS/$ARM/fold$FOLD
+mkdir -p "$OUT" "$DEST"
+if [ ! -f "$OUT/trained" ]; then
+  VAL_CASES="${VAL[*]}" OUT=$OUT MINUTES=0 MARK_MINUTES=0 THREADS=$THREADS OBJECTIVE=$OBJECTIVE PY=$PY \
+    bash scripts/train_demo.sh --max_steps "$STEPS" --no_progress "${FLAGS[@]}" "$@" 2>&1 | tee -a "$OUT/train.log"
+  touch "$OUT/trained"
+fi
+cp "$OUT/progress.csv" "$DEST/training_progress.csv"
+grep -v '^\s*$' "$OUT/train.log" | tail -n 20 > "$DEST/train_log_tail.txt"
+if [ ! -f "$OUT/eval/report.json" ]; then
+  # diffseg-eval refuses nothing here: a half-written eval folder from an interrupted run is redone.
+  rm -rf "$OUT/eval"
+  "$PY" -m napari_diffseg.evaluate --model_path "$OUT/model.pt" --data_dir "$OUT/split/val" --out_dir "$OUT/eval" \
+    --slices brain --precision bf16 --num_ensemble 5 --ensemble_sizes 1,5 --timestep_respacing 2 --seed 0 \
+    --save_maps 2>&1 | tee "$OUT/eval.log"
+fi
+cp "$OUT/eval/report.json" "$OUT/eval/report.md" "$DEST/"
+echo "$ARM fold $FOLD: done (${VAL[*]})"

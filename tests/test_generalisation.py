@@ -244,3 +244,57 @@ def test_uncertainty_scalings_span_zero_to_hundred():
     assert variance_to_uncertainty(np.array([0.0, 0.25]))[1] == pytest.approx(100)
     h = entropy_uncertainty(np.array([0.0, 0.5, 1.0]))
     assert h.tolist() == pytest.approx([0, 100, 0])
+
+
+def _spy_on_condition(segmenter, monkeypatch) -> list:
+    seen = []
+    encode = segmenter.model.encode_condition
+
+    def spy(images, hints=None):
+        seen.append(images.detach().clone())
+        return encode(images, hints)
+
+    monkeypatch.setattr(segmenter.model, "encode_condition", spy)
+    return seen
+
+
+def test_a_lone_slice_with_its_source_volume_sees_what_a_volume_run_sees(tmp_path, monkeypatch):
+    segmenter = Segmenter.load(_save_model(tmp_path / "m.pt", InputSpec("zscore", 2)), device="cpu", batching="1")
+    seen = _spy_on_condition(segmenter, monkeypatch)
+    volume = _volume()
+    run_to_end(segmenter.run(volume, num_ensemble=1, slices=[1], preview_interval=None))
+    run_to_end(segmenter.run(volume[..., 1], num_ensemble=1, preview_interval=None, source=(volume, 1)))
+    run_to_end(segmenter.run(volume[..., 1], num_ensemble=1, preview_interval=None))  # no source: itself
+    assert torch.equal(seen[0], seen[1])
+    assert not torch.equal(seen[0], seen[2])
+
+
+def test_the_widget_job_hands_a_context_model_the_volume_of_a_current_slice_run(tmp_path, monkeypatch):
+    from napari_diffseg import _layerdata as ld
+    from napari_diffseg import inference
+    from napari_diffseg._session import Inputs, ModelCache, RunRequest, run_job
+
+    path = _save_model(tmp_path / "m.pt", InputSpec("zscore", 1))
+    volume = _volume()
+    arrays = [np.ascontiguousarray(ld.to_display(image)) for image in volume]
+    given = []
+    original = inference.Segmenter.run
+
+    def spy(self, images, **kwargs):
+        given.append(kwargs.get("source"))
+        return original(self, images, **kwargs)
+
+    monkeypatch.setattr(inference.Segmenter, "run", spy)
+    request = RunRequest(inputs=Inputs(arrays=arrays, spatial_ndim=3, display_shape=arrays[0].shape, case="c",
+                                       reference=None),
+                         z=2, model_path=str(path), flags_path=None, device="cpu", num_ensemble=2,
+                         respacing=None, sampler=None, seed=0, keep_members=False)
+    job = run_job(request, ModelCache())
+    while True:
+        try:
+            next(job)
+        except StopIteration:
+            break
+    assert given and given[0] is not None
+    source_volume, z = given[0]
+    assert z == 2 and source_volume.shape == volume.shape

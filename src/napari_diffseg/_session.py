@@ -21,6 +21,7 @@ from . import _layerdata as ld
 from .clicks import NOT_TUMOUR, TUMOUR
 from .data import classify_file, normalise_intensity
 from .errors import DiffSegError
+from .preprocess import InputSpec
 
 PREVIEW_INTERVAL = 0.1  # seconds between preview redraws (at most ~10 a second)
 RESULT_TAG = "diffseg"  # our result layers carry it in their names; never picked as inputs
@@ -404,6 +405,10 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
     start = time.monotonic()
     segmenter = cache.get(request.model_path, request.flags_path, request.device)
     images = prepare_images(request.inputs, request.z)
+    source = None
+    if request.z is not None and segmenter.loaded.inputs != InputSpec():
+        # a model that reads neighbouring slices or volume statistics takes them from the volume
+        source = (prepare_images(request.inputs, None), request.z)
     # A bad step spec fails here (num_steps), before any work.
     if request.init is not None:
         respacing, chain_steps, start_step = refine_chain(segmenter, request.respacing)
@@ -432,6 +437,7 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
         init=request.init,
         start_step=start_step,
         marks=request.marks,
+        source=source,
     )
     while True:
         try:

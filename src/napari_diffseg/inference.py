@@ -28,7 +28,7 @@ from .diffusion import Diffusion, space_timesteps
 from .ensemble import THRESHOLD, autocast_context, ensemble_statistics, sample_ensemble
 from ._settings import config_dir, write_json_atomically
 from .errors import DiffSegError
-from .preprocess import MODALITY_COUNT, neighbour_slices, normalise, volume_statistics
+from .preprocess import MODALITY_COUNT, InputSpec, neighbour_slices, normalise, volume_statistics
 
 log = logging.getLogger(__name__)
 
@@ -419,6 +419,7 @@ class Segmenter:
         start_step: int | None = None,
         resample: int = 1,
         marks: np.ndarray | None = None,
+        source: tuple[np.ndarray, int] | None = None,
     ) -> Generator[Progress, None, Segmentation]:
         """Sample an ensemble for a slice (4, H, W) or every brain slice of a volume (4, H, W, Z).
 
@@ -442,6 +443,9 @@ class Segmenter:
         a model trained with marks (``hint_channels``) also sees them as input, so it can
         follow them beyond the marked pixels; others ignore them. Give them as known pixels
         too, to make the members end exactly at them.
+        source: (volume (4, H, W, Z), z) where a lone slice was cut from that volume: a model
+        that reads neighbouring slices or volume statistics (``loaded.inputs``) takes them from
+        there, as it would in a whole-volume run.
         """
         precision = self.precision if precision is None else resolve_precision(precision, self.device)
         images = np.asarray(images)
@@ -504,7 +508,13 @@ class Segmenter:
 
         geometry, multiple = self.loaded.geometry, self.loaded.unet_config.size_multiple
         spec = self.loaded.inputs
-        stats = torch.from_numpy(volume_statistics(volume, spec))  # of the whole input, once
+        context_volume, context_z = volume, None  # where the condition channels come from
+        if source is not None and images.ndim == 3 and spec != InputSpec():
+            context_volume, context_z = np.asarray(source[0]), int(source[1])
+            if context_volume.shape[:3] != images.shape or not 0 <= context_z < context_volume.shape[-1]:
+                raise DiffSegError(f"the source volume {context_volume.shape} and slice {context_z} do not hold "
+                                   f"the slice {images.shape}")
+        stats = torch.from_numpy(volume_statistics(context_volume, spec))  # of the whole input, once
         members_per_slice = 1 if self.loaded.deterministic else num_ensemble
         chains = self.chains_per_call(members_per_slice, len(todo), *geometry.network_size(height, width, multiple),
                                       precision) if todo else members_per_slice
@@ -514,7 +524,7 @@ class Segmenter:
         began = time.monotonic()
         for b, zs in enumerate(batches):
             counts = {"slices_done": b * per_batch, "slices_total": len(todo)}
-            batch = torch.from_numpy(neighbour_slices(volume, zs, spec))
+            batch = torch.from_numpy(neighbour_slices(context_volume, zs if context_z is None else [context_z], spec))
             net_in = normalise(geometry.to_network(batch, multiple), stats.expand(len(zs), -1, -1), spec)
             net_in = net_in.to(self.device)
             if self.loaded.deterministic:

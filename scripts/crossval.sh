@@ -15,7 +15,8 @@
 #   baseline   the same U-Net and recipe as a deterministic segmenter (Dice + BCE), one pass
 #   recipe     the bundled model's recipe: x0 prediction, Dice + BCE on the x0 estimate, 70 %
 #              tumour slices, cosine lr, flips, intensity and spatial augmentation
-#   Further arms add one lever each to `recipe`; see the case statement below.
+#   zscore, context, strong: `recipe` plus one lever each (the case statement below); the 3D
+#              clean-up needs no training: scripts/crossval_cleanup.py ARM scores it on ARM's maps.
 # Budget: STEPS optimizer steps at batch 16 (default 300), by steps and not by minutes, so that a
 # busy CPU costs time but never changes a result.
 # Each fold is scored with diffseg-eval on its 4 held-out volumes, every brain slice in 3D, 5
@@ -53,7 +54,10 @@ FLAGS=(--augment_intensity --augment_spatial)
 case $ARM in
   baseline) OBJECTIVE=segmentation ;;
   recipe) ;;
-  *) echo "unknown arm: $ARM (baseline, recipe)" >&2; exit 2 ;;
+  zscore) FLAGS+=(--input_norm zscore) ;;   # per-modality z-score over the volume's brain
+  context) FLAGS+=(--context 2) ;;          # 2.5D: slices z-2..z+2 of every modality as condition
+  strong) FLAGS+=(--augment_strong) ;;      # elastic, brightness/contrast, noise, blur, low resolution
+  *) echo "unknown arm: $ARM (baseline, recipe, zscore, context, strong)" >&2; exit 2 ;;
 esac
 
 OUT=$RUNS/$ARM/fold$FOLD

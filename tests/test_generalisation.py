@@ -298,3 +298,34 @@ def test_the_widget_job_hands_a_context_model_the_volume_of_a_current_slice_run(
     assert given and given[0] is not None
     source_volume, z = given[0]
     assert z == 2 and source_volume.shape == volume.shape
+
+
+def test_sample_cleanup_flag_removes_islands_and_defaults_to_the_models_size(tmp_path):
+    from scipy import ndimage
+
+    from napari_diffseg import data, sample
+
+    spec = InputSpec()
+    model = _save_model(tmp_path / "m.pt", spec, predict_xstart=False)  # untrained eps model: a speckled mask
+    case_dir = tmp_path / "cases" / "vol"
+    case_dir.mkdir(parents=True)
+    volume = _volume(depth=5)
+    for index, modality in enumerate(data.MODALITIES):
+        data.save_nifti(case_dir / f"vol_{modality}.nii.gz", volume[index], np.eye(4))
+
+    def mask_of(*extra):
+        out = tmp_path / ("out" + "_".join(extra))
+        assert sample.main(["--model_path", str(model), "--data_dir", str(tmp_path / "cases"), "--out_dir", str(out),
+                            "--num_ensemble", "2", "--device", "cpu", "--no_progress", *extra]) == 0
+        return data.load_nifti(out / "vol" / "mask.nii.gz")[0].astype(bool)
+
+    raw = mask_of("--cleanup", "0")
+    parts = ndimage.label(raw, structure=np.ones((3, 3, 3)))[1]
+    assert parts > 1  # the test needs islands to remove
+    cleaned = mask_of("--cleanup", "1000000")
+    assert np.array_equal(cleaned, remove_small_components(raw, 10**6)) and cleaned.sum() < raw.sum()
+    # stored in the model: used when the flag is not given
+    payload = torch.load(model, weights_only=True)
+    payload["sampling"]["cleanup_min_voxels"] = 10**6
+    torch.save(payload, model)
+    assert np.array_equal(mask_of(), cleaned)

@@ -25,6 +25,7 @@ from .cli import (MODEL_FLAG_DEFAULTS, add_model_flags, add_sampling_flags, chec
                   slice_range, slice_text)
 from .errors import DiffSegError
 from .inference import Segmentation, Segmenter, _brain_slices, run_to_end
+from .postprocess import remove_small_components
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slices", type=slice_range, default=None, metavar="START:STOP",
                         help="volumes: segment only the brain slices START..STOP-1 of the last axis; the others "
                         "are written as background (default: every brain slice)")
+    parser.add_argument("--cleanup", type=int, default=None, metavar="VOXELS",
+                        help="volumes: remove connected parts of the mask smaller than this many voxels (the largest "
+                        "always stays; probability and variance are left as sampled); default: the size stored in "
+                        "the model (decided by cross-validation), else 0 = off")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     # The reference's model flags, only read for a reference checkpoint (ours embed them).
     add_model_flags(parser, with_defaults=False, skip=("timestep_respacing",))
@@ -149,6 +154,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_ensemble < 1:
         raise DiffSegError(f"--num_ensemble {args.num_ensemble}: give at least 1 (the paper uses 5)")
+    if args.cleanup is not None and args.cleanup < 0:
+        raise DiffSegError(f"--cleanup {args.cleanup}: give a size in voxels, or 0 to keep every part of the mask")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = args.device
     if world > 1 and device in ("auto", "cuda"):
@@ -163,6 +170,7 @@ def main(argv=None) -> int:
                                precision=args.precision, compile=args.compile,
                                batching=args.batching)
     sampler = sampler_from_args(args)
+    cleanup = int(segmenter.defaults.get("cleanup_min_voxels", 0) if args.cleanup is None else args.cleanup)
     mine = cases[rank::world]
     rows = []
     for files in mine:
@@ -172,6 +180,8 @@ def main(argv=None) -> int:
         spill = disk_arrays(out_dir / f".{case.name}.partial") if case.is_volume else contextlib.nullcontext()
         with spill as allocate:
             result = _segment_case(segmenter, case, args, sampler, allocate)
+            if cleanup and case.is_volume:
+                result.mask[...] = remove_small_components(result.mask, cleanup)
             # An earlier run's files that this run does not write would sit beside the new ones.
             rewritten = {"samples.nii.gz": args.save_samples, "metrics.json": case.label is not None}
             for name, written in rewritten.items():
@@ -181,7 +191,8 @@ def main(argv=None) -> int:
             row = {"case": case.name, "seconds": round(time.time() - started, 2), "steps": result.steps,
                    "num_ensemble": result.num_ensemble}
             if case.label is not None:
-                row = {**case_metrics(case, result, args.slices), "seconds": row["seconds"]}
+                row = {**case_metrics(case, result, args.slices), "seconds": row["seconds"],
+                       "cleanup_min_voxels": cleanup if case.is_volume else 0}
                 _write_json(out / "metrics.json", row)
         rows.append(row)
         print(f"{case.name}: wrote {out}", file=sys.stderr)

@@ -25,7 +25,8 @@
 # copied to docs/evaluation/crossval/ARM/foldK/ as each fold ends, to be committed.
 # Resumable: a fold whose model is finished is not trained again, a scored fold not scored again;
 # an interrupted training continues from its checkpoint.
-# Environment: BRATS_DIR, STEPS, THREADS (default 1), PY, CV_SRC (a copy of src/ to run from,
+# Environment: BRATS_DIR, STEPS, THREADS (default 1), BATCHING (chains per network call in the
+# evaluation, default 20: fixed, so a timed probe on a busy CPU cannot pick a slow one), PY, CV_SRC (a copy of src/ to run from,
 # so that editing the checkout does not change a run in flight; default: the installed package),
 # RUNS (default runs/cv), DOCS (default docs/evaluation/crossval).
 set -euo pipefail
@@ -36,6 +37,7 @@ shift 2
 BRATS_DIR=${BRATS_DIR:-../shared/brats18}
 STEPS=${STEPS:-300}
 THREADS=${THREADS:-1}
+BATCHING=${BATCHING:-20}
 PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs/cv}
 DOCS=${DOCS:-docs/evaluation/crossval}
@@ -75,7 +77,7 @@ if [ ! -f "$OUT/eval/report.json" ]; then
   rm -rf "$OUT/eval"
   "$PY" -m napari_diffseg.evaluate --model_path "$OUT/model.pt" --data_dir "$OUT/split/val" --out_dir "$OUT/eval" \
     --slices brain --precision bf16 --num_ensemble 5 --ensemble_sizes 1,5 --timestep_respacing 2 --seed 0 \
-    --save_maps 2>&1 | tee "$OUT/eval.log"
+    --batching "$BATCHING" --save_maps 2>&1 | tee "$OUT/eval.log"
 fi
 cp "$OUT/eval/report.json" "$OUT/eval/report.md" "$DEST/"
 echo "$ARM fold $FOLD: done (${VAL[*]})"

@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a random gamma (0.7-1.4) and gain (0.9-1.1) per slice and modality, as scanners differ")
     extra.add_argument("--augment_spatial", action="store_true",
                        help="a random rotation (up to 15 degrees) and zoom (0.9-1.1) per slice, images and mask alike")
+    extra.add_argument("--augment_strong", action="store_true",
+                       help="nnU-Net-style, each on 10-25%% of the slices: an elastic deformation (images and mask "
+                       "alike), then Gaussian noise, blur, brightness, contrast and a simulated low resolution "
+                       "inside the brain, per modality")
     extra.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     extra.add_argument("--sample_respacing", default="", help="default sampling steps stored in model.pt (e.g. 50)")
     extra.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -446,7 +450,8 @@ class Trainer:
         masks = dataset.masks[idx].float()
         if augment:
             images, masks = augment_batch(images, masks, rng, flip=self.args.augment,
-                                          intensity=self.args.augment_intensity, spatial=self.args.augment_spatial)
+                                          intensity=self.args.augment_intensity, spatial=self.args.augment_spatial,
+                                          strong=self.args.augment_strong)
         if dataset.stats is not None:
             images = normalise(images, dataset.stats[idx], self.inputs)
         return images.to(self.device), masks.to(self.device)

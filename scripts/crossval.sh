@@ -31,6 +31,9 @@
 # RUNS (default runs/cv), DOCS (default docs/evaluation/crossval).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The whole body is one function, read before it runs: bash reads a script lazily, so editing
+# this file while a fold is in flight would otherwise change or break that fold mid-way.
+main() {
 ARM=${1:?usage: crossval.sh ARM FOLD [flags]}
 FOLD=${2:?usage: crossval.sh ARM FOLD [flags]}
 shift 2
@@ -81,3 +84,5 @@ if [ ! -f "$OUT/eval/report.json" ]; then
 fi
 cp "$OUT/eval/report.json" "$OUT/eval/report.md" "$DEST/"
 echo "$ARM fold $FOLD: done (${VAL[*]})"
+}
+main "$@"; exit

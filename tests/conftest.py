@@ -1,11 +1,19 @@
-"""Shared fixtures: where ../shared lives and how its absence is handled."""
+"""Shared fixtures: where ../shared lives and how its absence is handled, and a private config
+folder for every test."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+# Before any test module is imported: an environment copied at import time (a subprocess's
+# env=) must not point at the user's own folder either (issue 24: the CLI tests probed and
+# stored batching choices in ~/.config/napari-diffseg). Each test then gets a fresh one below.
+_SESSION_CONFIG = tempfile.TemporaryDirectory(prefix="napari-diffseg-tests-")
+os.environ["NAPARI_DIFFSEG_CONFIG_DIR"] = _SESSION_CONFIG.name
 
 
 def _shared_path(*parts: str) -> Path:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import _common as common  # noqa: E402
 import bench_interactive  # noqa: E402
+import bench_reference  # noqa: E402
 import bench_sampler  # noqa: E402
 import bench_train  # noqa: E402
 
@@ -302,3 +303,11 @@ def test_conv_gflop_counts_multiply_adds_of_every_layer():
     layers = [(plain, (1, 4, 16, 16)), (strided, (1, 8, 16, 16)), (grouped, (1, 8, 16, 16))]
     expected = 2 * 4 * 8 * 9 * 16 * 16 + 2 * 8 * 8 * 9 * 8 * 8 + 2 * 8 * 8 * 16 * 16 // 2
     assert bench_sampler.conv_gflop(layers) == pytest.approx(expected / 1e9)
+
+
+def test_reference_benchmark_quick(reference_dir, capsys):
+    """bench_reference.py (the 100-step acceptance check moved out of the tests) runs."""
+    out = bench_reference.main(["--quick", "--seeds", "0,1"])
+    assert [row["seed"] for row in out["rows"]] == [0, 1]
+    assert all(0 <= row["dice"] <= 1 and _positive(row["seconds"]) for row in out["rows"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == "2"

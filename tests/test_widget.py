@@ -91,6 +91,8 @@ def make_widget(make_napari_viewer, tiny_checkpoint, qtbot):
 
     yield make
     for widget in made:  # never leave a worker running into the next test
+        if widget.closed:  # closed with its viewer (test_lifecycle.py): nothing of it runs any more
+            continue
         if widget.worker is not None:
             widget.cancel()
             qtbot.waitUntil(lambda w=widget: w.worker is None, timeout=RUN_TIMEOUT_MS)

@@ -1,8 +1,7 @@
 """The widget's settings, kept between sessions in a small JSON file (no Qt).
 
-Location: ``$NAPARI_DIFFSEG_CONFIG_DIR/settings.json`` when that variable is set (tests use
-it), else ``%APPDATA%/napari-diffseg`` on Windows, ``~/Library/Application Support/napari-diffseg``
-on macOS, and ``$XDG_CONFIG_HOME/napari-diffseg`` (default ``~/.config/napari-diffseg``) elsewhere.
+Location: ``settings.json`` in :func:`napari_diffseg.config.config_dir` (``$NAPARI_DIFFSEG_CONFIG_DIR``
+when set, else the platform's configuration folder, e.g. ``~/.config/napari-diffseg``).
 A missing, unreadable or malformed file gives the defaults; a value of the wrong type is ignored.
 """
 
@@ -10,14 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
-import tempfile
 from pathlib import Path
+
+from .config import config_dir, write_json_atomically
 
 log = logging.getLogger(__name__)
 
-ENV_VAR = "NAPARI_DIFFSEG_CONFIG_DIR"
 FILE_NAME = "settings.json"
 
 DEFAULTS: dict = {
@@ -33,19 +30,6 @@ DEFAULTS: dict = {
     "keep_members": True,
     "threshold": 0.5,
 }
-
-
-def config_dir() -> Path:
-    override = os.environ.get(ENV_VAR)
-    if override:
-        return Path(override)
-    if sys.platform.startswith("win"):
-        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return base / "napari-diffseg"
 
 
 def settings_path() -> Path:
@@ -78,14 +62,6 @@ def load_settings() -> dict:
             values[key] = type(default)(value)
     return values
 
-
-def write_json_atomically(path: Path, data) -> None:
-    """A temp file beside ``path``, then a rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(tmp, path)
 
 
 def save_settings(values: dict) -> None:

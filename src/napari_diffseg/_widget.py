@@ -29,6 +29,7 @@ second, redraws the preview layer. Layers are only ever touched here, on the mai
 
 from __future__ import annotations
 
+import atexit
 import logging
 import weakref
 from typing import TYPE_CHECKING
@@ -47,7 +48,7 @@ from magicgui.widgets import (
     SpinBox,
     create_widget,
 )
-from qtpy.QtCore import QSize, Qt, QTimer
+from qtpy.QtCore import QEvent, QSize, Qt, QThreadPool, QTimer
 from qtpy.QtWidgets import (
     QBoxLayout, QComboBox, QFrame, QGroupBox, QListWidget, QListWidgetItem, QScrollArea, QVBoxLayout,
     QWidget,
@@ -154,10 +155,44 @@ def _scribble_colormap():
     return DirectLabelColormap(color_dict={None: (0.6, 0.6, 0.6, 1.0), 0: (0, 0, 0, 0), **SCRIBBLE_RGBA})
 
 
-def _on_destroyed(holder: dict, viewer) -> None:
-    worker = holder.get("worker")
-    if worker is not None:
+# Our workers that may still be running. Qt's thread pool outlives Python's objects: a worker
+# still inside a step (or an HD95) when the interpreter shuts down emits into deleted signals,
+# and PyQt aborts the process (issue 24: napari closed a second after Cancel). At exit they are
+# stopped and waited for.
+_LIVE_WORKERS: set = set()
+EXIT_WAIT_S = 120  # at most this long for the step in progress at exit (a paper-config step on a CPU: seconds)
+
+
+def _track(worker) -> None:
+    _LIVE_WORKERS.add(worker)
+    worker.finished.connect(lambda w=worker: _LIVE_WORKERS.discard(w))
+
+
+@atexit.register
+def _await_workers_at_exit() -> None:
+    running = [worker for worker in _LIVE_WORKERS if worker.is_running]
+    if not running:
+        return
+    log.info("napari-diffseg: waiting for %d worker(s) to finish their step before exit", len(running))
+    for worker in running:
         worker.quit()
+    QThreadPool.globalInstance().waitForDone(EXIT_WAIT_S * 1000)
+
+
+def _release(links: dict) -> None:
+    """Stop our workers and cut their signals from the widget (it, or its viewer, is going away);
+    the threads end by themselves at their next step (and are waited for at exit)."""
+    for worker in links.pop("workers", ()):
+        worker.quit()
+    for _worker, signal, slot in links.pop("slots", ()):
+        try:
+            signal.disconnect(slot)
+        except (TypeError, RuntimeError):  # already cut, or the signals object is gone
+            pass
+
+
+def _on_destroyed(links: dict, viewer) -> None:
+    _release(links)
     for key in (ACCEPT_KEY, REFINE_KEY):
         try:
             viewer.bind_key(key, None, overwrite=True)
@@ -178,7 +213,11 @@ class DiffSegWidget(QWidget):
         self.cache = MODEL_CACHE
         self.settings = load_settings()
         self.worker = None
-        self._worker_holder: dict = {}  # lets the destroyed signal stop a running worker
+        # The running workers and our slots on their signals, cut when the widget or the viewer
+        # goes away (a plain dict: the destroyed signal cannot reach the widget any more).
+        self._links: dict = {}
+        self._watched = None  # the top-level window whose closing stops the workers
+        self.closed = False
         self._request: RunRequest | None = None
         self._partial: Partial | None = None
         self._pbar = None
@@ -207,7 +246,7 @@ class DiffSegWidget(QWidget):
         self._bind_keys()
         # Deferred, so that a caller configuring the widget right away (the demo) is not warned.
         QTimer.singleShot(0, self._warn_if_no_model)
-        self.destroyed.connect(lambda *_, h=self._worker_holder, v=self.viewer: _on_destroyed(h, v))
+        self.destroyed.connect(lambda *_, links=self._links, v=self.viewer: _on_destroyed(links, v))
 
     # -----------------------------------------------------------------------------------------
     # Building the interface
@@ -283,8 +322,19 @@ class DiffSegWidget(QWidget):
         self.scope = ComboBox(choices=SCOPES, label="scope",
                               tooltip="for a 3D volume: only the slice shown, or every slice with brain")
         self.keep_members = CheckBox(text="add the ensemble members as a layer")
+        # Chains per network call: timed, stored as a hint (see batching.py); shown and re-timed here.
+        self.batching_label = Label(value=self._batching_text())
+        self.batching_label.native.setWordWrap(True)
+        self.batching_label.native.setMinimumWidth(80)  # wraps rather than widening the column
+        self.batching_button = PushButton(
+            text="Re-time", tooltip="forget the stored batching choices (chains per network call): the next run "
+                                    "times 1, N, 2N ... chains per call again. Worth it after a run that was slow "
+                                    "while another program took the CPU")
+        batching_row = Container(widgets=[self.batching_label, self.batching_button], layout="horizontal",
+                                 labels=False, label="batching")
+        batching_row.margins = (0, 0, 0, 0)
         self.sampling = Container(widgets=[self.ensemble, self.steps, self.sampler, self.device, self.precision,
-                                           self.seed, self.scope, self.keep_members])
+                                           self.seed, self.scope, self.keep_members, batching_row])
         layout.addWidget(self._group("Sampling", self.sampling.native))
 
         self.run_button = PushButton(text="Run")
@@ -355,6 +405,7 @@ class DiffSegWidget(QWidget):
 
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
+        self.batching_button.changed.connect(self.reset_batching)
         self.scribble_button.changed.connect(self.scribble)
         self.region_button.changed.connect(self.draw_region)
         self.refine_button.changed.connect(self.refine)
@@ -673,17 +724,100 @@ class DiffSegWidget(QWidget):
         self.progress_bar.native.setRange(0, 0)  # busy until the first step
         self.status.value = "loading the model…"
         worker = create_worker(guarded_job, request, self.cache, self._partial, _ignore_errors=True)
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_errored)
-        worker.aborted.connect(self._on_aborted)
-        worker.finished.connect(self._on_finished)
+        self._connect(worker, yielded=self._on_progress, returned=self._on_returned, errored=self._on_errored,
+                      aborted=self._on_aborted, finished=self._on_finished)
         self.worker = worker
-        self._worker_holder["worker"] = worker
         self.run_button.enabled = False
         self.refine_button.enabled = False
+        self.batching_button.enabled = False
         self.cancel_button.enabled = True
         worker.start()
+
+    def _connect(self, worker, **slots) -> None:
+        """Connect our slots to a worker's signals, remembered so that closing can cut them."""
+        self._watch_window()
+        _track(worker)
+        for name, slot in slots.items():
+            signal = getattr(worker, name)
+            signal.connect(slot)
+            self._links.setdefault("slots", []).append((worker, signal, slot))
+        self._links.setdefault("workers", []).append(worker)
+
+    def _forget(self, worker) -> None:
+        """A worker has ended: drop its links."""
+        self._links["workers"] = [w for w in self._links.get("workers", []) if w is not worker]
+        self._links["slots"] = [link for link in self._links.get("slots", []) if link[0] is not worker]
+
+    def _watch_window(self) -> None:
+        """Watch the top-level window this widget sits in (napari's main window once docked):
+        when it closes, the workers are stopped (see :meth:`eventFilter`)."""
+        window = self.window()
+        watched = self._watched() if self._watched is not None else None
+        if window is self or window is watched:
+            return
+        if watched is not None:
+            try:
+                watched.removeEventFilter(self)
+            except RuntimeError:  # deleted meanwhile
+                pass
+        window.installEventFilter(self)
+        self._watched = weakref.ref(window)  # weak: the closed window must not outlive napari's hold on it
+
+    def eventFilter(self, watched, event) -> bool:  # noqa: N802 (Qt's name)
+        # A close napari did not get from the window system has no dialog that could cancel it
+        # (viewer.close(), File > Close Window); the user's click on the window's X may still be
+        # cancelled in a dialog, and is acted on when the window is then deleted.
+        if self._watched is not None and watched is self._watched() and not self.closed and (
+                (event.type() == QEvent.Type.Close and not event.spontaneous())
+                or event.type() == QEvent.Type.DeferredDelete):
+            self.shutdown()
+        return False
+
+    def shutdown(self) -> None:
+        """Stop the running sampling and metrics and cut their signals: the viewer (or this widget)
+        is going away. The threads end at their next step; nothing reaches the layers any more."""
+        self.closed = True
+        _release(self._links)
+        self.worker = None
+        self._metrics_worker = None
+        self._metrics_timer.stop()
+        pbar, self._pbar = self._pbar, None
+        if pbar is not None:
+            try:
+                pbar.close()
+            except Exception:  # napari's progress may be torn down already
+                pass
+
+    @staticmethod
+    def _batching_text(choice: str | None = None) -> str:
+        """The batching line: the last run's choice, else how the next run will choose."""
+        if choice:
+            return choice
+        from .batching import BATCHING_ENV, parse_batching
+
+        try:
+            fixed = parse_batching(None)
+        except DiffSegError as exc:
+            return str(exc)
+        if fixed != "auto":
+            return f"{fixed} chains per call (${BATCHING_ENV})"
+        return "auto: timed at the first run, then re-checked"
+
+    def reset_batching(self, *_) -> None:
+        """Forget the stored batching choices (the file and the loaded models' memory)."""
+        if self.running:
+            return
+        from .batching import batching_file, forget_batching
+
+        try:
+            forget_batching()
+        except DiffSegError as exc:
+            self.notify(str(exc), "error")
+            return
+        self.cache.forget_batching()
+        self.batching_label.value = self._batching_text()
+        self.notify(f"batching choices forgotten ({batching_file()}): the next run times 1, N, 2N ... chains "
+                    "per call again")
 
     def cancel(self, *_) -> None:
         """Stop at the next denoising step; the finished slices of a volume are kept."""
@@ -700,14 +834,17 @@ class DiffSegWidget(QWidget):
         self.progress_bar.native.setRange(0, total)
         self.progress_bar.native.setValue(done)
         where = ""
-        if progress.batches > 1:
+        if progress.slices_total > 1:
             from .inference import format_eta  # torch is loaded by now: a run is under way
 
             slices = f"slices {progress.slices_done + len(progress.slices)}/{progress.slices_total}"
             left = format_eta(progress.eta)
             where = f", {slices}" + (f", {left}" if left else "")
         doing = "refining" if self._request is not None and self._request.is_refine else "sampling"
-        self.status.value = f"{doing}: step {progress.step}/{progress.total}{where}"
+        self.status.value = f"{doing}: step {progress.step}/{progress.total}{where}" + (
+            f"; {progress.batching}" if progress.batching else "")
+        if progress.batching and self.batching_label.value != progress.batching:
+            self.batching_label.value = progress.batching
         pbar = self._pbar  # napari's progress may process events: the run can end meanwhile
         if pbar is not None:
             if pbar.total != total:
@@ -796,9 +933,17 @@ class DiffSegWidget(QWidget):
                 f"{outcome.seconds:.1f} s; Accept ({ACCEPT_KEY}) to take it into the segmentation"
             )
             return
+        batching = ""
+        if "batching" in seg.settings:
+            from .batching import describe_batching
+
+            batching = describe_batching(seg.settings["chains_per_call"], seg.settings["batching"],
+                                         seg.settings.get("batching_settled", True))
+        if batching:
+            self.batching_label.value = batching
         self.notify(
             f"diffseg: {seg.num_ensemble} chains x {seg.steps} {seg.sampler.upper()} steps{scope} "
-            f"in {outcome.seconds:.1f} s on {outcome.device}"
+            f"in {outcome.seconds:.1f} s on {outcome.device}" + (f"; {batching}" if batching else "")
         )
 
     def _on_errored(self, exc: BaseException) -> None:
@@ -838,10 +983,12 @@ class DiffSegWidget(QWidget):
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
+        if self.worker is not None:
+            self._forget(self.worker)
         self.worker = None
-        self._worker_holder.pop("worker", None)
         self.run_button.enabled = True
         self.refine_button.enabled = True
+        self.batching_button.enabled = True
         self.cancel_button.enabled = False
         if self.progress_bar.native.maximum() == 0:
             self.progress_bar.native.setRange(0, 1)
@@ -863,8 +1010,10 @@ class DiffSegWidget(QWidget):
     def _show_result(self, request: RunRequest, outcome) -> None:
         state = self._state_for(request, whole=outcome.z is None)
         state.merge(outcome)
-        self._present(request, state, keep_members=request.keep_members, metrics=outcome.metrics
-                      if outcome.z is None else None)
+        # The job's figures cover what it sampled at its own threshold: they are the result on
+        # screen only for a whole run shown at that threshold.
+        same = outcome.z is None and abs(state.threshold - outcome.segmentation.threshold) < 1e-6
+        self._present(request, state, keep_members=request.keep_members, metrics=outcome.metrics if same else None)
 
     def _show_partial(self, request: RunRequest, partial: Partial) -> None:
         state = self._state_for(request, whole=False)
@@ -895,11 +1044,11 @@ class DiffSegWidget(QWidget):
             self.member.choices = [("mean", 0)] + [(f"member {i}", i) for i in range(1, shown + 1)]
             self.member.value = 0
         self._fill_ranking(state)
-        self._metrics_generation += 1
+        self._metrics_generation += 1  # a figure still on its way belongs to the result replaced
         if inputs.truth is not None:
             if metrics is not None:
                 self.metrics = metrics
-                self.metrics_label.value = format_metrics(metrics)
+                self.metrics_label.value = format_metrics(metrics, state.threshold)
             else:
                 self._recompute_metrics()
         else:
@@ -1285,6 +1434,8 @@ class DiffSegWidget(QWidget):
             if layer is not None:
                 layer.data = np.ascontiguousarray(ld.to_display(state.mask()))
             if self._truth_for_metrics[0] is not None:
+                self._metrics_generation += 1  # a figure on its way is of the old threshold
+                self.metrics = None
                 self.metrics_label.value = "Dice/HD95: …"
                 self._metrics_timer.start()
         self._save_settings()
@@ -1303,23 +1454,27 @@ class DiffSegWidget(QWidget):
         self._metrics_generation += 1
         generation = self._metrics_generation
         label = self.metrics_label
+        # Until the worker answers, the figures on show would be those of another result.
+        self.metrics = None
+        where = f"the {len(slices)} sampled slices" if slices else "the slice"
+        label.value = f"Dice/HD95 of {where}: computing…"
 
         def show(text: str, metrics=None) -> None:
-            if generation != self._metrics_generation:
-                return  # a newer threshold or run has taken over
+            if generation != self._metrics_generation or self.closed:
+                return  # a newer threshold or result has taken over
             try:
                 label.value = text
             except RuntimeError:  # the widget was closed meanwhile
                 return
             self.metrics = metrics
 
-        def done(metrics, threshold=state.threshold):
-            where = f" (at threshold {threshold:.2f}" + (f", {len(slices)} slices)" if slices else ")")
-            show(format_metrics(metrics, where), metrics)
+        def ended(worker=worker) -> None:
+            if self._metrics_worker is worker:
+                self._metrics_worker = None
+            self._forget(worker)
 
-        worker.returned.connect(done)
-        worker.errored.connect(lambda exc: show(f"Dice/HD95 failed: {exc}"))
-        worker.finished.connect(lambda: setattr(self, "_metrics_worker", None))
+        self._connect(worker, returned=lambda metrics, t=state.threshold: show(format_metrics(metrics, t), metrics),
+                      errored=lambda exc: show(f"Dice/HD95 failed: {exc}"), finished=ended)
         self._metrics_worker = worker
         worker.start()
 

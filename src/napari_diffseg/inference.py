@@ -11,22 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Generator
 
 import numpy as np
 import torch
 
+from .batching import (  # noqa: F401 (batch_candidates, cpu_name, most_chains, probe_batching: their old home)
+    BATCHING_ENV, BatchingChoice, PaceTuner, batch_candidates, batching_file, cpu_name, device_name, most_chains,
+    parse_batching, probe_batching, store_batching, stored_batching,
+)
 from .checkpoint import ONE_PASS, LoadedModel, load_model
 from .clicks import marks_to_hints
 from .diffusion import Diffusion, space_timesteps
 from .ensemble import THRESHOLD, autocast_context, ensemble_statistics, sample_ensemble
-from ._settings import config_dir, write_json_atomically
 from .errors import DiffSegError
 from .preprocess import MODALITY_COUNT, InputSpec, neighbour_slices, normalise, volume_statistics
 
@@ -120,10 +120,13 @@ class Progress:
     slices_done: int = 0  # slices finished before this batch
     slices_total: int = 1
     elapsed: float = 0.0  # seconds since sampling began (after any model load)
+    chains: int = 0  # chains per network call in this batch
+    batching: str = ""  # the same, with where the number came from ("30 chains per call (stored)")
 
     @property
     def fraction(self) -> float:
-        return (self.batch * self.total + self.step) / max(1, self.batches * self.total)
+        """Of the whole run, counted in slices (batches may change size during a volume)."""
+        return (self.slices_done + len(self.slices) * self.step / max(1, self.total)) / max(1, self.slices_total)
 
     @property
     def eta(self) -> float | None:
@@ -157,135 +160,6 @@ class Segmentation:
         return (self.probability > threshold).astype(np.uint8)
 
 
-BATCHING_ENV = "NAPARI_DIFFSEG_BATCHING"  # the default batching where none is given (else auto)
-
-
-def parse_batching(value: str | int | None) -> str | int:
-    """"auto" (a timed probe picks it) or a positive number of chains per network call; None
-    takes $NAPARI_DIFFSEG_BATCHING, else auto."""
-    where = "batching"
-    if value is None:
-        value = os.environ.get(BATCHING_ENV) or "auto"
-        where = f"${BATCHING_ENV}"
-    if str(value).strip().lower() == "auto":
-        return "auto"
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise DiffSegError(f"{where} {value!r}: give auto or a number of chains per network call (at least 1)")
-    return number
-
-
-def most_chains(device: torch.device, net_height: int, net_width: int) -> int:
-    """The largest network batch worth trying: memory grows with it, gains flatten out."""
-    # 64 chains of 224^2 on a GPU; on a CPU 32 of 128^2 (about 10 of 224^2).
-    pixels = (64 * 224 * 224) if device.type == "cuda" else (32 * 128 * 128)
-    return max(1, pixels // max(1, net_height * net_width))
-
-
-def batching_file() -> Path:
-    return config_dir() / "batching.json"
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what the platform reports."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-
-
-def stored_batching(key: str) -> int | None:
-    try:
-        value = json.loads(batching_file().read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, int) and value >= 1 else None
-
-
-def store_batching(key: str, chains: int) -> None:
-    """Atomically add one choice to the file; a failure only costs a probe next time."""
-    path = batching_file()
-    try:
-        try:
-            table = json.loads(path.read_text())
-            table = table if isinstance(table, dict) else {}
-        except (OSError, ValueError):
-            table = {}
-        table[key] = int(chains)
-        write_json_atomically(path, table)
-    except OSError as exc:
-        log.warning("could not keep the batching choice in %s (%s)", path, exc)
-
-
-def batch_candidates(num_ensemble: int, num_slices: int, most: int) -> list[int]:
-    """Chains per network call worth timing: 1 (chain by chain), one slice's N chains, and whole
-    multiples of slices up to ``most`` (never fewer than one slice's worth)."""
-    top = num_ensemble * max(1, min(num_slices, most // num_ensemble))
-    return sorted({1, top, *[num_ensemble * 2**k for k in range(16) if num_ensemble * 2**k <= top]})
-
-
-def probe_batching(model, device: torch.device, sizes: list[int], size: tuple[int, int], precision: str,
-                   channels_last: bool = True, measure: Callable[[int], float] | None = None) -> tuple[int, dict]:
-    """Time one network call at each batch size in ``sizes`` (ascending); return the size with
-    the lowest seconds per chain, and the timings. Stops once the cost per chain climbs 15 %
-    above the best so far, so a probe costs a few calls. ``measure(batch)`` -> seconds of one
-    call replaces the timing (tests)."""
-    began = time.perf_counter()
-    measure = measure or _call_timer(model, device, size, precision, channels_last)
-    per_chain: dict[int, float] = {}
-    for batch in sizes:
-        measure(batch)  # the first call at a shape allocates and picks kernels (and compiles, if on)
-        seconds = measure(batch)
-        if seconds < 0.2:  # cheap calls are noisy: the best of three
-            seconds = min(seconds, measure(batch), measure(batch))
-        per_chain[batch] = seconds / batch
-        if per_chain[batch] > 1.15 * min(per_chain.values()):
-            break
-    best = min(per_chain, key=per_chain.get)
-    return best, {"network_input": list(size), "precision": precision, "chosen": best,
-                  "ms_per_chain": {b: round(1000 * v, 2) for b, v in per_chain.items()},
-                  "probe_s": round(time.perf_counter() - began, 3)}
-
-
-def _call_timer(model, device: torch.device, size: tuple[int, int], precision: str,
-                channels_last: bool) -> Callable[[int], float]:
-    """Seconds of one sampling call of the network (image stem + conditioned body) at a batch."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    generator = torch.Generator().manual_seed(0)
-    inputs: dict[int, tuple] = {}
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def measure(batch: int) -> float:
-        if batch not in inputs:
-            inputs[batch] = (torch.rand((batch, model.config.cond_channels, *size), generator=generator).to(device),
-                             torch.randn((batch, 1, *size), generator=generator).to(device),
-                             torch.full((batch,), 500, dtype=torch.long, device=device))
-        images, x, t = inputs[batch]
-        sync()
-        start = time.perf_counter()
-        with torch.inference_mode(), autocast_context(device, precision):
-            condition = model.encode_condition(images.to(memory_format=layout))
-            model.forward_conditioned(x.to(memory_format=layout), t, condition)
-        sync()
-        return time.perf_counter() - start
-
-    return measure
-
-
 def _brain_slices(volume: np.ndarray) -> list[int]:
     """Slices (last axis) where any modality is non-zero; the rest are left empty."""
     return [int(z) for z in np.flatnonzero(np.abs(volume).reshape(-1, volume.shape[-1]).max(axis=0) > 0)]
@@ -298,8 +172,9 @@ class Segmenter:
                  channels_last: bool | None = None, compile: bool = False, batching: str | int | None = None):
         self.loaded = loaded
         self.batching = parse_batching(batching)
-        self._probed: dict[tuple, int] = {}
+        self._probed: dict[tuple, BatchingChoice] = {}  # by network input size and precision
         self.probe_report: dict = {}  # the last probe's timings, for the benchmarks and the logs
+        self.probes = 0  # probes run by this Segmenter
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.precision = resolve_precision(precision, self.device)
         self.model = loaded.model.to(self.device).eval()
@@ -337,44 +212,75 @@ class Segmenter:
 
     def chains_per_call(self, num_ensemble: int, num_slices: int, net_height: int, net_width: int,
                         precision: str) -> int:
-        """How many chains go through the network together.
+        """How many chains go through the network together (see :meth:`batching_choice`)."""
+        return self.batching_choice(num_ensemble, num_slices, net_height, net_width, precision).chains
 
-        A fixed ``batching`` is taken as it is. ``auto`` times one network call at 1, N, 2N, 4N
-        ... chains (up to :func:`most_chains` and the chains there are) and keeps the cheapest
-        per chain, once per input size and precision: in memory for this loaded model, and on
-        disk (:func:`batching_file`) for later runs on this machine. Batching is not free
-        on a CPU: for the paper config at 224x224 five chains cost more together than one by one
-        (7.1 s against 5.5 s, issue 14), while the 128x128 demo model gains from it.
+    def batching_choice(self, num_ensemble: int, num_slices: int, net_height: int, net_width: int,
+                        precision: str, reprobe: bool = False) -> BatchingChoice:
+        """How many chains go through the network together, and why.
+
+        A fixed ``batching`` is taken as it is. ``auto`` picks among 1, N, 2N, 4N ... chains (up
+        to :func:`most_chains` and the chains there are) by timing them (:func:`probe_batching`),
+        once per network input size and precision: in memory for this loaded model, and on disk
+        (:func:`batching_file`) for later runs on this machine when the timings agreed. A stored
+        choice is a hint: :meth:`run` checks it against every volume's own pace and tries
+        larger batches there (:class:`batching.PaceTuner`).
+        ``reprobe`` times again whatever is known.
         """
         wanted = num_ensemble * num_slices
         if self.batching != "auto":
-            return min(int(self.batching), wanted)
-        if "_body" in vars(self.model):
-            return min(num_ensemble, wanted)  # compiled: every batch size tried would compile anew
+            return BatchingChoice(min(int(self.batching), wanted), "fixed")
+        if "_body" in vars(self.model):  # compiled: every batch size tried would compile anew
+            return BatchingChoice(min(num_ensemble, wanted), "compiled")
         sizes = batch_candidates(num_ensemble, num_slices, most_chains(self.device, net_height, net_width))
         if len(sizes) == 1:
-            return sizes[0]
-        key = (net_height, net_width, precision, tuple(sizes))
-        if key not in self._probed:
-            stored_as = self._stored_key(key)
-            stored = stored_batching(stored_as)
-            if stored in sizes:
-                self._probed[key] = stored
+            return BatchingChoice(sizes[0], "fixed")
+        key = (net_height, net_width, precision)
+        known = None if reprobe else self._probed.get(key)
+        if known is None and not reprobe:
+            known = stored_batching(self._stored_key(key))
+            if known is not None and known.covers(sizes):
                 self.probe_report = {"network_input": [net_height, net_width], "precision": precision,
-                                     "chosen": stored, "from": str(batching_file())}
+                                     "chosen": known.restricted(sizes).chains, "from": str(batching_file()),
+                                     "ms_per_chain": dict(known.ms_per_chain)}
+        probed = known is None or not known.covers(sizes)
+        if probed:
+            chosen, self.probe_report = probe_batching(
+                self.model, self.device, sizes, (net_height, net_width), precision, self.channels_last)
+            known = BatchingChoice(chosen, "re-probed" if reprobe else "probed",
+                                   {b: ms for b, ms in self.probe_report["ms_per_chain"].items()},
+                                   self.probe_report["capped"], self.probe_report["settled"])
+            if known.settled:
+                store_batching(self._stored_key(key), known)
             else:
-                self._probed[key], self.probe_report = probe_batching(
-                    self.model, self.device, sizes, (net_height, net_width), precision, self.channels_last)
-                store_batching(stored_as, self._probed[key])
-        return self._probed[key]
+                log.info("batching probe did not settle (busy machine?): %s chains per call for this session only, "
+                         "not stored", chosen)
+            self.probes += 1
+        self._probed[key] = known
+        # Kept from an earlier run (the file, or this session when the timings did not settle).
+        return known.restricted(sizes, None if probed else "stored" if known.settled else "session")
+
+    def _record_pace(self, key: tuple, tuned: BatchingChoice) -> None:
+        """Keep what a volume learned (its paces, a size tuned on it): in memory, and on disk
+        where the choice is stored."""
+        known = self._probed.get(key)
+        if known is None:
+            return
+        known.chains, known.source = tuned.chains, tuned.source
+        known.pace_ms.update(tuned.pace_ms)
+        if known.settled:
+            store_batching(self._stored_key(key), known)
+
+    def forget_batching(self) -> None:
+        """Forget this model's choices held in memory (see also :func:`batching.forget_batching`)."""
+        self._probed.clear()
 
     def _stored_key(self, key: tuple) -> str:
-        """The probe's choice is kept on disk per machine, architecture, input size and precision:
-        later runs skip the probe and batch the same way, so a seed gives the same bits again."""
+        """One entry per machine, threads, torch, architecture, input size, precision and layout."""
         architecture = json.dumps(self.loaded.unet_config.to_dict(), sort_keys=True, default=str)
-        return "|".join([_device_name(self.device), f"threads {torch.get_num_threads()}", f"torch {torch.__version__}",
+        return "|".join([device_name(self.device), f"threads {torch.get_num_threads()}", f"torch {torch.__version__}",
                          hashlib.sha1(architecture.encode()).hexdigest()[:12], "x".join(map(str, key[:2])), key[2],
-                         "channels_last" if self.channels_last else "contiguous", ",".join(map(str, key[3]))])
+                         "channels_last" if self.channels_last else "contiguous"])
 
     def _one_pass(self, images: torch.Tensor, precision: str) -> torch.Tensor:
         """The baseline's mask logits (S, 1, h, w): images with an all-zero mask channel, t = 0."""
@@ -516,22 +422,37 @@ class Segmenter:
                                    f"the slice {images.shape}")
         stats = torch.from_numpy(volume_statistics(context_volume, spec))  # of the whole input, once
         members_per_slice = 1 if self.loaded.deterministic else num_ensemble
-        chains = self.chains_per_call(members_per_slice, len(todo), *geometry.network_size(height, width, multiple),
-                                      precision) if todo else members_per_slice
-        per_batch = batch_slices or max(1, chains // members_per_slice)
-        batches = [todo[i : i + per_batch] for i in range(0, len(todo), per_batch)]
+        net_size = geometry.network_size(height, width, multiple)
+        probes = self.probes
+        choice = (self.batching_choice(members_per_slice, len(todo), *net_size, precision) if todo
+                  else BatchingChoice(members_per_slice, "fixed"))
+        # The volume's own pace checks and tunes the choice as it goes (batching.PaceTuner).
+        tune = len(todo) > 1 and int(resample) == 1 and not batch_slices
+        sizes = batch_candidates(members_per_slice, len(todo), most_chains(self.device, *net_size))
+        tuner = PaceTuner(
+            choice if tune else BatchingChoice(choice.chains, choice.source, settled=choice.settled),
+            sizes, fresh=self.probes != probes,
+            reprobe=lambda: self.batching_choice(members_per_slice, len(todo), *net_size, precision, reprobe=True),
+            record=lambda tuned: self._record_pace((*net_size, precision), tuned))
+        chains = tuner.chains
         last_preview = -np.inf
         began = time.monotonic()
-        for b, zs in enumerate(batches):
-            counts = {"slices_done": b * per_batch, "slices_total": len(todo)}
+        done, b = 0, 0
+        while done < len(todo):
+            per_batch = batch_slices or max(1, chains // members_per_slice)
+            zs = todo[done : done + per_batch]
+            batches = b + -(-(len(todo) - done) // per_batch)  # the batches left at this size
+            counts = {"slices_done": done, "slices_total": len(todo), "chains": chains, "batching": tuner.describe()}
+            clock = time.perf_counter()
             batch = torch.from_numpy(neighbour_slices(context_volume, zs if context_z is None else [context_z], spec))
             net_in = normalise(geometry.to_network(batch, multiple), stats.expand(len(zs), -1, -1), spec)
             net_in = net_in.to(self.device)
             if self.loaded.deterministic:
                 logits = self._one_pass(net_in, precision)
                 back = geometry.from_network(torch.sigmoid(logits), height, width)[None, :, 0]
-                yield Progress(1, 1, b, len(batches), list(zs), back[0].cpu().numpy() if preview_interval is not None else None,
-                               **counts, elapsed=time.monotonic() - began)
+                preview = back[0].cpu().numpy() if preview_interval is not None else None
+                tuner.step(time.perf_counter() - clock, len(zs))
+                yield Progress(1, 1, b, batches, list(zs), preview, **counts, elapsed=time.monotonic() - began)
                 mean = back[0]
                 var = mean * (1 - mean)  # Bernoulli variance of the predicted probability
             else:
@@ -569,8 +490,10 @@ class Segmenter:
                         estimate = step.pred_x0.reshape(len(zs), num_ensemble, *step.pred_x0.shape[-2:]).mean(1)
                         preview = geometry.from_network(estimate[:, None].clamp(0, 1), height, width)[:, 0].cpu().numpy()
                         last_preview = now
-                    yield Progress(step.index + 1, step.total, b, len(batches), list(zs), preview, **counts,
+                    tuner.step(time.perf_counter() - clock, len(zs) * num_ensemble)  # not the consumer's time
+                    yield Progress(step.index + 1, step.total, b, batches, list(zs), preview, **counts,
                                    elapsed=time.monotonic() - began)
+                    clock = time.perf_counter()
                 members = final.x.reshape(len(zs), num_ensemble, *final.x.shape[-2:]).transpose(0, 1)
                 # Back to the input geometry per member, then statistics there.
                 back = geometry.from_network(members.reshape(-1, 1, *members.shape[-2:]).float(), height, width)
@@ -589,6 +512,8 @@ class Segmenter:
                     samples[..., z] = back[:, i].cpu().numpy()
                 if sink is not None:
                     sink(z, {"probability": mean_np[i], "variance": var_np[i], "mask": mask[..., z]})
+            done, b = done + len(zs), b + 1
+            chains = tuner.batch_done(last=done == len(todo))
 
         if images.ndim == 3:
             probability, variance, mask = probability[..., 0], variance[..., 0], mask[..., 0]
@@ -607,7 +532,9 @@ class Segmenter:
             threshold=threshold,
             settings={"timestep_respacing": respacing, "eta": eta, "precision": precision,
                       "device": str(self.device), "model": self.loaded.source,
-                      "chains_per_call": chains, "slices_per_batch": per_batch, "resample": int(resample)},
+                      "chains_per_call": chains, "slices_per_batch": batch_slices or max(1, chains // members_per_slice),
+                      "batching": tuner.choice.source, "batching_settled": tuner.choice.settled,
+                      "resample": int(resample)},
         )
 
 

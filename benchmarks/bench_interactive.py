@@ -55,7 +55,7 @@ def rounds_to(dices: list[float], threshold: float, cap: int) -> int:
 
 
 def simulate(segmenter, images: np.ndarray, truth: np.ndarray, args) -> dict:
-    from napari_diffseg._session import known_pixels
+    from napari_diffseg.refine import known_pixels
     from napari_diffseg.inference import run_to_end
 
     start = run_to_end(segmenter.run(images, num_ensemble=args.ensemble, seed=args.seed, preview_interval=None))
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device, info = start(args, "interactive refinement")
 
-    from napari_diffseg._session import refine_chain
+    from napari_diffseg.refine import refine_chain
     from napari_diffseg.inference import Segmenter
 
     with tempfile.TemporaryDirectory() as tmp:

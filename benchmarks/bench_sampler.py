@@ -23,7 +23,7 @@ under torch.compile (--compile_mode reduce-overhead replays CUDA graphs), as
 Full chains take hours on a CPU, so every mode times ``--steps`` steps after ``--warmup``
 untimed ones and extrapolates to its chain length; the output says so. (a) and (b) use the
 same noise, so their chain states after those steps must agree: the output reports the
-largest difference. Separately, the widget's own code path (``_session.run_job`` with a
+largest difference. Separately, the widget's own code path (``_gui.job.run_job`` with a
 fresh model cache, as a first Run in napari) is timed on the demo model end to end: model
 load, the first live preview frame and the whole ensemble at the default settings.
 
@@ -498,11 +498,13 @@ def bench_config(cfg: Config, device: torch.device, args) -> dict:
 # -- the widget's path --------------------------------------------------------------------------------
 def time_widget(model_path: str | None, slice_core: np.ndarray, device: torch.device, num_ensemble: int,
                 runs: int) -> dict:
-    """The widget's Run on one slice with its default settings: ``_session.run_job`` with a fresh
+    """The widget's Run on one slice with its default settings: ``_gui.job.run_job`` with a fresh
     model cache, so the model loads inside the run as it does in napari the first time; then
     again with it cached."""
     from napari_diffseg import _layerdata as ld
-    from napari_diffseg._session import PREVIEW_INTERVAL, Inputs, ModelCache, RunRequest, run_job
+    from napari_diffseg._gui.inputs import Inputs
+    from napari_diffseg._gui.job import PREVIEW_INTERVAL, RunRequest, run_job
+    from napari_diffseg._gui.models import ModelCache
 
     class TimedCache(ModelCache):
         load_s = 0.0
@@ -661,7 +663,7 @@ def print_config(name: str, result: dict, args, device: torch.device) -> None:
 
 
 def print_widget(widget: dict) -> None:
-    print(f"\n== widget path (_session.run_job, demo model, one {widget['input'][0]}x{widget['input'][1]} slice, "
+    print(f"\n== widget path (_gui.job.run_job, demo model, one {widget['input'][0]}x{widget['input'][1]} slice, "
           f"default settings, previews every {widget['preview_interval_s']} s)")
     rows = []
     for run in widget["runs"]:

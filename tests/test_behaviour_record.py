@@ -103,7 +103,7 @@ def test_widget_run_and_refine_are_unchanged(make_napari_viewer, qtbot, one_thre
     and Refine."""
     from napari_diffseg import _layerdata as ld
     from napari_diffseg._sample_data import brats_slice
-    from napari_diffseg._widget import DiffSegWidget
+    from napari_diffseg._gui.widget import DiffSegWidget
     from napari_diffseg.demo import simulated_scribbles
 
     monkeypatch.setenv("NAPARI_DIFFSEG_BATCHING", str(MEMBERS))

@@ -272,7 +272,9 @@ def test_a_lone_slice_with_its_source_volume_sees_what_a_volume_run_sees(tmp_pat
 def test_the_widget_job_hands_a_context_model_the_volume_of_a_current_slice_run(tmp_path, monkeypatch):
     from napari_diffseg import _layerdata as ld
     from napari_diffseg import inference
-    from napari_diffseg._session import Inputs, ModelCache, RunRequest, run_job
+    from napari_diffseg._gui.inputs import Inputs
+    from napari_diffseg._gui.job import RunRequest, run_job
+    from napari_diffseg._gui.models import ModelCache
 
     path = _save_model(tmp_path / "m.pt", InputSpec("zscore", 1))
     volume = _volume()

@@ -23,7 +23,8 @@ from test_widget import (  # noqa: F401  (fixtures are used by name)
     tiny_checkpoint,
 )
 
-from napari_diffseg import _session, _widget
+from napari_diffseg._gui import models
+from napari_diffseg._gui import widget as _widget
 from napari_diffseg import batching as batching_module
 
 
@@ -82,7 +83,8 @@ EXIT_SCRIPT = textwrap.dedent("""
     import numpy as np
     import napari
     from qtpy.QtWidgets import QApplication
-    from napari_diffseg import _layerdata as ld, _widget
+    from napari_diffseg import _layerdata as ld
+    from napari_diffseg._gui import widget as _widget
 
     mode, model = sys.argv[1:3]
     rng = np.random.default_rng(0)
@@ -197,7 +199,7 @@ def test_figures_follow_the_threshold_of_the_result_on_screen(make_widget, qtbot
 def test_the_status_line_shows_the_batching_and_re_time_forgets_it(make_widget, qtbot, monkeypatch):
     monkeypatch.delenv("NAPARI_DIFFSEG_BATCHING")  # auto, as a user has it
     viewer, widget = make_widget(shape=(32, 32, 6), steps="4", num_ensemble=2)
-    widget.cache = _session.ModelCache()  # models loaded by earlier tests keep the fixed batching
+    widget.cache = models.ModelCache()  # models loaded by earlier tests keep the fixed batching
     assert "auto" in widget.batching_label.value
     seen = []
     widget.run()

@@ -194,7 +194,7 @@ def test_reader_selected_files_single_files_and_refusals(tmp_path):
 def test_modality_files_opened_one_by_one_form_the_case(tmp_path):
     """File > Open with several files calls the reader once per file: each modality file comes in
     as its case's layer, named and normalised as the case folder's, and the pickers match them."""
-    from napari_diffseg._session import LayerInfo, match_layers
+    from napari_diffseg._gui.inputs import LayerInfo, match_layers
 
     arrays = _write_case(tmp_path / "folder", name="Brats18_X_1")
     folder = _by_name(read_paths(str(tmp_path / "folder")))

@@ -194,7 +194,10 @@ def test_a_refine_at_the_preset_runs_on_at_least_ten_steps(tmp_path, preset, cha
     members it starts half-way down: 5 of 10 steps, 6 of 12."""
     from napari_diffseg import _layerdata as ld
     from napari_diffseg import checkpoint
-    from napari_diffseg._session import Inputs, ModelCache, RunRequest, refine_respacing, run_job
+    from napari_diffseg._gui.inputs import Inputs
+    from napari_diffseg._gui.job import RunRequest, run_job
+    from napari_diffseg._gui.models import ModelCache
+    from napari_diffseg.refine import refine_respacing
 
     assert refine_respacing(5) == "10" and refine_respacing(10) is None and refine_respacing(1000) is None
     path = tmp_path / "tiny.pt"

@@ -22,15 +22,9 @@ from test_widget import (  # noqa: F401  (fixtures are used by name)
 )
 
 from napari_diffseg import _layerdata as ld
-from napari_diffseg._session import (
-    SCRIBBLE_BACKGROUND,
-    SCRIBBLE_TUMOUR,
-    ResultState,
-    RunOutcome,
-    known_pixels,
-    next_mark,
-    refine_start_step,
-)
+from napari_diffseg._gui.job import RunOutcome
+from napari_diffseg._gui.results import ResultState
+from napari_diffseg.refine import SCRIBBLE_BACKGROUND, SCRIBBLE_TUMOUR, known_pixels, next_mark, refine_start_step
 
 STEPS = 10  # a 10-step chain: a refine from members starts at step 4 and runs 5
 
@@ -131,7 +125,7 @@ def _press(viewer, key):
 
 
 def _refine(qtbot, widget, key=False):
-    from napari_diffseg._widget import REFINE_KEY
+    from napari_diffseg._gui.widget import REFINE_KEY
 
     if key:
         _press(widget.viewer, REFINE_KEY)
@@ -287,7 +281,7 @@ def _refused(qtbot, widget, expected):
 
 
 def test_refine_errors_are_one_notification(make_widget, qtbot, monkeypatch, capfd, tiny_checkpoint):
-    import napari_diffseg._widget as widget_module
+    import napari_diffseg._gui.widget as widget_module
 
     viewer, widget = make_widget(steps=str(STEPS))
     start = _records()

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from napari_diffseg import _layerdata as ld
-from napari_diffseg import _session
-from napari_diffseg._session import LayerInfo, ResultState, case_prefix, match_layers, modality_of, rank_slices
+from napari_diffseg._gui import inputs as gui_inputs
+from napari_diffseg._gui.inputs import LayerInfo, case_prefix, match_layers, modality_of
+from napari_diffseg._gui.job import prepare_images
+from napari_diffseg._gui.results import ResultState, rank_slices
 from napari_diffseg.checkpoint import atomic_save, make_payload
 from napari_diffseg.diffusion import DiffusionConfig
 from napari_diffseg.errors import DiffSegError
@@ -74,7 +76,7 @@ def _add(viewer, tuples):
 
 @pytest.fixture
 def make_widget(make_napari_viewer, tiny_checkpoint, qtbot):
-    from napari_diffseg._widget import DiffSegWidget
+    from napari_diffseg._gui.widget import DiffSegWidget
 
     made = []
 
@@ -151,7 +153,7 @@ def test_uncertainty_ranking_and_result_bookkeeping():
 
 
 def test_settings_file_is_forgiving(tmp_path):
-    from napari_diffseg._settings import DEFAULTS, load_settings, save_settings, settings_path
+    from napari_diffseg._gui.settings import DEFAULTS, load_settings, save_settings, settings_path
 
     assert load_settings() == DEFAULTS  # no file yet
     settings_path().parent.mkdir(parents=True)
@@ -173,10 +175,10 @@ def test_widget_feeds_the_model_what_the_core_loader_reads():
     files = sample_files(BRATS_VOLUME)
     layers = {kwargs["name"]: Image(data, **kwargs) for data, kwargs, kind in
               _session_tuples(files) if kind == "image"}
-    inputs = _session.check_inputs(layers)
+    inputs = gui_inputs.check_inputs(layers)
     core = load_case(files).images
-    np.testing.assert_array_equal(_session.prepare_images(inputs, None), core)
-    np.testing.assert_array_equal(_session.prepare_images(inputs, 5), core[..., 5])
+    np.testing.assert_array_equal(prepare_images(inputs, None), core)
+    np.testing.assert_array_equal(prepare_images(inputs, 5), core[..., 5])
 
 
 def _session_tuples(files):
@@ -335,7 +337,7 @@ def test_bad_inputs_give_notifications(make_widget, qtbot):
     with pytest.raises(ValueError, match="a labels layer"):  # the modality pickers offer Image layers only
         widget.set_layer("flair", "a labels layer")
     with pytest.raises(DiffSegError, match="not an image"):  # and the check behind them says why
-        _session.check_inputs({**widget.chosen_layers(), "flair": labels})
+        gui_inputs.check_inputs({**widget.chosen_layers(), "flair": labels})
 
     holes = viewer.layers["t1"].data.copy()
     holes[3, 4] = np.nan
@@ -384,7 +386,7 @@ def test_bad_checkpoints_and_out_of_memory_give_notifications(make_widget, qtbot
 
 
 def test_missing_demo_model_is_explained(make_widget, qtbot, monkeypatch):
-    import napari_diffseg._widget as widget_module
+    import napari_diffseg._gui.widget as widget_module
 
     monkeypatch.setattr(widget_module, "demo_model_available", lambda: False)
     viewer, widget = make_widget(model_path="")
@@ -399,8 +401,8 @@ def test_missing_demo_model_is_explained(make_widget, qtbot, monkeypatch):
 
 
 def test_settings_persist_between_sessions(make_widget, tmp_path):
-    from napari_diffseg._settings import settings_path
-    from napari_diffseg._widget import DiffSegWidget
+    from napari_diffseg._gui.settings import settings_path
+    from napari_diffseg._gui.widget import DiffSegWidget
 
     viewer, widget = make_widget()
     widget.ensemble.value = 7
@@ -460,6 +462,6 @@ def test_demo_runs_headless(qapp, tmp_path):
     assert mask.shape == source.shape == (240, 240)
     np.testing.assert_array_equal(mask.affine, source.affine)
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
-    from napari_diffseg._settings import settings_path
+    from napari_diffseg._gui.settings import settings_path
 
     assert not settings_path().exists()  # the demo leaves the user's settings alone

@@ -25,7 +25,8 @@ from test_widget import (  # noqa: F401  (fixtures are used by name)
 )
 
 from napari_diffseg import _layerdata as ld
-from napari_diffseg import _session
+from napari_diffseg._gui import inputs as gui_inputs
+from napari_diffseg._gui.results import HandEdits
 
 TINY = {"steps": "3", "num_ensemble": 2, "keep_members": False, "seed": 0}
 
@@ -39,7 +40,7 @@ def _dock_from_plugins_menu(viewer):
     from napari._app_model import get_app_model
 
     # The menu item runs this command (the manifest's widget command); napari docks what it returns.
-    from napari_diffseg._widget import DiffSegWidget
+    from napari_diffseg._gui.widget import DiffSegWidget
 
     get_app_model().commands.execute_command("napari-diffseg.widget").result()
     docked = [w for w in viewer.window.dock_widgets.values() if isinstance(w, DiffSegWidget)]
@@ -59,7 +60,7 @@ def _dock_like_napari_dash_w(viewer):
 @pytest.mark.parametrize("dock", [_dock_from_plugins_menu, _dock_with_public_api, _dock_like_napari_dash_w],
                          ids=["plugins-menu", "add_plugin_dock_widget", "napari-w"])
 def test_every_docking_path_segments(dock, make_napari_viewer, qtbot, tiny_checkpoint):
-    from napari_diffseg._widget import DiffSegWidget
+    from napari_diffseg._gui.widget import DiffSegWidget
 
     viewer = make_napari_viewer()
     _add(viewer, _case_layers(truth=True))
@@ -95,7 +96,7 @@ def test_a_wide_dock_puts_the_groups_side_by_side(make_napari_viewer, qtbot, tin
     the single column of a side dock and leaves the canvas its room; narrow again, one column.
     The groups scroll, so neither dock makes napari's window taller than it was (a single
     column is taller than a laptop screen), and a side dock scrolls up and down only."""
-    from napari_diffseg._widget import WIDE_LAYOUT_MIN_WIDTH, DiffSegWidget
+    from napari_diffseg._gui.widget import WIDE_LAYOUT_MIN_WIDTH, DiffSegWidget
 
     viewer = make_napari_viewer(show=True)
     window = viewer.window._qt_window
@@ -136,8 +137,8 @@ def test_layer_checks_see_through_napari_proxies():
     layers = {m: PublicOnlyProxy(Image(np.random.default_rng(i).random((8, 8)) + 0.1, name=m))
               for i, m in enumerate(("t1", "t1ce", "t2", "flair"))}
     assert type(layers["t1"]).__name__ == "PublicOnlyProxy"
-    inputs = _session.check_inputs(layers)
-    assert inputs.display_shape == (8, 8) and _session.layer_kind(layers["t1"]) == "image"
+    inputs = gui_inputs.check_inputs(layers)
+    assert inputs.display_shape == (8, 8) and gui_inputs.layer_kind(layers["t1"]) == "image"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def test_layer_checks_see_through_napari_proxies():
 def _accept_by_key(viewer):
     from napari.utils.key_bindings import coerce_keybinding
 
-    from napari_diffseg._widget import ACCEPT_KEY
+    from napari_diffseg._gui.widget import ACCEPT_KEY
 
     viewer.keymap[coerce_keybinding(ACCEPT_KEY)](viewer)
 
@@ -225,7 +226,7 @@ def test_hand_edits_follow_napari_undo():
     from napari.layers import Labels
 
     layer = Labels(np.zeros((2, 16, 16), np.uint8))
-    edits = _session.HandEdits(layer.data)
+    edits = HandEdits(layer.data)
     accepting = []  # the widget does not record its own writes as strokes
     layer.events.paint.connect(lambda event: None if accepting else edits.mark(event.value))
 

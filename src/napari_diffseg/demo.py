@@ -139,7 +139,7 @@ def simulated_scribbles(truth, probability, width: int = 2, min_pixels: int = 20
     import numpy as np
     from scipy import ndimage
 
-    from ._session import SCRIBBLE_BACKGROUND, SCRIBBLE_TUMOUR
+    from .refine import SCRIBBLE_BACKGROUND, SCRIBBLE_TUMOUR
 
     truth = np.asarray(truth) > 0
     probability = np.asarray(probability)
@@ -211,8 +211,8 @@ def _run(args) -> int:
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
-    from ._session import demo_model_available
-    from ._widget import DiffSegWidget
+    from ._gui.models import demo_model_available
+    from ._gui.widget import DiffSegWidget
 
     if not args.model and not demo_model_available():
         raise DiffSegError("the bundled demo model is not installed; give a checkpoint with --model PATH")
@@ -230,7 +230,7 @@ def _run(args) -> int:
     if args.ensemble is not None:
         settings["num_ensemble"] = args.ensemble
     else:
-        from ._session import MODEL_CACHE
+        from ._gui.models import MODEL_CACHE
 
         segmenter = MODEL_CACHE.get(args.model or None, args.flags or None, args.device)
         settings["num_ensemble"] = int(segmenter.defaults["num_ensemble"])

@@ -54,31 +54,16 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from . import MODALITIES
-from . import _layerdata as ld
-from ._session import (
-    MODEL_CACHE,
-    SCRIBBLE_BACKGROUND,
-    SCRIBBLE_NAMES,
-    SCRIBBLE_TUMOUR,
-    HandEdits,
-    LayerInfo,
-    Partial,
-    ResultState,
-    RunRequest,
-    check_inputs,
-    demo_model_available,
-    error_message,
-    evaluate,
-    format_metrics,
-    guarded_job,
-    is_out_of_memory,
-    known_pixels,
-    match_layers,
-    slice_index,
-)
-from ._settings import load_settings, save_settings
-from .errors import DiffSegError
+from .. import MODALITIES
+from .. import _layerdata as ld
+from ..refine import SCRIBBLE_BACKGROUND, SCRIBBLE_NAMES, SCRIBBLE_TUMOUR, known_pixels
+from .figures import evaluate, format_metrics
+from .inputs import LayerInfo, check_inputs, layer_kind, match_layers, slice_index
+from .job import Partial, RunRequest, error_message, guarded_job, is_out_of_memory
+from .models import MODEL_CACHE, demo_model_available
+from .results import HandEdits, ResultState
+from .settings import load_settings, save_settings
+from ..errors import DiffSegError
 
 if TYPE_CHECKING:
     import napari
@@ -255,7 +240,7 @@ class DiffSegWidget(QWidget):
     def _build(self) -> None:
         from napari.layers import Image, Labels
 
-        from .inference import available_devices, available_precisions
+        from ..inference import available_devices, available_precisions
 
         # Three columns of groups: stacked in a narrow (left/right) dock, side by side in a wide
         # one (bottom/top, or a wide floating window), where a single column would leave the
@@ -562,8 +547,6 @@ class DiffSegWidget(QWidget):
     def autofill(self) -> None:
         """Fill the empty pickers by layer name (t1, Brats18_x_flair, ... ground truth)."""
         candidates = [layer for layer in self.viewer.layers if not self._is_ours(layer)]
-        from ._session import layer_kind
-
         infos = [LayerInfo(layer.name, layer_kind(layer), (layer.metadata or {}).get(ld.CASE, ""))
                  for layer in candidates]
         picked, truth = match_layers(infos)
@@ -793,7 +776,7 @@ class DiffSegWidget(QWidget):
         """The batching line: the last run's choice, else how the next run will choose."""
         if choice:
             return choice
-        from .batching import BATCHING_ENV, parse_batching
+        from ..batching import BATCHING_ENV, parse_batching
 
         try:
             fixed = parse_batching(None)
@@ -807,7 +790,7 @@ class DiffSegWidget(QWidget):
         """Forget the stored batching choices (the file and the loaded models' memory)."""
         if self.running:
             return
-        from .batching import batching_file, forget_batching
+        from ..batching import batching_file, forget_batching
 
         try:
             forget_batching()
@@ -835,7 +818,7 @@ class DiffSegWidget(QWidget):
         self.progress_bar.native.setValue(done)
         where = ""
         if progress.slices_total > 1:
-            from .inference import format_eta  # torch is loaded by now: a run is under way
+            from ..inference import format_eta  # torch is loaded by now: a run is under way
 
             slices = f"slices {progress.slices_done + len(progress.slices)}/{progress.slices_total}"
             left = format_eta(progress.eta)
@@ -935,7 +918,7 @@ class DiffSegWidget(QWidget):
             return
         batching = ""
         if "batching" in seg.settings:
-            from .batching import describe_batching
+            from ..batching import describe_batching
 
             batching = describe_batching(seg.settings["chains_per_call"], seg.settings["batching"],
                                          seg.settings.get("batching_settled", True))

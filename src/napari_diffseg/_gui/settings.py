@@ -11,7 +11,8 @@ import json
 import logging
 from pathlib import Path
 
-from .config import config_dir, write_json_atomically
+from ..config import config_dir
+from ..files import write_json_atomically
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,197 @@
+"""A case's result as the widget keeps it: the ensemble statistics (re-thresholded, ranked,
+hinted) and what the user painted by hand into the segmentation (no Qt)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import _layerdata as ld
+from ..refine import Hint, next_mark
+
+if TYPE_CHECKING:
+    from .job import Partial, RunOutcome
+
+
+@dataclass
+class ResultState:
+    """Ensemble statistics of one case in core order, kept for re-thresholding and review."""
+
+    case: str
+    spatial_shape: tuple[int, ...]
+    probability: np.ndarray
+    variance: np.ndarray
+    threshold: float = 0.5
+    members: np.ndarray | None = None  # (N, X, Y[, Z]) or (N, X, Y, 1) for one slice of a volume
+    members_z: int | None = None  # the slice the members belong to when they cover one slice
+    slices: list[int] = field(default_factory=list)  # sampled slices (volume), [0] for 2D
+    num_ensemble: int = 0
+    summary: str = ""
+    last_z: int | None = None  # the slice of the last run; None: it covered the whole input
+    partial: tuple[int, int] | None = None  # (finished, total) slices when the last run was cancelled
+    # Per slice (0 for a 2D input): the members of the last run of that slice, (N, X, Y), which a
+    # Refine starts from, and the "next mark" hint of its variance.
+    slice_members: dict[int, np.ndarray] = field(default_factory=dict)
+    hints: dict[int, "Hint"] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, case: str, spatial_shape: Sequence[int], threshold: float = 0.5) -> "ResultState":
+        shape = tuple(int(n) for n in spatial_shape)
+        return cls(case, shape, np.zeros(shape, np.float32), np.zeros(shape, np.float32), threshold)
+
+    @property
+    def is_volume(self) -> bool:
+        return len(self.spatial_shape) == 3
+
+    def mask(self, threshold: float | None = None) -> np.ndarray:
+        t = self.threshold if threshold is None else threshold
+        return (self.probability > t).astype(np.uint8)
+
+    def merge(self, outcome: RunOutcome) -> None:
+        """Put a run's result in: the whole case, or one slice of a volume (others are kept)."""
+        seg = outcome.segmentation
+        self.num_ensemble = seg.num_ensemble
+        if outcome.z is None:
+            self.probability = np.asarray(seg.probability, np.float32)
+            self.variance = np.asarray(seg.variance, np.float32)
+            self.members = None if seg.samples is None else np.asarray(seg.samples, np.float32)
+            self.members_z = None
+            self.slices = list(outcome.slices)
+            self.slice_members.clear()
+            self.hints.clear()
+            if self.members is not None:
+                if self.is_volume:  # views, not copies
+                    self.slice_members.update({z: self.members[..., z] for z in self.slices})
+                else:
+                    self.slice_members[0] = self.members
+        else:
+            z = outcome.z
+            self.probability[..., z] = seg.probability
+            self.variance[..., z] = seg.variance
+            self.members = None if seg.samples is None else np.asarray(seg.samples, np.float32)[..., None]
+            self.members_z = z
+            self.slices = sorted(set(self.slices) | {z})
+            if self.members is not None:
+                self.slice_members[z] = self.members[..., 0]
+            else:
+                self.slice_members.pop(z, None)  # older members no longer match this slice's result
+        self.update_hints(self.slices if outcome.z is None else [outcome.z])
+        self.last_z = outcome.z
+        self.partial = None
+
+    def merge_partial(self, partial: Partial) -> None:
+        """Put in the finished slices of a cancelled volume run (the other slices are kept)."""
+        for z in partial.finished:
+            self.probability[..., z] = partial.probability[z]
+            self.variance[..., z] = partial.variance[z]
+            self.slice_members.pop(z, None)  # the cancelled run's members were not kept
+        self.num_ensemble = partial.num_ensemble
+        self.members = None  # the members of unfinished batches were never complete
+        self.members_z = None
+        self.slices = sorted(set(self.slices) | set(partial.finished))
+        self.update_hints(partial.finished)
+        self.last_z = None
+        self.partial = (len(partial.finished), partial.total)
+
+    def variance_slice(self, z: int | None) -> np.ndarray:
+        """The (X, Y) variance of slice z (the whole map of a 2D input)."""
+        return self.variance[..., z] if self.is_volume else self.variance
+
+    def members_for(self, z: int | None) -> np.ndarray | None:
+        """The (N, X, Y) members of the last run of slice z (None for a 2D input), if kept."""
+        return self.slice_members.get(0 if z is None else int(z))
+
+    def update_hints(self, zs: Iterable[int]) -> None:
+        """Recompute the "next mark" hint of these slices from their variance."""
+        for z in zs:
+            key = int(z) if self.is_volume else 0
+            hint = next_mark(ld.to_display(self.variance_slice(key if self.is_volume else None)))
+            if hint is None:
+                self.hints.pop(key, None)
+            else:
+                self.hints[key] = hint
+
+    def ranked_slices(self) -> list[tuple[int, float]]:
+        return rank_slices(self.variance, self.slices) if self.is_volume else []
+
+
+def rank_slices(variance: np.ndarray, slices: Iterable[int] | None = None) -> list[tuple[int, float]]:
+    """(z, mean variance of the slice) for the given slices of a (X, Y, Z) map, most uncertain first."""
+    variance = np.asarray(variance)
+    zs = range(variance.shape[-1]) if slices is None else slices
+    means = [(int(z), float(variance[..., z].mean())) for z in zs]
+    return sorted(means, key=lambda item: (-item[1], item[0]))
+
+
+def mark_painted(painted: np.ndarray, atoms) -> None:
+    """Record the voxels of a napari Labels paint event (its ``value``: the history atoms of
+    one edit) in the boolean array ``painted`` (the layer's shape).
+
+    An atom is either (indices, old values, new values) or, for brush/fill/polygon edits in
+    recent napari, a record with ``slice_key`` (bounding box) and ``mask`` (None = all of it).
+    """
+    for atom in atoms or ():
+        slice_key = getattr(atom, "slice_key", None)
+        if slice_key is not None:
+            mask = getattr(atom, "mask", None)
+            if mask is None:
+                painted[tuple(slice_key)] = True
+            else:
+                painted[tuple(slice_key)] |= np.asarray(mask, bool)
+        else:
+            indices = atom[0]
+            painted[tuple(indices)] = True
+
+
+class HandEdits:
+    """What the user did by hand in a case's segmentation layer (display order).
+
+    A voxel is the user's while a paint stroke has reached it and it still differs from what the
+    accepts wrote there. napari's undo writes the old values back without a paint event, so an
+    undone stroke hands its voxels back to the next Accept, and an undone Accept leaves nothing
+    marked as painted.
+    """
+
+    def __init__(self, initial: np.ndarray):
+        self.written = np.array(initial, copy=True)  # the layer as the accepts left it, strokes aside
+        self.touched = np.zeros(self.written.shape, bool)  # voxels a paint stroke reached
+        # per slice of display axis 0 (one flag for a 2D slice): accepted into at least once
+        self.accepted = np.zeros(self.written.shape[0] if self.written.ndim == 3 else 1, bool)
+
+    def mark(self, atoms) -> None:
+        mark_painted(self.touched, atoms)
+
+    def edited(self, segmentation: np.ndarray) -> np.ndarray:
+        return self.touched & (np.asarray(segmentation) != self.written)
+
+    def holds_work(self, segmentation: np.ndarray, z: int | None) -> bool:
+        """Whether the slice (None: the 2D slice) was accepted into or edited by hand."""
+        where = slice(None) if z is None else z
+        edited = self.touched[where] & (np.asarray(segmentation)[where] != self.written[where])
+        return bool(self.accepted[0 if z is None else z] or edited.any())
+
+    def commit(self, segmentation: np.ndarray, proposal: np.ndarray,
+               zs: Sequence[int] | None = None) -> tuple[tuple[np.ndarray, ...], np.ndarray, int]:
+        """What accepting ``proposal`` into ``segmentation`` changes, recorded as written.
+
+        Only slices ``zs`` (display axis 0) are touched, all of it when None. The user's voxels
+        are left alone. Returns (indices, new values, number of the user's voxels kept that the
+        proposal would have changed): indices and values go to ``Labels.data_setitem`` so the
+        accept is one step of napari's undo history.
+        """
+        segmentation, proposal = np.asarray(segmentation), np.asarray(proposal)
+        region = np.zeros(segmentation.shape, bool)
+        region[slice(None) if zs is None else list(zs)] = True
+        edited = self.edited(segmentation)
+        differs = region & (segmentation != proposal)
+        kept = int(np.count_nonzero(differs & edited))
+        indices = np.nonzero(differs & ~edited)
+        ours = region & ~edited
+        self.written[ours] = proposal[ours]
+        self.touched[ours] = False
+        self.accepted[slice(None) if zs is None or self.written.ndim != 3 else list(zs)] = True
+        return indices, proposal[indices], kept
+

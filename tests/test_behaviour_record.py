@@ -82,7 +82,7 @@ def test_sample_cli_is_unchanged(brats18_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "napari_diffseg.sample", "--data_dir", str(brats18_dir / CASE), "--out_dir", str(out),
          "--slices", SLICES, "--num_ensemble", str(MEMBERS), "--precision", "fp32", "--batching", str(MEMBERS),
-         "--seed", "0", "--device", "cpu", "--no_progress"],
+         "--seed", "0", "--device", "cpu", "--no_progress", "--cleanup", "0"],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = out / CASE
@@ -119,13 +119,13 @@ def test_widget_run_and_refine_are_unchanged(make_napari_viewer, qtbot, one_thre
         action()
         qtbot.waitUntil(lambda: not widget.running, timeout=RUN_TIMEOUT_MS)
         assert not [m for s, m in widget.messages if s == "error"], widget.messages
-        state = widget.results[widget.current_case]
+        state = widget.cases.current.result
         return {"probability": np.asarray(state.probability), "variance": np.asarray(state.variance)}
 
     first = run(widget.run)
-    widget.scribble()
-    scribbles = widget._our_layer("scribbles", widget.current_case)
-    marks = simulated_scribbles(widget.truth_picker.value.data, ld.to_display(first["probability"]))
+    widget.refine_tools.scribble()
+    scribbles = widget.layers.find("scribbles", widget.cases.current_name)
+    marks = simulated_scribbles(widget.pickers.truth_picker.value.data, ld.to_display(first["probability"]))
     assert (marks == 1).any() or (marks == 2).any()
     scribbles.data = marks
     refined = run(widget.refine)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from napari_diffseg import data
-from napari_diffseg.cli import read_flags_file
+from napari_diffseg.checkpoint import read_flags_file
 from napari_diffseg.inference import Segmenter, run_to_end
 
 SMALL = common.REPO.parent / "shared" / "reference" / "small"

@@ -35,7 +35,7 @@ import _common as common  # noqa: E402
 
 from napari_diffseg import train  # noqa: E402
 from napari_diffseg.checkpoint import load_model  # noqa: E402
-from napari_diffseg.cli import MODEL_FLAG_DEFAULTS  # noqa: E402
+from napari_diffseg.checkpoint import MODEL_FLAG_DEFAULTS  # noqa: E402
 from napari_diffseg.diffusion import Diffusion, DiffusionConfig  # noqa: E402
 from napari_diffseg.geometry import Geometry  # noqa: E402
 from napari_diffseg.inference import has_c_compiler  # noqa: E402
@@ -95,9 +95,9 @@ def time_ours(argv: list[str], device: torch.device, warmup: int, iters: int, co
             with common.Timer(device) as timer:
                 for _ in range(iters):
                     values = trainer.train_step()
-        label = f"ours: Trainer.train_step, {trainer.args.precision} autocast, channels-last, EMA"
+        label = f"ours: Trainer.train_step, {trainer.config.precision} autocast, channels-last, EMA"
         return {"label": label + (" + torch.compile" if compiled else ""),
-                "precision": trainer.args.precision, "channels_last": True, "s_per_it": timer.seconds / iters,
+                "precision": trainer.config.precision, "channels_last": True, "s_per_it": timer.seconds / iters,
                 "it_per_s": iters / timer.seconds, "timed_iters": iters, "peak_mem_mib": mem.mib,
                 "loss": values["loss"], "status": "ok", **extra}
     finally:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_diffseg import checkpoint
+from napari_diffseg import checkpoint, cli
 from napari_diffseg.diffusion import DiffusionConfig
 from napari_diffseg.errors import DiffSegError
 from napari_diffseg.geometry import Geometry
@@ -108,11 +108,13 @@ def test_good_checkpoint_and_bare_state_dict_still_load(good_checkpoint, tmp_pat
     assert checkpoint.load_model(good_checkpoint).unet_config.num_channels == 32
     bare = tmp_path / "savedmodel000010.pt"
     torch.save(tiny_state(), bare)
-    # Without flags: one line that points to the flags JSON (the widget's only way) and the CLI flags.
+    # Without flags: one line in the core's words, pointing to the flags JSON (the widget's only
+    # way); the command line names its own flags for the setting.
     with pytest.raises(DiffSegError) as info:
         checkpoint.load_model(bare)
     message = str(info.value)
-    assert "\n" not in message and "flags JSON" in message and "--num_channels" in message
+    assert "\n" not in message and "flags JSON" in message and "num_channels" in message and "--" not in message
+    assert "--flags_json" in cli.error_text(info.value) and "--num_channels" in cli.error_text(info.value)
     loaded = checkpoint.load_model(bare, reference_flags=dict(TINY))
     assert loaded.is_reference and loaded.unet_config.in_channels == 5
 

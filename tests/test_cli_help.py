@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from napari_diffseg import cli, evaluate, sample, synthetic, train
+from napari_diffseg import checkpoint, cli, evaluate, sample, synthetic, train
 
 COMMANDS = {
     "diffseg-sample": (sample.main, sample.build_parser),
@@ -72,7 +72,7 @@ def test_defaults_shown_are_the_real_ones(monkeypatch, capsys):
     assert entries["--out_dir"][1].endswith("(default: results)")
     # diffseg-sample reads model flags only for a reference checkpoint: None unless given,
     # then the flags JSON's or the reference's defaults, which the help names.
-    assert entries["--num_channels"][1].endswith(f"else {cli.MODEL_FLAG_DEFAULTS['num_channels']})")
+    assert entries["--num_channels"][1].endswith(f"else {checkpoint.MODEL_FLAG_DEFAULTS['num_channels']})")
     assert "default" not in entries["--save_samples"][1]
     entries = help_entries(command_help(evaluate.main, monkeypatch, capsys))
     assert entries["--ensemble_sizes"][1].endswith("(default: 1,2,5,10)")
@@ -80,7 +80,7 @@ def test_defaults_shown_are_the_real_ones(monkeypatch, capsys):
 
 
 def test_model_flags_all_described():
-    assert set(cli.MODEL_FLAG_HELP) == set(cli.MODEL_FLAG_DEFAULTS)
+    assert set(cli.MODEL_FLAG_HELP) == set(checkpoint.MODEL_FLAG_DEFAULTS)
     parser = cli.make_parser("x", "x")
     cli.add_model_flags(parser)
     text = parser.format_help()

@@ -14,25 +14,17 @@ from napari_diffseg import MODALITIES
 from napari_diffseg.data import (
     SEG,
     Case,
-    CaseFiles,
     brain_slices,
     case_files_from_paths,
-    center_crop,
     classify_file,
-    crop_border,
     find_case_files,
     find_cases,
-    iter_axial_slices,
     label_to_mask,
     load_case,
     load_nifti,
     name_tokens,
     normalise_intensity,
-    pad_to_multiple,
-    reference_crop,
-    reference_uncrop,
     save_nifti,
-    unpad,
 )
 from napari_diffseg.errors import DiffSegError
 
@@ -325,7 +317,7 @@ def test_seed_slices_load_unchanged(seed_data_dir: Path) -> None:
     assert case.label is not None and set(np.unique(case.label)) == {0, 1}
     stored_seg = np.asanyarray(nib.load(files.seg).dataobj)
     np.testing.assert_array_equal(case.label, stored_seg > 0)
-    assert [z for z, *_ in iter_axial_slices(case)] == [0] and brain_slices(case) == [0]
+    assert brain_slices(case.images) == [0]
 
 
 def test_find_cases_on_seed_data(seed_data_dir: Path) -> None:
@@ -347,7 +339,7 @@ def test_brats18_case(brats18_dir: Path) -> None:
     assert case.images.min() >= 0 and case.images.max() <= 1
     assert case.label is not None and set(np.unique(case.label)) == {0, 1}
     np.testing.assert_array_equal(case.affine, nib.load(files.images["t1"]).affine)
-    brain = brain_slices(case)
+    brain = brain_slices(case.images)
     assert 0 < len(brain) < 155 and brain == list(range(brain[0], brain[-1] + 1))
 
 
@@ -439,53 +431,12 @@ def test_save_nifti_read_only_folder(tmp_path: Path) -> None:
         folder.chmod(0o700)
 
 
-# --------------------------------------------------------------------------- geometry
+# --------------------------------------------------------------------------- brain slices
 
 
-@pytest.mark.parametrize("shape", [(4, 239, 225), (1, 31, 32), (2, 3, 7, 5)])
-def test_pad_unpad_round_trip(shape: tuple[int, ...]) -> None:
-    array = np.random.default_rng(0).random(shape).astype(np.float32)
-    padded, spec = pad_to_multiple(array, 32)
-    assert padded.shape[:-2] == shape[:-2]
-    assert all(size % 32 == 0 and size >= orig for size, orig in zip(padded.shape[-2:], shape[-2:]))
-    np.testing.assert_array_equal(unpad(padded, spec), array)
-    # the spec fits arrays with other leading axes (e.g. an ensemble of masks)
-    ensemble = np.zeros((3, 1, *padded.shape[-2:]), np.float32)
-    assert unpad(ensemble, spec).shape == (3, 1, *shape[-2:])
-
-
-def test_pad_other_axes_and_zero_fill() -> None:
-    array = np.ones((5, 6, 7))
-    padded, spec = pad_to_multiple(array, 4, axes=(0, 2))
-    assert padded.shape == (8, 6, 8) and padded.sum() == array.sum()
-    np.testing.assert_array_equal(unpad(padded, spec), array)
-
-
-def test_crops() -> None:
-    array = np.arange(2 * 240 * 240).reshape(2, 240, 240)
-    cropped = reference_crop(array)
-    assert cropped.shape == (2, 224, 224) and cropped[0, 0, 0] == array[0, 8, 8]
-    restored = reference_uncrop(cropped)
-    assert restored.shape == array.shape
-    np.testing.assert_array_equal(restored[:, 8:-8, 8:-8], cropped)
-    assert restored[:, :8].sum() == 0 and restored[:, :, -8:].sum() == 0
-    np.testing.assert_array_equal(center_crop(array, 224), cropped)
-    assert center_crop(array, (10, 20)).shape == (2, 10, 20)
-    np.testing.assert_array_equal(crop_border(array, 8), cropped)
-    with pytest.raises(ValueError):
-        center_crop(array, 241)
-
-
-def test_axial_slices_and_brain_slices() -> None:
+def test_brain_slices() -> None:
     images = np.zeros((4, 3, 3, 5), np.float32)
     images[2, 1, 1, 1:4] = 0.5
-    label = np.zeros((3, 3, 5), np.uint8)
-    label[1, 1, 2] = 1
-    files = CaseFiles(name="v", images={m: Path(f"{m}.nii.gz") for m in MODALITIES}, seg=None)
-    case = Case(name="v", images=images, label=label, affine=np.eye(4), header=nib.Nifti1Header(), files=files)
-    slices = list(iter_axial_slices(case))
-    assert [z for z, _, _ in slices] == [0, 1, 2, 3, 4]
-    z, image, mask = slices[2]
-    assert image.shape == (4, 3, 3) and mask is not None and mask[1, 1] == 1
-    assert brain_slices(case) == [1, 2, 3]
-    assert [z for z, _, _ in iter_axial_slices(case, brain_slices(case))] == [1, 2, 3]
+    images[0, 0, 0, 3] = -0.5  # any non-zero value counts, negative ones (z-scored inputs) too
+    assert brain_slices(images) == [1, 2, 3]
+    assert brain_slices(images[..., 2]) == [0] and brain_slices(np.zeros((4, 3, 3))) == []

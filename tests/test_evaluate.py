@@ -169,3 +169,28 @@ def test_empty_tumour_slices_counts_missed_lesion_sections():
     assert empty_tumour_slices(mask[..., 1], truth[..., 1]) == 1
     assert empty_tumour_slices(mask[..., 2], truth[..., 2]) == 0
     assert empty_tumour_slices(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 0
+
+
+def test_reference_flags_merge_as_in_diffseg_sample(tiny_model, phantoms, tmp_path, capsys):
+    """A reference checkpoint's model flags: the reference's defaults, then the flags JSON, then
+    the model flags given on the command line, in diffseg-eval as in diffseg-sample."""
+    import torch
+
+    from napari_diffseg import checkpoint, cli, sample
+
+    bare = tmp_path / "savedmodel000010.pt"
+    torch.save(checkpoint.read_checkpoint(tiny_model)["weights"]["model"], bare)
+    flags = tmp_path / "flags.json"  # without num_channels: the reference's 128 would not fit
+    flags.write_text(json.dumps({"channel_mult": "1,2", "num_res_blocks": 1, "attention_resolutions": "",
+                                 "use_scale_shift_norm": False, "learn_sigma": True}))
+    given = ["--model_path", str(bare), "--flags_json", str(flags), "--num_channels", "32", "--data_dir",
+             str(phantoms), "--timestep_respacing", "2"]
+    merged = cli.reference_flags_from_args(evaluate.build_parser().parse_args([*given, "--out_dir", "x"]))
+    assert merged == cli.reference_flags_from_args(sample.build_parser().parse_args(given))
+    assert merged["num_channels"] == 32 and merged["num_heads"] == checkpoint.MODEL_FLAG_DEFAULTS["num_heads"]
+
+    common = ["--data_dir", str(phantoms), "--timestep_respacing", "2", "--num_ensemble", "1", "--ensemble_sizes",
+              "1", "--max_cases", "1", "--device", "cpu", "--model_path", str(bare), "--flags_json", str(flags)]
+    assert evaluate.main([*common, "--out_dir", str(tmp_path / "eval"), "--num_channels", "32"]) == 0
+    assert evaluate.main([*common, "--out_dir", str(tmp_path / "eval2")]) == 2
+    assert "do not fit" in capsys.readouterr().err

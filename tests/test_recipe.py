@@ -180,6 +180,34 @@ def test_recipe_flags_are_stored_and_x0_loss_is_logged(x0_run):
                                                    rel=1e-4)
 
 
+
+class FakeWriter:
+    """TensorBoard's SummaryWriter as the trainer uses it."""
+
+    def __init__(self):
+        self.scalars: dict[str, list[tuple[int, float]]] = {}
+        self.closed = False
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, value))
+
+    def close(self):
+        self.closed = True
+
+
+def test_every_loss_term_reaches_tensorboard(phantom_dir, tmp_path, monkeypatch):
+    """The x0 loss goes to TensorBoard beside the others (rows were once cut to three columns by
+    position, which dropped it), with the same values as progress.csv."""
+    writer = FakeWriter()
+    monkeypatch.setattr(train.Trainer, "_tensorboard", lambda self: writer)
+    assert train.main(["--data_dir", str(phantom_dir), "--out_dir", str(tmp_path), "--max_steps", "2",
+                       "--x0_loss_weight", "0.5", *TINY_FLAGS]) == 0
+    assert set(writer.scalars) == {"train/loss", "train/mse", "train/vb", "train/x0_loss"} and writer.closed
+    with open(tmp_path / "progress.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [step for step, _ in writer.scalars["train/x0_loss"]] == [1, 2]
+    assert [value for _, value in writer.scalars["train/x0_loss"]] == pytest.approx([float(r["x0_loss"]) for r in rows])
+
 def test_x0_model_is_sampled_as_x0_without_extra_flags(x0_run):
     loaded = checkpoint.load_model(x0_run / "model.pt")
     assert loaded.diffusion_config.predict_xstart

@@ -39,6 +39,7 @@ from .data import (
     find_cases,
     load_case,
     load_nifti,
+    nifti_stem as _nifti_stem,
     normalise_intensity,
 )
 from .errors import DiffSegError
@@ -46,15 +47,6 @@ from .errors import DiffSegError
 PathOrPaths = str | Sequence[str]
 MAX_LABEL_VALUES = 64  # an integer file with at most this many values opens as Labels
 MAX_CASES = 8  # more cases than this in one go would swamp the viewer (and the memory)
-
-
-def _nifti_stem(file_name: str) -> str | None:
-    """The file name without .nii/.nii.gz (any case), or None for other files."""
-    lowered = file_name.lower()
-    for suffix in (".nii.gz", ".nii"):
-        if lowered.endswith(suffix) and len(file_name) > len(suffix):
-            return file_name[: -len(suffix)]
-    return None
 
 
 def _is_nifti(path: str | Path) -> bool:

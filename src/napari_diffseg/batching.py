@@ -34,9 +34,10 @@ from typing import Callable
 
 import torch
 
-from .config import config_dir, write_json_atomically
+from .config import config_dir
 from .ensemble import autocast_context
 from .errors import DiffSegError
+from .files import write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ def parse_batching(value: str | int | None) -> str | int:
     except ValueError:
         number = 0
     if number < 1:
-        raise DiffSegError(f"{where} {value!r}: give auto or a number of chains per network call (at least 1)")
+        raise DiffSegError(f"{where} {value!r}: give auto or a number of chains per network call (at least 1)",
+                           setting="batching" if where == "batching" else None)
     return number
 
 

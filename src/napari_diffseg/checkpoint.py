@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .cli import MODEL_FLAG_DEFAULTS
-from .data import atomic_write
-from .diffusion import DiffusionConfig
+from .diffusion import DIFFUSION_FLAG_DEFAULTS, DiffusionConfig
 from .errors import DiffSegError
+from .files import atomic_write
 from .geometry import Geometry
 from .preprocess import InputSpec
-from .unet import UNet, UNetConfig
+from .unet import UNET_FLAG_DEFAULTS, UNet, UNetConfig
 
 FORMAT = "napari-diffseg-checkpoint"
 FORMAT_VERSION = 1
@@ -36,6 +35,42 @@ DEFAULT_SAMPLING = {"timestep_respacing": "", "sampler": "ddpm", "num_ensemble":
 MASK_CLIP_RANGE = [0.0, 1.0]
 # How results of a deterministic (segmentation-objective) model name their "sampler".
 ONE_PASS = "one pass (deterministic U-Net)"
+
+
+# The reference's model and diffusion flags with its defaults: a reference checkpoint holds no
+# configuration, so its flags are these, overridden by its flags JSON and any flags given.
+MODEL_FLAG_DEFAULTS = {**UNET_FLAG_DEFAULTS, **DIFFUSION_FLAG_DEFAULTS}
+# Reference flags for what this method does not do.
+UNSUPPORTED_FLAGS = {"class_cond": "class-conditional models", "use_kl": "the pure KL loss"}
+
+
+def read_flags_file(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        flags = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DiffSegError(f"{path}: cannot read the flags JSON ({exc}); give a JSON object of model flags",
+                           setting="flags_json") from None
+    if not isinstance(flags, dict):
+        raise DiffSegError(f"{path}: the flags JSON must be an object of flag names to values", setting="flags_json")
+    return flags
+
+
+def check_unsupported_flags(flags: dict) -> None:
+    for name, what in UNSUPPORTED_FLAGS.items():
+        if flags.get(name):
+            raise DiffSegError(f"{name} True: {what} are not part of this method; leave it False", setting=name)
+
+
+def reference_flags(flags_file: str | os.PathLike | None = None, given: dict | None = None) -> dict:
+    """The model flags of a reference checkpoint: the reference's defaults, overridden by the
+    flags JSON, overridden by the flags ``given`` one by one (None: not given)."""
+    flags = dict(MODEL_FLAG_DEFAULTS)
+    if flags_file:
+        flags.update(read_flags_file(flags_file))
+    flags.update({name: value for name, value in (given or {}).items() if value is not None})
+    check_unsupported_flags(flags)
+    return flags
 
 
 @dataclass
@@ -75,6 +110,8 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     atomic_write(path, write, "wb")
 
 
+# The flags a reference checkpoint most often needs, for the messages that ask for them.
+REFERENCE_FLAGS_EXAMPLE = "num_channels, num_res_blocks, attention_resolutions, learn_sigma ..."
 # What to give instead, shared by the messages below (they show in the CLI and in the widget).
 WANTED = "give model.pt written by diffseg-train or a reference savedmodelNNNNNN.pt"
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
@@ -100,7 +137,7 @@ def _not_torch_file(path: Path, head: bytes) -> DiffSegError:
     if _looks_like_text(head):
         if _is_flags_json(path):
             return DiffSegError(f"{path}: is a model-flags JSON, not a checkpoint; give it as the flags JSON "
-                                "(--flags_json) and the .pt weights file as the checkpoint")
+                                "and the .pt weights file as the checkpoint", setting="flags_json")
         return DiffSegError(f"{path}: is a text file, not a PyTorch checkpoint; {WANTED}")
     kind = {b"\x1f\x8b": "gzip data (e.g. a .nii.gz image)", b"\x89H": "an HDF5 file (a Keras/TensorFlow model?)",
             b"\x89P": "a PNG image", b"\x93N": "a NumPy .npy array"}.get(head[:2], "binary data of another kind")
@@ -197,11 +234,11 @@ def make_payload(
     }
 
 
-def _build(unet_config: UNetConfig, state: dict, path: Path, hint: str) -> UNet:
+def _build(unet_config: UNetConfig, state: dict, path: Path, hint: str, setting: str | None = None) -> UNet:
     try:
         model = UNet(unet_config)
     except (ValueError, KeyError) as exc:
-        raise DiffSegError(f"{path}: the model flags are not valid ({exc})") from None
+        raise DiffSegError(f"{path}: the model flags are not valid ({exc})", setting=setting) from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -212,7 +249,7 @@ def _build(unet_config: UNetConfig, state: dict, path: Path, hint: str) -> UNet:
             + (f", e.g. {wrong[0]} is {tuple(state[wrong[0]].shape)} here but {tuple(expected[wrong[0]].shape)} for these flags" if wrong else "")
             + (f", e.g. missing {missing[0]}" if missing and not wrong else "")
         )
-        raise DiffSegError(f"{path}: the weights do not fit the model flags ({detail}); {hint}")
+        raise DiffSegError(f"{path}: the weights do not fit the model flags ({detail}); {hint}", setting=setting)
     model.load_state_dict(state)
     return model.eval()
 
@@ -281,7 +318,8 @@ def load_model(
     """
     path = Path(path) if path is not None else DEMO_MODEL
     if path == DEMO_MODEL and not path.is_file():
-        raise DiffSegError(f"{path}: the bundled demo model is missing; reinstall napari-diffseg or give --model_path")
+        raise DiffSegError(f"{path}: the bundled demo model is missing; reinstall napari-diffseg or give a model "
+                           "checkpoint", setting="model_path")
     payload = read_checkpoint(path)
     if is_ours(payload):
         unet_config, diffusion_config, state = _our_parts(payload, path, use_ema)
@@ -307,19 +345,13 @@ def load_model(
     if _is_state_dict(payload):
         _check_unet_weights(payload, path)
         if reference_flags is None:
-            # One message for the CLI and the widget: both take a flags JSON.
             raise DiffSegError(
-                f"{path}: a reference checkpoint holds no model configuration; give the flags it was trained "
-                f"with as a flags JSON (e.g. the flags.json beside it; --flags_json on the command line) or as "
-                f"command-line flags (e.g. --num_channels 128 --num_res_blocks 2 ...)"
-            )
+                f"{path}: a reference checkpoint holds no model configuration; give the model flags it was "
+                f"trained with ({REFERENCE_FLAGS_EXAMPLE}) as a flags JSON, e.g. the flags.json beside it",
+                setting="model_flags")
         unet_config = UNetConfig.from_flags(reference_flags)
-        model = _build(
-            unet_config, payload, path,
-            "give the model flags it was trained with: its flags JSON (e.g. the flags.json beside it; "
-            "--flags_json on the command line) or --num_channels, --num_res_blocks, --attention_resolutions, "
-            "--learn_sigma ...",
-        )
+        model = _build(unet_config, payload, path, "give the model flags it was trained with: its flags JSON (e.g. the "
+                       f"flags.json beside it) or the flags one by one ({REFERENCE_FLAGS_EXAMPLE})", "model_flags")
         return LoadedModel(
             model=model,
             unet_config=unet_config,

@@ -1,10 +1,9 @@
-"""What the command-line tools share: the reference's model/diffusion flags and error exits."""
+"""What the command-line tools share: the reference's model/diffusion flags, sampling flags and error exits."""
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import signal
 import sys
@@ -13,36 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import MODEL_FLAG_DEFAULTS, reference_flags
 from .errors import DiffSegError
-
-# The reference's model and diffusion flags with its defaults (guided-diffusion's
-# model_and_diffusion_defaults as the reference ships them).
-MODEL_FLAG_DEFAULTS = {
-    "image_size": 64,
-    "num_channels": 128,
-    "num_res_blocks": 2,
-    "num_heads": 4,
-    "num_heads_upsample": -1,
-    "num_head_channels": -1,
-    "attention_resolutions": "16,8",
-    "channel_mult": "",
-    "dropout": 0.0,
-    "class_cond": False,
-    "use_checkpoint": False,
-    "use_scale_shift_norm": True,
-    "resblock_updown": False,
-    "use_fp16": False,
-    "use_new_attention_order": False,
-    "learn_sigma": False,
-    "diffusion_steps": 1000,
-    "noise_schedule": "linear",
-    "timestep_respacing": "",
-    "use_kl": False,
-    "predict_xstart": False,
-    "rescale_timesteps": False,
-    "rescale_learned_sigmas": False,
-}
-
 
 def str2bool(value: str | bool) -> bool:
     if isinstance(value, bool):
@@ -159,25 +130,27 @@ def model_flags_from_args(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in MODEL_FLAG_DEFAULTS if hasattr(args, name)}
 
 
-def check_unsupported_flags(flags: dict) -> None:
-    unsupported = {
-        "class_cond": "class-conditional models",
-        "use_kl": "the pure KL loss",
-    }
-    for name, what in unsupported.items():
-        if flags.get(name):
-            raise DiffSegError(f"--{name} True: {what} are not part of this method; leave it False")
+def reference_flags_from_args(args: argparse.Namespace) -> dict:
+    """A reference checkpoint's model flags: the flags JSON (--flags_json) and the model flags given
+    on the command line (:func:`checkpoint.reference_flags`). --timestep_respacing is a sampling
+    flag here: a sampler setting, not part of the model."""
+    given = {name: value for name, value in model_flags_from_args(args).items() if name != "timestep_respacing"}
+    return reference_flags(args.flags_json, given)
 
 
-def read_flags_file(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        flags = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DiffSegError(f"{path}: cannot read the flags JSON ({exc}); give a JSON object of model flags") from None
-    if not isinstance(flags, dict):
-        raise DiffSegError(f"{path}: the flags JSON must be an object of flag names to values")
-    return flags
+# How the command line spells a setting that core errors name (by default --SETTING).
+SETTING_FLAGS = {"model_flags": "--flags_json or the model flags (--num_channels, --num_res_blocks ...)"}
+
+
+def error_text(exc: DiffSegError) -> str:
+    """A core error as the command line says it, naming the flag of the setting at fault: "device
+    cuda: ..." becomes "--device cuda: ...", other messages get the flag in front."""
+    message, setting = str(exc), exc.setting
+    if setting is None:
+        return message
+    if setting not in SETTING_FLAGS and message.startswith(f"{setting} "):
+        return f"--{message}"
+    return f"{SETTING_FLAGS.get(setting, '--' + setting)}: {message}"
 
 
 def guarded(main):
@@ -193,7 +166,7 @@ def guarded(main):
         try:
             return main(argv) or 0
         except DiffSegError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {error_text(exc)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -15,13 +15,11 @@ whose one-line message names the file or folder and says what to do.
 
 from __future__ import annotations
 
-import contextlib
+import gzip
 import os
 import re
-import secrets
-import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,33 +29,26 @@ import numpy.typing as npt
 
 from napari_diffseg import MODALITIES
 from napari_diffseg.errors import DiffSegError
+from napari_diffseg.files import atomic_write
 
 __all__ = [
     "MODALITY_ALIASES",
-    "REFERENCE_BORDER",
     "SEG",
     "SEG_TOKENS",
     "Case",
     "CaseFiles",
-    "PadSpec",
     "brain_slices",
     "case_files_from_paths",
-    "center_crop",
     "classify_file",
-    "crop_border",
     "find_case_files",
     "find_cases",
-    "iter_axial_slices",
     "label_to_mask",
     "load_case",
     "load_nifti",
     "name_tokens",
+    "nifti_stem",
     "normalise_intensity",
-    "pad_to_multiple",
-    "reference_crop",
-    "reference_uncrop",
     "save_nifti",
-    "unpad",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -92,7 +83,7 @@ _ALIASES_LONGEST_FIRST = sorted(
 )
 
 
-def _nifti_stem(file_name: str) -> str | None:
+def nifti_stem(file_name: str) -> str | None:
     """The name without .nii/.nii.gz (any case), or None when it is not a NIfTI name."""
     lowered = file_name.lower()
     for suffix in _NIFTI_SUFFIXES:
@@ -108,7 +99,7 @@ def _split_stem(stem: str) -> list[str]:
 
 def name_tokens(file_name: str) -> list[str]:
     """Lower-case tokens of a NIfTI file name: extension stripped, split on ``_``, ``-``, ``.``."""
-    stem = _nifti_stem(file_name)
+    stem = nifti_stem(file_name)
     if stem is None:
         stem = file_name
     return [token for token in _split_stem(stem.lower())[::2] if token]
@@ -137,7 +128,7 @@ def classify_file(path: PathLike) -> str | None:
     A segmentation token wins over modality tokens ("flair_seg" is a segmentation).
     """
     file_name = Path(path).name
-    if file_name.startswith(".") or _nifti_stem(file_name) is None:
+    if file_name.startswith(".") or nifti_stem(file_name) is None:
         return None
     tokens = name_tokens(file_name)
     if SEG_TOKENS.intersection(tokens):
@@ -153,7 +144,7 @@ def classify_file(path: PathLike) -> str | None:
 
 def _name_without_modality(path: Path) -> str:
     """Case name from an image file name: "Brats18_2013_2_1_t1.nii.gz" -> "Brats18_2013_2_1"."""
-    stem = _nifti_stem(path.name) or path.name
+    stem = nifti_stem(path.name) or path.name
     parts = _split_stem(stem)
     tokens = [token.lower() for token in parts[::2]]
     dropped: set[int] = set()
@@ -336,7 +327,7 @@ def load_nifti(path: PathLike) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header
         raise DiffSegError(f"{path}: file not found; check the path")
     if not path.is_file():
         raise DiffSegError(f"{path}: is a folder, not a NIfTI file; give a .nii or .nii.gz file")
-    if _nifti_stem(path.name) is None:
+    if nifti_stem(path.name) is None:
         raise DiffSegError(f"{path}: not a NIfTI file; give a .nii or .nii.gz file (convert DICOM etc. first)")
     try:
         image = nib.load(path)
@@ -371,31 +362,6 @@ def _cast_for_saving(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.asarray(array, dtype=dtype)
 
 
-def atomic_write(path: PathLike, writer, mode: str = "w") -> None:
-    """Write a result file through ``writer(handle)`` into a temp file beside ``path``, then
-    rename it over ``path``: a reader never sees a half-written file, and an error leaves none.
-
-    The file gets the permissions any newly created file gets under the umask (mkstemp's own
-    are 0600, owner only). A folder that cannot take the temp file is a DiffSegError.
-    """
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise DiffSegError(f"{path.parent}: cannot write there ({exc.strerror}); choose a writable folder") from None
-    try:
-        with os.fdopen(fd, mode) as handle:
-            writer(handle)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_nifti(
     path: PathLike,
     array: np.ndarray,
@@ -410,7 +376,7 @@ def save_nifti(
     are exactly the given ones. Missing folders are created.
     """
     path = Path(path)
-    stem = _nifti_stem(path.name)
+    stem = nifti_stem(path.name)
     if stem is None:
         raise DiffSegError(f"{path}: output name must end in .nii or .nii.gz")
     suffix = path.name[len(stem) :]
@@ -439,17 +405,19 @@ def save_nifti(
         ) from exc
     if path.is_dir():
         raise DiffSegError(f"{path}: is a folder; give a file name ending in .nii.gz")
-    # Same folder (so os.replace is a rename on one file system), hidden (so find_cases never
-    # picks it up), and the real suffix (so nibabel compresses exactly as the target would).
-    temporary = folder / f".{stem}.{secrets.token_hex(4)}.tmp{suffix}"
+
+    def write(handle) -> None:
+        # Compressed as nibabel compresses a .nii.gz of its own (level 1, no name, no time).
+        target = gzip.GzipFile(filename="", mode="wb", compresslevel=1, fileobj=handle, mtime=0) \
+            if suffix.lower() == ".nii.gz" else handle
+        image.to_file_map({"image": nib.FileHolder(fileobj=target)})
+        if target is not handle:
+            target.close()
+
     try:
-        nib.save(image, temporary)
-        os.replace(temporary, path)
+        atomic_write(path, write, "wb")
     except OSError as exc:
         raise DiffSegError(f"{folder}: cannot write {path.name} ({_one_line(exc)}); choose a writable folder") from exc
-    finally:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -618,121 +586,12 @@ def load_case(files: CaseFiles, normalise: bool = True) -> Case:
     return Case(name=files.name, images=images, label=label, affine=affine, header=header, files=files)
 
 
-def iter_axial_slices(
-    case: Case, z_indices: Iterable[int] | None = None
-) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-    """(z, images (4, X, Y), label (X, Y) or None) per slice along the last voxel axis.
-
-    For BraTS-style volumes the last voxel axis is axial. A 2D case yields once, with z = 0.
-    The arrays are views into the case: copy before modifying them.
-    """
-    if not case.is_volume:
-        if z_indices is None or 0 in set(z_indices):
-            yield 0, case.images, case.label
-        return
-    for z in range(case.images.shape[-1]) if z_indices is None else z_indices:
-        yield z, case.images[..., z], None if case.label is None else case.label[..., z]
-
-
-def brain_slices(case: Case) -> list[int]:
-    """z indices of the slices where any modality is non-zero (empty slices carry no brain)."""
-    if not case.is_volume:
-        return [0] if np.any(case.images) else []
-    occupied = np.any(case.images != 0, axis=(0, 1, 2))
+def brain_slices(images: np.ndarray) -> list[int]:
+    """Slices (the last axis) of (C, X, Y, Z) images where any channel is non-zero: an empty
+    slice carries no brain and is left out of sampling and training. (C, X, Y) images are one
+    slice, 0, unless all zero."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        return [0] if np.any(images) else []
+    occupied = images.reshape(-1, images.shape[-1]).any(axis=0)
     return [int(z) for z in np.flatnonzero(occupied)]
-
-
-# --------------------------------------------------------------------------------------------
-# Cropping and padding of the in-plane axes
-# --------------------------------------------------------------------------------------------
-
-REFERENCE_BORDER = 8
-"""The reference crops [8:-8, 8:-8]: 240x240 BraTS slices become 224x224 network inputs."""
-
-
-@dataclass(frozen=True)
-class PadSpec:
-    """What ``pad_to_multiple`` added, so ``unpad`` can take it off again.
-
-    Axes are stored counted from the end, so the spec also fits arrays with other leading
-    axes (pad the (4, X, Y) images, unpad an (N, 1, X, Y) ensemble of masks).
-    """
-
-    axes: tuple[int, ...]
-    before: tuple[int, ...]
-    after: tuple[int, ...]
-
-
-def _axes_from_end(ndim: int, axes: Sequence[int]) -> tuple[int, ...]:
-    result = []
-    for axis in axes:
-        if not -ndim <= axis < ndim:
-            raise ValueError(f"axis {axis} is out of range for an array with {ndim} dimensions")
-        result.append(axis - ndim if axis >= 0 else axis)
-    if len(set(result)) != len(result):
-        raise ValueError(f"axes {tuple(axes)} repeat an axis")
-    return tuple(result)
-
-
-def pad_to_multiple(
-    array: np.ndarray, multiple: int, axes: Sequence[int] = (-2, -1), fill: float = 0
-) -> tuple[np.ndarray, PadSpec]:
-    """Pad ``axes`` with ``fill`` up to the next multiple of ``multiple`` (a UNet's total stride).
-
-    The padding is split evenly (the odd pixel goes after), so content stays centred.
-    """
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
-    array = np.asarray(array)
-    axes = _axes_from_end(array.ndim, axes)
-    widths = [(0, 0)] * array.ndim
-    before, after = [], []
-    for axis in axes:
-        total = -array.shape[axis] % multiple
-        widths[axis] = (total // 2, total - total // 2)
-        before.append(widths[axis][0])
-        after.append(widths[axis][1])
-    padded = np.pad(array, widths, constant_values=fill)
-    return padded, PadSpec(axes=axes, before=tuple(before), after=tuple(after))
-
-
-def unpad(array: np.ndarray, pad_spec: PadSpec) -> np.ndarray:
-    """Crop back what ``pad_to_multiple`` added (works on numpy arrays and torch tensors)."""
-    if array.ndim < max(-axis for axis in pad_spec.axes):
-        raise ValueError(f"array has {array.ndim} dimensions, the padding was on axes {pad_spec.axes}")
-    index = [slice(None)] * array.ndim
-    for axis, before, after in zip(pad_spec.axes, pad_spec.before, pad_spec.after):
-        index[axis] = slice(before, array.shape[axis] - after)
-    return array[tuple(index)]
-
-
-def center_crop(array: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """The central ``size`` (int or (height, width)) of the last two axes."""
-    height, width = (size, size) if isinstance(size, int) else size
-    rows, cols = array.shape[-2:]
-    if height > rows or width > cols:
-        raise ValueError(f"cannot crop {rows}x{cols} to {height}x{width}")
-    top, left = (rows - height) // 2, (cols - width) // 2
-    return array[..., top : top + height, left : left + width]
-
-
-def crop_border(array: np.ndarray, border: int) -> np.ndarray:
-    """Remove ``border`` pixels from each side of the last two axes."""
-    if border == 0:
-        return array
-    rows, cols = array.shape[-2:]
-    if border < 0 or 2 * border >= min(rows, cols):
-        raise ValueError(f"cannot remove a border of {border} from {rows}x{cols}")
-    return array[..., border:-border, border:-border]
-
-
-def reference_crop(array: np.ndarray) -> np.ndarray:
-    """The reference's [..., 8:-8, 8:-8]: 240x240 -> 224x224."""
-    return crop_border(array, REFERENCE_BORDER)
-
-
-def reference_uncrop(array: np.ndarray, fill: float = 0) -> np.ndarray:
-    """Inverse of ``reference_crop``: pad 8 pixels of ``fill`` back on each side (224 -> 240)."""
-    array = np.asarray(array)
-    widths = [(0, 0)] * (array.ndim - 2) + [(REFERENCE_BORDER, REFERENCE_BORDER)] * 2
-    return np.pad(array, widths, constant_values=fill)

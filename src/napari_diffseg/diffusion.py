@@ -44,6 +44,19 @@ class DiffusionConfig:
         return asdict(self)
 
 
+# The reference's diffusion flags with its defaults (see unet.UNET_FLAG_DEFAULTS); learn_sigma
+# sets the network's outputs too. use_kl is accepted only as False.
+DIFFUSION_FLAG_DEFAULTS = {
+    "learn_sigma": False,
+    "diffusion_steps": 1000,
+    "noise_schedule": "linear",
+    "timestep_respacing": "",
+    "use_kl": False,
+    "predict_xstart": False,
+    "rescale_timesteps": False,
+    "rescale_learned_sigmas": False,
+}
+
 def make_betas(schedule: str, steps: int) -> np.ndarray:
     if schedule == "linear":
         # Scaled so that any number of steps spans the same noise range as 1000 steps.
@@ -57,7 +70,7 @@ def make_betas(schedule: str, steps: int) -> np.ndarray:
             [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)],
             dtype=np.float64,
         )
-    raise DiffSegError(f"--noise_schedule {schedule!r} is unknown: use 'linear' or 'cosine'")
+    raise DiffSegError(f"noise schedule {schedule!r} is unknown: use 'linear' or 'cosine'", setting="noise_schedule")
 
 
 def space_timesteps(num_timesteps: int, spec: str | int | None) -> list[int]:
@@ -74,23 +87,23 @@ def space_timesteps(num_timesteps: int, spec: str | int | None) -> list[int]:
         try:
             wanted = int(spec[4:])
         except ValueError:
-            raise DiffSegError(f"timestep respacing {spec!r}: write ddim followed by a number, e.g. ddim50") from None
+            raise DiffSegError(f"timestep respacing {spec!r}: write ddim followed by a number, e.g. ddim50", setting="timestep_respacing") from None
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == wanted:
                 return list(range(0, num_timesteps, stride))
         if not 2 <= wanted <= num_timesteps:
             raise DiffSegError(f"timestep respacing {spec!r}: the model has {num_timesteps} steps; "
-                               f"take 2 to {num_timesteps} of them (e.g. ddim50)")
+                               f"take 2 to {num_timesteps} of them (e.g. ddim50)", setting="timestep_respacing")
         raise DiffSegError(
             f"timestep respacing {spec!r}: no integer stride gives exactly {wanted} steps out of "
-            f"{num_timesteps}; pick another count (e.g. ddim50) or use the plain form {wanted}"
-        )
+            f"{num_timesteps}; pick another count (e.g. ddim50) or use the plain form {wanted}",
+            setting="timestep_respacing")
     try:
         counts = [int(c) for c in spec.split(",")]
     except ValueError:
         raise DiffSegError(
             f"timestep respacing {spec!r} is not understood: use a step count like 50, "
-            f"section counts like 10,20 or ddim50"
+            f"section counts like 10,20 or ddim50", setting="timestep_respacing"
         ) from None
     size, extra = divmod(num_timesteps, len(counts))
     steps: set[int] = set()
@@ -100,7 +113,7 @@ def space_timesteps(num_timesteps: int, spec: str | int | None) -> list[int]:
         if not 1 <= count <= section:
             raise DiffSegError(
                 f"timestep respacing {spec!r}: cannot take {count} steps from a section of "
-                f"{section} (the model has {num_timesteps} steps)"
+                f"{section} (the model has {num_timesteps} steps)", setting="timestep_respacing"
             )
         stride = (section - 1) / (count - 1) if count > 1 else 1.0
         # Accumulated (not multiplied) so the rounding matches improved-diffusion's choice.

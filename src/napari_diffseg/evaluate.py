@@ -41,20 +41,19 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import data, metrics
-from .cli import (MODEL_FLAG_DEFAULTS, add_sampling_flags, check_unsupported_flags, guarded, make_parser,
-                  json_safe, positive_int, read_flags_file, sampler_from_args, slab_indices, slice_range,
-                  slice_text)
-from .ensemble import THRESHOLD
+from .cli import (add_model_flags, add_sampling_flags, guarded, json_safe, make_parser, positive_int,
+                  reference_flags_from_args, sampler_from_args, slab_indices, slice_range, slice_text)
+from .ensemble import THRESHOLD, ensemble_statistics
 from .errors import DiffSegError
+from .files import atomic_write, check_writable_folder
 
 RADIUS = 10
 TUMOUR_SLICE_MARGIN = 2
@@ -63,16 +62,15 @@ SUMMARY_KEYS = ("dice_ensemble", "dice_single_mean", "hd95", "auroc_variance_err
 
 
 # --------------------------------------------------------------------------------------------
-# Scoring (no torch: any model that produces members can use it)
+# Scoring (numpy in and out: any model that produces members can use it)
 # --------------------------------------------------------------------------------------------
 
 
 def ensemble_masks(members: np.ndarray, threshold: float = THRESHOLD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(probability = member mean, variance, mask = probability > threshold) of (N, *spatial) members."""
-    members = np.asarray(members, dtype=np.float32)
-    probability = members.mean(axis=0)
-    variance = members.var(axis=0) if members.shape[0] > 1 else np.zeros_like(probability)
-    return probability, variance, probability > threshold
+    """(probability, variance, mask) of (N, *spatial) members, as numpy arrays (a boolean mask):
+    :func:`ensemble.ensemble_statistics`, the rule sampling uses."""
+    mean, variance, mask = ensemble_statistics(torch.from_numpy(np.asarray(members, dtype=np.float32)), threshold)
+    return mean.numpy(), variance.numpy(), mask.numpy().astype(bool)
 
 
 def per_slice_dice(pred: np.ndarray, truth: np.ndarray, slices: list[int]) -> np.ndarray:
@@ -153,15 +151,11 @@ def empty_tumour_slices(mask: np.ndarray, truth: np.ndarray) -> int:
 
 
 def dice_by_ensemble_size(members: np.ndarray, truth: np.ndarray, sizes, threshold: float = THRESHOLD) -> dict:
-    """{k: Dice of the mean of the first k members > threshold} for every k <= N in sizes."""
+    """{k: Dice of the ensemble mask of the first k members} for every k <= N in sizes."""
     members = np.asarray(members, dtype=np.float32)
     truth = np.asarray(truth).astype(bool)
-    out, running, done = {}, np.zeros(members.shape[1:], np.float64), 0
-    for k in sorted(set(int(s) for s in sizes if 1 <= int(s) <= members.shape[0])):
-        running += members[done:k].sum(axis=0)
-        done = k
-        out[k] = float(metrics.dice(running / k > threshold, truth))
-    return out
+    return {k: float(metrics.dice(ensemble_masks(members[:k], threshold)[2], truth))
+            for k in sorted(set(int(s) for s in sizes if 1 <= int(s) <= members.shape[0]))}
 
 
 def summarise(rows: list[dict], keys=SUMMARY_KEYS) -> dict:
@@ -181,19 +175,19 @@ def summarise(rows: list[dict], keys=SUMMARY_KEYS) -> dict:
 
 
 def _write_text(path: Path, text: str) -> None:
-    data.atomic_write(path, lambda handle: handle.write(text))
+    atomic_write(path, lambda handle: handle.write(text))
 
 
 def _save_figure(figure, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    data.atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100, bbox_inches="tight"), "wb")
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100, bbox_inches="tight"), "wb")
     plt.close(figure)
 
 
 def save_maps(path: Path, probability: np.ndarray, uncertainty: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    data.atomic_write(path, lambda handle: np.savez_compressed(
+    atomic_write(path, lambda handle: np.savez_compressed(
         handle, probability=probability.astype(np.float16), uncertainty=uncertainty.astype(np.float16)), "wb")
 
 
@@ -312,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         "uncertainty-vs-error AUROC; writes report.json, report.md and plots.",
     )
     parser.add_argument("--model_path", default=None, help="checkpoint (default: the bundled demo model)")
-    parser.add_argument("--flags_json", help="JSON of the reference model flags, for a reference checkpoint")
+    parser.add_argument("--flags_json", help="JSON of the reference model flags (e.g. the flags.json beside a checkpoint)")
     parser.add_argument("--data_dir", required=True, help="case folders with ground truth (cases without are skipped)")
     parser.add_argument("--out_dir", required=True, help="where report.json, report.md and the plots go")
     parser.add_argument("--num_ensemble", type=positive_int, default=5, help="ensemble size of the main figures")
@@ -331,26 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep_ensemble", type=positive_int, default=5, help="ensemble size in the sweep")
     parser.add_argument("--save_maps", action="store_true",
                         help="also write maps/<case>.npz: probability and uncertainty (float16) on the case's grid")
+    # The reference's model flags, only read for a reference checkpoint (ours embed them).
+    add_model_flags(parser, with_defaults=False, skip=("timestep_respacing",))
     return parser
-
-
-def _reference_flags(args: argparse.Namespace) -> dict:
-    flags = dict(MODEL_FLAG_DEFAULTS)
-    if args.flags_json:
-        flags.update(read_flags_file(args.flags_json))
-    check_unsupported_flags(flags)
-    return flags
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise DiffSegError(f"--out_dir {out_dir}: cannot write there ({exc.strerror or exc}); "
-                           "choose a writable folder") from None
 
 
 def _slice_choice(value: str) -> str | slice:
@@ -458,12 +435,12 @@ def main(argv=None) -> int:
                            "(a *_seg.nii.gz file); diffseg-eval needs labelled cases")
     if args.max_cases:
         labelled = labelled[: args.max_cases]
-    _check_out_dir(out_dir)
+    check_writable_folder(out_dir, setting="out_dir")
 
     from .checkpoint import ONE_PASS
     from .inference import Segmenter  # torch: only once the inputs look right
 
-    segmenter = Segmenter.load(args.model_path, device=args.device, reference_flags=_reference_flags(args),
+    segmenter = Segmenter.load(args.model_path, device=args.device, reference_flags=reference_flags_from_args(args),
                                precision=args.precision, compile=args.compile,
                                batching=args.batching)
     sampler = sampler_from_args(args)

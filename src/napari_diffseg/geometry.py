@@ -50,7 +50,7 @@ class Geometry:
         b = self.crop_border
         if height <= 2 * b or width <= 2 * b:
             raise DiffSegError(f"a {height}x{width} slice is too small for a {b}-pixel border crop "
-                               "(--crop_border, stored in the model): crop less, or give larger slices")
+                               "(crop_border, stored in the model): crop less, or give larger slices")
         return height - 2 * b, width - 2 * b
 
     def network_size(self, height: int, width: int, multiple: int) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from .batching import (  # noqa: F401 (batch_candidates, cpu_name, most_chains, 
 )
 from .checkpoint import ONE_PASS, LoadedModel, load_model
 from .clicks import marks_to_hints
+from .data import brain_slices
 from .diffusion import Diffusion, space_timesteps
 from .ensemble import THRESHOLD, autocast_context, ensemble_statistics, sample_ensemble
 from .errors import DiffSegError
@@ -44,18 +45,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda:"):
         index = name[len("cuda:"):]
         if not index.isdigit():
-            raise DiffSegError(f"--device {name!r}: write cuda:N with N a GPU number, e.g. cuda:0")
+            raise DiffSegError(f"device {name!r}: write cuda:N with N a GPU number, e.g. cuda:0", setting="device")
         if not torch.cuda.is_available():
-            raise DiffSegError(f"--device {name}: no CUDA GPU is available here; use --device cpu or auto")
+            raise DiffSegError(f"device {name}: no CUDA GPU is available here; use cpu or auto", setting="device")
         if int(index) >= torch.cuda.device_count():
-            raise DiffSegError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                               f"numbered 0 to {torch.cuda.device_count() - 1}")
+            raise DiffSegError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                               f"numbered 0 to {torch.cuda.device_count() - 1}", setting="device")
     if name == "cuda" and not torch.cuda.is_available():
-        raise DiffSegError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
+        raise DiffSegError("device cuda: no CUDA GPU is available here; use cpu or auto", setting="device")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise DiffSegError("--device mps: Apple-silicon GPU support is not available here; use --device cpu or auto")
+        raise DiffSegError("device mps: Apple-silicon GPU support is not available here; use cpu or auto",
+                           setting="device")
     if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
-        raise DiffSegError(f"--device {name!r} is unknown: use auto, cpu, cuda or mps")
+        raise DiffSegError(f"device {name!r} is unknown: use auto, cpu, cuda or mps", setting="device")
     return torch.device(name)
 
 
@@ -78,7 +80,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
     CPU that computes it natively, else fp32 (their Dice cost is measured, docs/evaluation)."""
     name = (name or "auto").lower()
     if name not in PRECISIONS:
-        raise DiffSegError(f"precision {name!r} is unknown: use {', '.join(PRECISIONS)}")
+        raise DiffSegError(f"precision {name!r} is unknown: use {', '.join(PRECISIONS)}", setting="precision")
     if name == "auto":
         if device.type == "cuda":
             # On an H200, fp16 moved the held-out Dice by 0.001 and bf16 by 0.008, at the same
@@ -86,7 +88,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
             return "fp16"
         return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
     if name == "fp16" and device.type != "cuda":
-        raise DiffSegError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on this device")
+        raise DiffSegError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on this device", setting="precision")
     return name
 
 
@@ -156,14 +158,6 @@ class Segmentation:
     threshold: float = THRESHOLD
     settings: dict = field(default_factory=dict)
 
-    def rethreshold(self, threshold: float) -> np.ndarray:
-        return (self.probability > threshold).astype(np.uint8)
-
-
-def _brain_slices(volume: np.ndarray) -> list[int]:
-    """Slices (last axis) where any modality is non-zero; the rest are left empty."""
-    return [int(z) for z in np.flatnonzero(np.abs(volume).reshape(-1, volume.shape[-1]).max(axis=0) > 0)]
-
 
 class Segmenter:
     """A loaded model on a device, with its geometry and sampling defaults."""
@@ -186,8 +180,8 @@ class Segmenter:
             self.model = self.model.to(memory_format=torch.channels_last)
         if compile:
             if self.device.type == "cpu" and not has_c_compiler():
-                raise DiffSegError("--compile on the CPU needs a C compiler (gcc) for torch.compile; "
-                                   "install one or leave --compile out")
+                raise DiffSegError("compiling the network on the CPU needs a C compiler (gcc) for torch.compile; "
+                                   "install one or run without compiling", setting="compile")
             # CUDA graphs on a GPU (3x per step for the paper config on an H200, measured);
             # plain compilation elsewhere.
             self.model.compile_body("reduce-overhead" if self.device.type == "cuda" else "default")
@@ -405,7 +399,7 @@ class Segmenter:
             marks = np.asarray(marks).reshape(height, width, depth)
             if not self.loaded.unet_config.hint_channels:
                 marks = None  # the model was not trained to read them
-        todo = _brain_slices(volume) if slices is None else [int(z) for z in slices]
+        todo = brain_slices(volume) if slices is None else [int(z) for z in slices]
         allocate = allocate or (lambda _name, shape, dtype: np.zeros(shape, dtype))
         probability = allocate("probability", (height, width, depth), np.float32)
         variance = allocate("variance", (height, width, depth), np.float32)

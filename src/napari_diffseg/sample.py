@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from . import data, metrics
-from .cli import (MODEL_FLAG_DEFAULTS, add_model_flags, add_sampling_flags, check_unsupported_flags, guarded,
-                  json_safe, make_parser, model_flags_from_args, read_flags_file, sampler_from_args, slab_indices,
-                  slice_range, slice_text)
+from .cli import (add_model_flags, add_sampling_flags, guarded, json_safe, make_parser, reference_flags_from_args,
+                  sampler_from_args, slab_indices, slice_range, slice_text)
 from .errors import DiffSegError
-from .inference import Segmentation, Segmenter, _brain_slices, run_to_end
+from .files import atomic_write, check_writable_folder
+from .inference import Segmentation, Segmenter, run_to_end
 from .postprocess import remove_small_components
 
 
@@ -56,16 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _reference_flags(args: argparse.Namespace) -> dict:
-    flags = dict(MODEL_FLAG_DEFAULTS)
-    if args.flags_json:
-        flags.update(read_flags_file(args.flags_json))
-    given = {k: v for k, v in model_flags_from_args(args).items() if v is not None and k != "timestep_respacing"}
-    flags.update(given)
-    check_unsupported_flags(flags)
-    return flags
-
-
 def _cases(args: argparse.Namespace) -> list[data.CaseFiles]:
     files = [getattr(args, m) for m in data.MODALITIES]
     if args.data_dir and any(files):
@@ -85,16 +75,6 @@ def _cases(args: argparse.Namespace) -> list[data.CaseFiles]:
         if names.count(case.name) > 1:
             case.name = f"{case.images['t1'].parent.parent.name}_{case.name}"
     return cases
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise DiffSegError(f"--out_dir {out_dir}: cannot write there ({exc.strerror or exc}); choose a writable folder") from None
 
 
 @contextlib.contextmanager
@@ -146,7 +126,7 @@ def case_metrics(case: data.Case, result: Segmentation, slab: slice | None = Non
 
 def _write_json(path: Path, payload: dict) -> None:
     # nan (HD95 with an empty mask) is not JSON: written as null
-    data.atomic_write(path, lambda handle: handle.write(json.dumps(json_safe(payload), indent=2)))
+    atomic_write(path, lambda handle: handle.write(json.dumps(json_safe(payload), indent=2)))
 
 
 @guarded
@@ -164,9 +144,9 @@ def main(argv=None) -> int:
         if torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
     out_dir = Path(args.out_dir)
-    _check_out_dir(out_dir)
+    check_writable_folder(out_dir, setting="out_dir")
     cases = _cases(args)
-    segmenter = Segmenter.load(args.model_path, device=device, reference_flags=_reference_flags(args),
+    segmenter = Segmenter.load(args.model_path, device=device, reference_flags=reference_flags_from_args(args),
                                precision=args.precision, compile=args.compile,
                                batching=args.batching)
     sampler = sampler_from_args(args)
@@ -204,7 +184,7 @@ def _segment_case(segmenter: Segmenter, case: data.Case, args: argparse.Namespac
     slices = None
     if args.slices is not None and case.is_volume:
         wanted = slab_indices(args.slices, case.images.shape[-1], case.name)
-        brain = _brain_slices(case.images)
+        brain = data.brain_slices(case.images)
         slices = [z for z in brain if z in wanted]
         if not slices:
             raise DiffSegError(f"--slices {slice_text(args.slices)} holds no brain slice of {case.name} "

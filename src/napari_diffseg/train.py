@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +31,14 @@ import torch.distributed as dist
 
 from . import data
 from .augment import augment_batch
-from .checkpoint import DEFAULT_SAMPLING, MASK_CLIP_RANGE, atomic_save, make_payload, read_checkpoint, is_ours
+from .checkpoint import (DEFAULT_SAMPLING, MASK_CLIP_RANGE, atomic_save, check_unsupported_flags, is_ours,
+                         make_payload, read_checkpoint)
 from .clicks import HINT_CHANNELS, marks_to_hints, simulate_marks
-from .cli import add_model_flags, check_unsupported_flags, guarded, make_parser, model_flags_from_args, positive_int
+from .cli import add_model_flags, guarded, make_parser, model_flags_from_args, positive_int
 from .diffusion import Diffusion, DiffusionConfig
 from .ensemble import autocast_context
 from .errors import DiffSegError
+from .files import check_writable_folder
 from .geometry import Geometry
 from .inference import resolve_device
 from .preprocess import INPUT_NORMS, InputSpec, neighbour_slices, normalise, volume_statistics
@@ -93,7 +95,7 @@ def build_slice_set(path: str | Path, geometry: Geometry, multiple: int, require
                 )
             continue
         case = data.load_case(files)
-        zs = data.brain_slices(case) if case.is_volume else [0]
+        zs = data.brain_slices(case.images)
         vol = case.images if case.is_volume else case.images[..., None]
         lab = case.label if case.is_volume else case.label[..., None]
         batch = torch.from_numpy(neighbour_slices(vol, zs, spec))
@@ -256,107 +258,231 @@ def fraction(value: str) -> float:
     return number
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """diffseg-train's settings, typed and checked once (:meth:`from_args`); the flags of the same
+    names say what each means."""
+
+    data_dir: str
+    val_dir: str
+    out_dir: str
+    resume: str
+    init_from: str
+    objective: str  # "diffusion" (the method) or "segmentation" (the one-pass baseline)
+    model_flags: dict  # the reference's model and diffusion flags
+    # the network and what it sees
+    norm_groups: int
+    input_norm: str
+    context: int
+    self_condition: bool
+    click_fraction: float
+    crop_border: int
+    resize_to: int
+    sample_respacing: str
+    # optimisation
+    lr: float
+    weight_decay: float
+    batch_size: int
+    ema_rate: float
+    lr_schedule: str
+    warmup_steps: int
+    grad_clip: float
+    x0_loss_weight: float
+    tumour_fraction: float
+    augment: bool
+    augment_intensity: bool
+    augment_spatial: bool
+    augment_strong: bool
+    # the run
+    max_steps: int
+    max_minutes: float
+    save_interval: int
+    log_interval: int
+    seed: int
+    device: str
+    precision: str
+    channels_last: bool
+    threads: int
+    no_progress: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "model_flags"}
+        return cls(**values, model_flags=model_flags_from_args(args))
+
+    def __post_init__(self):
+        for name in ("lr", "threads", "max_steps", "max_minutes", "crop_border", "resize_to", "warmup_steps",
+                     "context"):
+            value = getattr(self, name)
+            if value < 0:
+                raise DiffSegError(f"--{name} {value}: give a number of at least 0")
+        check_unsupported_flags(self.model_flags)
+        if self.segmentation:
+            for name in ("self_condition", "click_fraction"):
+                if getattr(self, name):
+                    raise DiffSegError(f"--{name} is for the diffusion objective; leave it out with "
+                                       "--objective segmentation")
+        if self.lr_schedule == "cosine" and not (self.max_steps or self.max_minutes):
+            raise DiffSegError("--lr_schedule cosine decays to zero at the end of the run: give --max_steps or "
+                               "--max_minutes")
+
+    @property
+    def segmentation(self) -> bool:
+        return self.objective == "segmentation"
+
+    def to_dict(self) -> dict:
+        """The settings as the flags hold them (stored in the checkpoint as ``train_args``)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model_flags"}
+        return {**values, **self.model_flags}
+
+
+@dataclass
+class LogRow:
+    """One row of progress.csv (and of TensorBoard): means over the steps since the last row."""
+
+    step: int
+    losses: dict[str, float]  # "loss", then the objective's terms
+    val_loss: float | None  # at a save with --val_dir
+    steps_per_s: float
+    wall_s: float
+    lr: float
+
+    @staticmethod
+    def header(terms: tuple[str, ...]) -> list[str]:
+        return ["step", "loss", *terms, "val_loss", "steps_per_s", "wall_s", "lr"]
+
+    def cells(self) -> list:
+        return [self.step, *self.losses.values(), "" if self.val_loss is None else self.val_loss,
+                self.steps_per_s, self.wall_s, self.lr]
+
+
+class TrainingLog:
+    """progress.csv and TensorBoard (where installed), written by rank 0."""
+
+    def __init__(self, csv_path: Path, append: bool, terms: tuple[str, ...], tensorboard=None):
+        self.handle = open(csv_path, "a" if append else "w", newline="")
+        self.writer = csv.writer(self.handle)
+        if not append:
+            self.writer.writerow(LogRow.header(terms))
+        self.tensorboard = tensorboard
+
+    def write(self, row: LogRow) -> None:
+        self.writer.writerow(row.cells())
+        self.handle.flush()
+        if self.tensorboard is not None:
+            for name, value in row.losses.items():
+                self.tensorboard.add_scalar(f"train/{name}", value, row.step)
+            if row.val_loss is not None:
+                self.tensorboard.add_scalar("val/loss", row.val_loss, row.step)
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
 class Trainer:
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        for name, low in (("lr", 0.0), ("threads", 0), ("max_steps", 0), ("max_minutes", 0), ("crop_border", 0),
-                          ("resize_to", 0), ("warmup_steps", 0), ("context", 0)):
-            value = getattr(args, name)
-            if value < low:
-                raise DiffSegError(f"--{name} {value}: give a number of at least {low}")
-        self.rank, self.world, local_rank = _distributed()
+    def __init__(self, config: TrainConfig | argparse.Namespace):
+        self.config = config if isinstance(config, TrainConfig) else TrainConfig.from_args(config)
         self.stop_requested = False
-        flags = model_flags_from_args(args)
-        check_unsupported_flags(flags)
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        self._start_processes()
+        self.out_dir = self._prepare_out_dir()
+        self._configure()
+        self._build_model()
+        self._load_data()
+
+    def _start_processes(self) -> None:
+        """Threads, the process group under torchrun, and this process's device."""
+        c = self.config
+        self.rank, self.world, local_rank = _distributed()
+        if c.threads:
+            torch.set_num_threads(c.threads)
         if self.world > 1:
-            backend = "nccl" if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()) else "gloo"
-            dist.init_process_group(backend=backend)
-        device = resolve_device(args.device)
+            cuda = c.device.startswith("cuda") or (c.device == "auto" and torch.cuda.is_available())
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
+        device = resolve_device(c.device)
         if device.type == "cuda" and self.world > 1:
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         self.device = device
-        if args.precision == "fp16" and device.type != "cuda":
+        if c.precision == "fp16" and device.type != "cuda":
             raise DiffSegError("--precision fp16 needs a CUDA GPU; use bf16 or fp32")
 
-        self.out_dir = Path(args.out_dir)
+    def _prepare_out_dir(self) -> Path:
+        """The output folder, writable and free of an earlier run unless this one resumes it."""
+        out_dir = Path(self.config.out_dir)
         if self.rank == 0:
-            try:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                earlier = self.out_dir / CHECKPOINT_NAME
-                if earlier.exists() and not args.resume:
-                    raise DiffSegError(f"--out_dir {self.out_dir} holds an earlier run ({earlier}); continue it with "
-                                       f"--resume {earlier}, or give another --out_dir (or delete that one)")
-                probe = self.out_dir / f".write-test-{os.getpid()}"
-                probe.write_bytes(b"")
-                probe.unlink()
-            except OSError as exc:
-                raise DiffSegError(f"--out_dir {self.out_dir}: cannot write there ({exc.strerror}); choose a writable folder") from None
+            check_writable_folder(out_dir, setting="out_dir")
+            earlier = out_dir / CHECKPOINT_NAME
+            if earlier.exists() and not self.config.resume:
+                raise DiffSegError(f"--out_dir {out_dir} holds an earlier run ({earlier}); continue it with --resume "
+                                   f"{earlier}, or give another --out_dir (or delete that one)")
+        return out_dir
 
-        self.segmentation = args.objective == "segmentation"
-        if self.segmentation:
+    def _configure(self) -> None:
+        """What the checkpoint records: network, diffusion, geometry, inputs, sampler defaults."""
+        c = self.config
+        flags = dict(c.model_flags)
+        if c.segmentation:
             flags["learn_sigma"] = False  # one output channel: the mask logit
-        if self.segmentation and args.self_condition:
-            raise DiffSegError("--self_condition is for the diffusion objective; leave it out with --objective segmentation")
-        if self.segmentation and args.click_fraction:
-            raise DiffSegError("--click_fraction is for the diffusion objective; leave it out with --objective segmentation")
-        self.inputs = InputSpec(args.input_norm, args.context)
+        self.segmentation = c.segmentation
+        self.inputs = InputSpec(c.input_norm, c.context)
         self.unet_config = UNetConfig.from_flags({**flags, "in_channels": self.inputs.channels + 1,
-                                                  "norm_groups": args.norm_groups,
-                                                  "self_condition": args.self_condition,
-                                                  "hint_channels": HINT_CHANNELS if args.click_fraction else 0})
+                                                  "norm_groups": c.norm_groups, "self_condition": c.self_condition,
+                                                  "hint_channels": HINT_CHANNELS if c.click_fraction else 0})
         self.diffusion_config = DiffusionConfig.from_flags(flags)
         multiple = self.unet_config.size_multiple
-        if args.resize_to and args.resize_to % multiple:
-            raise DiffSegError(f"--resize_to {args.resize_to}: the network halves the slice {multiple.bit_length() - 1} "
-                               f"times, so give a multiple of {multiple} (e.g. {max(multiple, args.resize_to // multiple * multiple)})")
-        self.geometry = Geometry(crop_border=args.crop_border, resize_to=args.resize_to or None)
-        self.sampling = {**DEFAULT_SAMPLING, "timestep_respacing": args.sample_respacing,
+        if c.resize_to and c.resize_to % multiple:
+            raise DiffSegError(f"--resize_to {c.resize_to}: the network halves the slice {multiple.bit_length() - 1} "
+                               f"times, so give a multiple of {multiple} (e.g. "
+                               f"{max(multiple, c.resize_to // multiple * multiple)})")
+        self.geometry = Geometry(crop_border=c.crop_border, resize_to=c.resize_to or None)
+        self.sampling = {**DEFAULT_SAMPLING, "timestep_respacing": c.sample_respacing,
                          "clip_range": list(MASK_CLIP_RANGE), "clamp_variance": True}
         if self.segmentation:
             self.sampling["num_ensemble"] = 1
         self.loss_terms = ("bce", "dice_loss") if self.segmentation else ("mse", "vb")
-        if not self.segmentation and args.x0_loss_weight > 0:
+        if not self.segmentation and c.x0_loss_weight > 0:
             self.loss_terms += ("x0_loss",)
-        if args.lr_schedule == "cosine" and not (args.max_steps or args.max_minutes):
-            raise DiffSegError("--lr_schedule cosine decays to zero at the end of the run: give --max_steps or --max_minutes")
         self.diffusion = Diffusion.from_config(self.diffusion_config)
 
-        torch.manual_seed(args.seed)  # identical initial weights on every rank
+    def _build_model(self) -> None:
+        """The network (fresh, from --init_from, or resumed), its EMA and optimizer."""
+        c = self.config
+        torch.manual_seed(c.seed)  # identical initial weights on every rank
         try:
             self.model = UNet(self.unet_config)
         except ValueError as exc:
             raise DiffSegError(f"model flags: {exc}") from None
-        self.model.to(device)
-        if args.channels_last:
+        self.model.to(self.device)
+        if c.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if args.init_from:
-            self._init_from(Path(args.init_from))
-        self.ema = EMA(self.model, args.ema_rate)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
+        if c.init_from:
+            self._init_from(Path(c.init_from))
+        self.ema = EMA(self.model, c.ema_rate)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda") if c.precision == "fp16" else None
         self.step = 0
         self.elapsed_before = 0.0  # training seconds of earlier runs this one resumes
         self.run_started = time.time()
-        if args.resume:
-            self._resume(Path(args.resume))
+        if c.resume:
+            self._resume(Path(c.resume))
         self.net = self.model
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
 
+    def _load_data(self) -> None:
+        c = self.config
         multiple = self.unet_config.size_multiple
-        log = self.log
-        self.train_set = build_slice_set(args.data_dir, self.geometry, multiple, log=log, spec=self.inputs)
-        self.val_set = (build_slice_set(args.val_dir, self.geometry, multiple, log=log, spec=self.inputs)
-                        if args.val_dir else None)
+        self.train_set = build_slice_set(c.data_dir, self.geometry, multiple, log=self.log, spec=self.inputs)
+        self.val_set = (build_slice_set(c.val_dir, self.geometry, multiple, log=self.log, spec=self.inputs)
+                        if c.val_dir else None)
         self.log(
             f"model: {count_parameters(self.model):,} parameters, network input "
-            f"{tuple(self.train_set.images.shape[-2:])}, device {device}, {self.world} process(es), "
-            f"precision {args.precision}"
+            f"{tuple(self.train_set.images.shape[-2:])}, device {self.device}, {self.world} process(es), "
+            f"precision {c.precision}"
         )
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -370,7 +496,7 @@ class Trainer:
         payload = read_checkpoint(path)
         if not is_ours(payload) or "optimizer" not in payload:
             raise DiffSegError(f"{path}: not a diffseg-train checkpoint; --resume takes the {CHECKPOINT_NAME} of an earlier run")
-        if payload.get("objective", "diffusion") != self.args.objective:
+        if payload.get("objective", "diffusion") != self.config.objective:
             raise DiffSegError(f"{path}: was trained with --objective {payload.get('objective', 'diffusion')}; "
                                "give the same objective to resume")
         if (UNetConfig.from_flags(payload["unet_config"]) != self.unet_config
@@ -416,9 +542,9 @@ class Trainer:
         weights = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                    "ema": {k: v.cpu() for k, v in self.ema.shadow.items()}}
         common = dict(unet_config=self.unet_config, diffusion_config=self.diffusion_config,
-                      geometry=self.geometry, sampling=self.sampling, objective=self.args.objective,
+                      geometry=self.geometry, sampling=self.sampling, objective=self.config.objective,
                       inputs=self.inputs.to_dict())
-        train_args = {k: v for k, v in vars(self.args).items()}
+        train_args = self.config.to_dict()
         atomic_save(make_payload(weights=weights, step=self.step, optimizer=self.optimizer.state_dict(),
                                  torch_rng=torch.get_rng_state(), train_args=train_args,
                                  elapsed_s=self.elapsed(), **common),
@@ -433,14 +559,14 @@ class Trainer:
     def progress(self) -> float:
         """How far the run is towards its end (0..1), by steps or by wall time."""
         done = 0.0
-        if self.args.max_steps:
-            done = self.step / self.args.max_steps
-        if self.args.max_minutes:
-            done = max(done, self.elapsed() / (60 * self.args.max_minutes))
+        if self.config.max_steps:
+            done = self.step / self.config.max_steps
+        if self.config.max_minutes:
+            done = max(done, self.elapsed() / (60 * self.config.max_minutes))
         return min(done, 1.0)
 
     def current_lr(self) -> float:
-        return self.args.lr * lr_factor(self.args.lr_schedule, self.step, self.args.warmup_steps, self.progress())
+        return self.config.lr * lr_factor(self.config.lr_schedule, self.step, self.config.warmup_steps, self.progress())
 
     # -- one optimizer step ------------------------------------------------------------------
     def _batch(self, dataset: SliceSet, rng: np.random.Generator, size: int, tumour_fraction: float = 0.0,
@@ -449,19 +575,19 @@ class Trainer:
         images = dataset.images[idx].float()
         masks = dataset.masks[idx].float()
         if augment:
-            images, masks = augment_batch(images, masks, rng, flip=self.args.augment,
-                                          intensity=self.args.augment_intensity, spatial=self.args.augment_spatial,
-                                          strong=self.args.augment_strong)
+            images, masks = augment_batch(images, masks, rng, flip=self.config.augment,
+                                          intensity=self.config.augment_intensity, spatial=self.config.augment_spatial,
+                                          strong=self.config.augment_strong)
         if dataset.stats is not None:
             images = normalise(images, dataset.stats[idx], self.inputs)
         return images.to(self.device), masks.to(self.device)
 
     def _segmentation_losses(self, images, masks):
         x = torch.cat([images, torch.zeros_like(masks)], dim=1)
-        if self.args.channels_last:
+        if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         t = torch.zeros(images.shape[0], dtype=torch.long, device=self.device)
-        with autocast_context(self.device, self.args.precision):
+        with autocast_context(self.device, self.config.precision):
             logits = self.net(x, t)
         return segmentation_losses(logits.float(), masks)
 
@@ -473,27 +599,27 @@ class Trainer:
         noise = torch.randn(masks.shape, generator=generator).to(self.device)
         x_t = self.diffusion.q_sample(masks, t, noise)
         x = torch.cat([images, x_t], dim=1)
-        if self.args.channels_last:
+        if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x0_prev = hints = None
         if self.unet_config.self_condition:
             x0_prev = self._self_condition_input(x, t, x_t, generator)
         if self.unet_config.hint_channels:
             hints = self._simulated_marks(x, t, x_t, masks, x0_prev, generator)
-        with autocast_context(self.device, self.args.precision):
+        with autocast_context(self.device, self.config.precision):
             output = self.net(x, t, x0_prev, hints)
         losses = self.diffusion.training_losses(output.float(), masks, x_t, t, noise)
-        if self.args.x0_loss_weight > 0:
+        if self.config.x0_loss_weight > 0:
             x0_loss = x0_dice_bce(self.diffusion.x0_estimate(output.float(), x_t, t), masks)
             losses["x0_loss"] = x0_loss
-            losses["loss"] = losses["loss"] + self.args.x0_loss_weight * x0_loss
+            losses["loss"] = losses["loss"] + self.config.x0_loss_weight * x0_loss
         return losses
 
     def _self_condition_input(self, x, t, x_t, generator: torch.Generator) -> torch.Tensor:
         """The x0-estimate channel: for half the samples the model's own detached estimate
         without it (what sampling feeds from the previous step), zeros for the rest (what the
         first step sees)."""
-        with torch.no_grad(), autocast_context(self.device, self.args.precision):
+        with torch.no_grad(), autocast_context(self.device, self.config.precision):
             first = self.net(x, t, torch.zeros_like(x_t)).float()
         clip = self.sampling["clip_range"]
         estimate = self.diffusion.x0_estimate(first, x_t, t).clamp(*clip)
@@ -506,24 +632,24 @@ class Trainer:
         the rest (a plain run)."""
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
         hints = torch.zeros((x.shape[0], self.unet_config.hint_channels, *x.shape[2:]))
-        chosen = np.flatnonzero(rng.random(x.shape[0]) < self.args.click_fraction)
+        chosen = np.flatnonzero(rng.random(x.shape[0]) < self.config.click_fraction)
         if chosen.size:
             rows = torch.from_numpy(chosen).to(self.device)
             # The bare module, not the DDP wrapper: ranks draw different counts, and a wrapped
             # forward on one rank only could wait on the others.
-            with torch.no_grad(), autocast_context(self.device, self.args.precision):
+            with torch.no_grad(), autocast_context(self.device, self.config.precision):
                 first = self.model(x[rows], t[rows], None if x0_prev is None else x0_prev[rows]).float()
             estimate = (self.diffusion.x0_estimate(first, x_t[rows], t[rows]) > 0.5)[:, 0].cpu().numpy()
             truth = (masks[rows, 0] > 0.5).cpu().numpy()
             for i, row in enumerate(chosen):
                 hints[row] = torch.from_numpy(marks_to_hints(simulate_marks(estimate[i], truth[i], rng)))
         hints = hints.to(self.device)
-        return hints.contiguous(memory_format=torch.channels_last) if self.args.channels_last else hints
+        return hints.contiguous(memory_format=torch.channels_last) if self.config.channels_last else hints
 
     def train_step(self) -> dict[str, float]:
-        rng = np.random.default_rng(_step_seed(self.args.seed, self.rank, self.step))
-        generator = torch.Generator().manual_seed(_step_seed(self.args.seed + 1, self.rank, self.step))
-        images, masks = self._batch(self.train_set, rng, self.args.batch_size, self.args.tumour_fraction)
+        rng = np.random.default_rng(_step_seed(self.config.seed, self.rank, self.step))
+        generator = torch.Generator().manual_seed(_step_seed(self.config.seed + 1, self.rank, self.step))
+        images, masks = self._batch(self.train_set, rng, self.config.batch_size, self.config.tumour_fraction)
         self.model.train()
         losses = self._losses(images, masks, generator)
         loss = losses["loss"].mean()
@@ -536,8 +662,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        if self.args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -554,9 +680,9 @@ class Trainer:
         generator = torch.Generator().manual_seed(54321)
         self.model.eval()
         total, seen = 0.0, 0
-        for start in range(0, count, self.args.batch_size):
+        for start in range(0, count, self.config.batch_size):
             # the held-out slices as they are: an augmented validation loss would measure the augmentation
-            images, masks = self._batch(self.val_set, rng, min(self.args.batch_size, count - start), augment=False)
+            images, masks = self._batch(self.val_set, rng, min(self.config.batch_size, count - start), augment=False)
             total += self._losses(images, masks, generator)["loss"].sum().item()
             seen += images.shape[0]
         return total / max(seen, 1)
@@ -569,30 +695,21 @@ class Trainer:
         return bool(flag.item() > 0)
 
     def run(self) -> int:
-        args = self.args
-        csv_path = self.out_dir / "progress.csv"
-        new_csv = self.rank == 0 and (not csv_path.exists() or not args.resume)
-        writer = None
-        if self.rank == 0:
-            handle = open(csv_path, "w" if new_csv else "a", newline="")
-            writer = csv.writer(handle)
-            if new_csv:
-                writer.writerow(["step", "loss", *self.loss_terms, "val_loss", "steps_per_s", "wall_s", "lr"])
-        tensorboard = self._tensorboard()
+        c = self.config
+        progress_log = self._open_log() if self.rank == 0 else None
         bar = None
-        if self.rank == 0 and not args.no_progress:
+        if self.rank == 0 and not c.no_progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=args.max_steps or None, initial=self.step, unit="step", dynamic_ncols=True)
-        names = ("loss", *self.loss_terms)
-        sums = {k: 0.0 for k in names}
+            bar = tqdm(total=c.max_steps or None, initial=self.step, unit="step", dynamic_ncols=True)
+        sums = dict.fromkeys(("loss", *self.loss_terms), 0.0)
         self.run_started = time.time()
         count, interval_start = 0, time.time()
         if self.step == 0:
             self.save()  # a loadable checkpoint exists from the start
         try:
-            while not args.max_steps or self.step < args.max_steps:
-                if args.max_minutes and self.elapsed() > 60 * args.max_minutes:
+            while not c.max_steps or self.step < c.max_steps:
+                if c.max_minutes and self.elapsed() > 60 * c.max_minutes:
                     self.stop_requested = True
                 if self._should_stop():
                     self.log(f"stopping at step {self.step}")
@@ -604,38 +721,34 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{values['loss']:.4f}")
-                val = ""
-                if self.step % args.save_interval == 0:
+                val = None
+                if self.step % c.save_interval == 0:
                     if self.val_set is not None:
                         val = self.validation_loss()
                     self.save()
-                if self.rank == 0 and (self.step % args.log_interval == 0 or val != ""):
+                if progress_log is not None and (self.step % c.log_interval == 0 or val is not None):
                     now = time.time()
-                    row = [self.step] + [sums[k] / max(count, 1) for k in names]
-                    row += [val, count / max(now - interval_start, 1e-9), round(self.elapsed(), 2), values["lr"]]
-                    writer.writerow(row)
-                    handle.flush()
-                    if tensorboard is not None:
-                        for name, value in zip(names, row[1:4]):
-                            tensorboard.add_scalar(f"train/{name}", value, self.step)
-                        if val != "":
-                            tensorboard.add_scalar("val/loss", val, self.step)
-                    sums = {k: 0.0 for k in sums}
+                    progress_log.write(LogRow(self.step, {k: v / max(count, 1) for k, v in sums.items()}, val,
+                                              count / max(now - interval_start, 1e-9), round(self.elapsed(), 2),
+                                              values["lr"]))
+                    sums = dict.fromkeys(sums, 0.0)
                     count, interval_start = 0, now
         finally:
             self.save()
             if bar is not None:
                 bar.close()
-            if writer is not None:
-                handle.close()
-            if tensorboard is not None:
-                tensorboard.close()
+            if progress_log is not None:
+                progress_log.close()
         self.log(f"saved {self.out_dir / MODEL_NAME} at step {self.step}")
         return 0
 
+    def _open_log(self) -> TrainingLog:
+        """progress.csv, appended to when resuming a run that has one."""
+        csv_path = self.out_dir / "progress.csv"
+        return TrainingLog(csv_path, append=csv_path.exists() and bool(self.config.resume), terms=self.loss_terms,
+                           tensorboard=self._tensorboard())
+
     def _tensorboard(self):
-        if self.rank != 0:
-            return None
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:

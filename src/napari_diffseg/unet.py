@@ -83,7 +83,7 @@ class UNetConfig:
         if self.image_size not in _DEFAULT_CHANNEL_MULT:
             raise ValueError(
                 f"image_size {self.image_size} has no default channel_mult; "
-                f"give --channel_mult (e.g. 1,2,2,4) or use one of {sorted(_DEFAULT_CHANNEL_MULT)}"
+                f"give channel_mult (e.g. 1,2,2,4) or use one of {sorted(_DEFAULT_CHANNEL_MULT)}"
             )
         return _DEFAULT_CHANNEL_MULT[self.image_size]
 
@@ -97,6 +97,28 @@ class UNetConfig:
         """Inputs must be divisible by this (one factor of 2 per downsampling)."""
         return 2 ** (len(self.mults) - 1)
 
+
+# The reference's network flags with its defaults (guided-diffusion's model_and_diffusion_defaults
+# as the reference ships them): what a reference checkpoint was built with unless its flags say
+# otherwise. They differ from UNetConfig's own defaults, which are improved-diffusion's.
+# class_cond, use_checkpoint and use_fp16 are accepted and have no effect here.
+UNET_FLAG_DEFAULTS = {
+    "image_size": 64,
+    "num_channels": 128,
+    "num_res_blocks": 2,
+    "num_heads": 4,
+    "num_heads_upsample": -1,
+    "num_head_channels": -1,
+    "attention_resolutions": "16,8",
+    "channel_mult": "",
+    "dropout": 0.0,
+    "class_cond": False,
+    "use_checkpoint": False,
+    "use_scale_shift_norm": True,
+    "resblock_updown": False,
+    "use_fp16": False,
+    "use_new_attention_order": False,
+}
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of integer timesteps: cosines first, then sines."""

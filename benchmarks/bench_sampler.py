@@ -505,6 +505,7 @@ def time_widget(model_path: str | None, slice_core: np.ndarray, device: torch.de
     from napari_diffseg._gui.inputs import Inputs
     from napari_diffseg._gui.job import PREVIEW_INTERVAL, RunRequest, run_job
     from napari_diffseg._gui.models import ModelCache
+    from napari_diffseg._gui.settings import Settings
 
     class TimedCache(ModelCache):
         load_s = 0.0
@@ -519,8 +520,8 @@ def time_widget(model_path: str | None, slice_core: np.ndarray, device: torch.de
     cache = TimedCache()
     arrays = [np.ascontiguousarray(ld.to_display(image)) for image in slice_core]  # layers hold display order
     inputs = Inputs(arrays=arrays, spatial_ndim=2, display_shape=arrays[0].shape, case="benchmark", reference=None)
-    request = RunRequest(inputs=inputs, z=None, model_path=model_path, flags_path=None, device=str(device),
-                         num_ensemble=num_ensemble, respacing=None, sampler=None, seed=SEED, keep_members=False)
+    settings = Settings(model_path=model_path or "", device=str(device), num_ensemble=num_ensemble, seed=SEED)
+    request = RunRequest(inputs=inputs, settings=settings)
     results = []
     for run in range(runs):
         began = time.perf_counter()

@@ -1,5 +1,5 @@
-"""Shared fixtures: where ../shared lives and how its absence is handled, and a private config
-folder for every test."""
+"""Shared fixtures: where ../shared lives and how its absence is handled, a private config
+folder for every test, and the widget with a tiny model (the GUI tests)."""
 
 import os
 import tempfile
@@ -53,3 +53,58 @@ def seed_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def brats18_dir() -> Path:
     return _shared_path("brats18")
+
+
+# ---------------------------------------------------------------------------------------------
+# The widget (tests/gui_support.py has the helpers)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread: the machine is shared, and the tiny models gain nothing from more."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from gui_support import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny.pt")
+
+
+@pytest.fixture
+def make_widget(make_napari_viewer, tiny_checkpoint, qtbot):
+    """make(shape, show, truth, **settings) -> (viewer, widget): the case of random images in a
+    viewer, the widget docked and set to the tiny model."""
+    from gui_support import RUN_TIMEOUT_MS, add_layers, case_layers
+
+    from napari_diffseg._gui.widget import DiffSegWidget
+
+    made = []
+
+    def make(shape=(32, 32), show=False, truth=False, **settings):
+        viewer = make_napari_viewer(show=show)
+        add_layers(viewer, case_layers(shape, truth=truth))
+        widget = DiffSegWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="Diffusion segmentation")
+        values = {"model_path": str(tiny_checkpoint), "steps": "5", "num_ensemble": 3, "keep_members": True,
+                  "scope": "volume", "seed": 0}
+        widget.configure(persist=False, **{**values, **settings})
+        made.append(widget)
+        return viewer, widget
+
+    yield make
+    for widget in made:  # never leave a worker running into the next test
+        if widget.closed:  # closed with its viewer (test_lifecycle.py): nothing of it runs any more
+            continue
+        if widget.runner.worker is not None:
+            widget.cancel()
+            qtbot.waitUntil(lambda w=widget: w.runner.worker is None, timeout=RUN_TIMEOUT_MS)
+        widget.review.timer.stop()
+        qtbot.waitUntil(lambda w=widget: w.review.metrics_worker is None, timeout=RUN_TIMEOUT_MS)

@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from napari_diffseg import batching
@@ -65,14 +64,6 @@ def _check(name: str, arrays: dict[str, np.ndarray]) -> None:
             np.testing.assert_allclose(value, expected, rtol=1e-4, atol=1e-4, err_msg=key)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_sample_cli_is_unchanged(brats18_dir, tmp_path):
     """``diffseg-sample`` of two brain slices of a shared case, seed 0, bundled model."""
     import nibabel as nib
@@ -98,7 +89,7 @@ def test_sample_cli_is_unchanged(brats18_dir, tmp_path):
     _check("sample", arrays)
 
 
-def test_widget_run_and_refine_are_unchanged(make_napari_viewer, qtbot, one_thread, monkeypatch):
+def test_widget_run_and_refine_are_unchanged(make_napari_viewer, qtbot, one_torch_thread, monkeypatch):
     """The bundled sample slice in the widget: Run (seed 0), then the demo's simulated scribbles
     and Refine."""
     from napari_diffseg import _layerdata as ld

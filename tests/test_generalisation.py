@@ -275,6 +275,7 @@ def test_the_widget_job_hands_a_context_model_the_volume_of_a_current_slice_run(
     from napari_diffseg._gui.inputs import Inputs
     from napari_diffseg._gui.job import RunRequest, run_job
     from napari_diffseg._gui.models import ModelCache
+    from napari_diffseg._gui.settings import Settings
 
     path = _save_model(tmp_path / "m.pt", InputSpec("zscore", 1))
     volume = _volume()
@@ -282,15 +283,14 @@ def test_the_widget_job_hands_a_context_model_the_volume_of_a_current_slice_run(
     given = []
     original = inference.Segmenter.run
 
-    def spy(self, images, **kwargs):
+    def spy(self, images, *args, **kwargs):
         given.append(kwargs.get("source"))
-        return original(self, images, **kwargs)
+        return original(self, images, *args, **kwargs)
 
     monkeypatch.setattr(inference.Segmenter, "run", spy)
     request = RunRequest(inputs=Inputs(arrays=arrays, spatial_ndim=3, display_shape=arrays[0].shape, case="c",
                                        reference=None),
-                         z=2, model_path=str(path), flags_path=None, device="cpu", num_ensemble=2,
-                         respacing=None, sampler=None, seed=0, keep_members=False)
+                         settings=Settings(model_path=str(path), device="cpu", num_ensemble=2), z=2)
     job = run_job(request, ModelCache())
     while True:
         try:

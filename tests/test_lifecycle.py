@@ -2,7 +2,7 @@
 Cancel, review figures that always belong to the result on screen, and the batching shown in
 the status line with a way to re-time it.
 
-Tiny random-weight models (32x32) under Xvfb; see test_widget.py for the fixtures.
+Tiny random-weight models (32x32) under Xvfb; fixtures in conftest.py, helpers in gui_support.py.
 """
 
 from __future__ import annotations
@@ -12,37 +12,31 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
-from test_widget import (  # noqa: F401  (fixtures are used by name)
-    CASE,
-    RUN_TIMEOUT_MS,
-    _isolated,
-    _run,
-    make_widget,
-    tiny_checkpoint,
-)
+from gui_support import CASE, RUN_TIMEOUT_MS, run_and_wait
 
-from napari_diffseg._gui import models
-from napari_diffseg._gui import widget as _widget
+from napari_diffseg import _layerdata as ld
 from napari_diffseg import batching as batching_module
+from napari_diffseg._gui import models, review, workers
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _start_volume(qtbot, widget, steps_before: int = 2):
     widget.run()
-    qtbot.waitUntil(lambda: widget.progress_steps >= steps_before, timeout=RUN_TIMEOUT_MS)
-    return widget.worker
+    qtbot.waitUntil(lambda: widget.runner.progress_steps >= steps_before, timeout=RUN_TIMEOUT_MS)
+    return widget.runner.worker
 
 
 def _slow_metrics(monkeypatch, seconds: float) -> None:
     """HD95 of a whole BraTS volume takes seconds on a busy CPU: so long the metrics worker runs."""
-    real = _widget.evaluate
+    real = review.evaluate
 
     def slow(*args, **kwargs):
         time.sleep(seconds)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_widget, "evaluate", slow)
+    monkeypatch.setattr(review, "evaluate", slow)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,10 +48,10 @@ def test_closing_the_viewer_mid_run_stops_the_worker(make_widget, qtbot):
     viewer, widget = make_widget(shape=(32, 32, 8), steps="400", num_ensemble=2)
     worker = _start_volume(qtbot, widget)
     viewer.close()
-    assert widget.closed and worker.abort_requested and widget.worker is None
-    qtbot.waitUntil(lambda: worker not in _widget._LIVE_WORKERS, timeout=RUN_TIMEOUT_MS)
+    assert widget.closed and worker.abort_requested and widget.runner.worker is None
+    qtbot.waitUntil(lambda: worker not in workers._LIVE_WORKERS, timeout=RUN_TIMEOUT_MS)
     qtbot.wait(100)  # whatever the worker still sent reaches no slot: no layer, no exception
-    assert CASE not in widget.results
+    assert CASE not in widget.cases
 
 
 def test_closing_the_viewer_right_after_cancel(make_widget, qtbot, monkeypatch):
@@ -67,15 +61,15 @@ def test_closing_the_viewer_right_after_cancel(make_widget, qtbot, monkeypatch):
     viewer, widget = make_widget(shape=(32, 32, 8), steps="20", num_ensemble=2, truth=True)
     worker = _start_volume(qtbot, widget, steps_before=25)  # 8 chains a call: a 4-slice batch is done
     widget.cancel()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
-    metrics = widget._metrics_worker
-    assert metrics is not None and "partial" in widget.status.value
+    qtbot.waitUntil(lambda: widget.runner.worker is None, timeout=RUN_TIMEOUT_MS)
+    metrics = widget.review.metrics_worker
+    assert metrics is not None and "partial" in widget.runner.status.value
     viewer.close()
-    assert widget._metrics_worker is None and widget.metrics is None
+    assert widget.review.metrics_worker is None and widget.review.metrics is None
     # Both end (their finished signal still reaches the module's bookkeeping, not the widget).
-    qtbot.waitUntil(lambda: not {worker, metrics} & _widget._LIVE_WORKERS, timeout=RUN_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: not {worker, metrics} & workers._LIVE_WORKERS, timeout=RUN_TIMEOUT_MS)
     qtbot.wait(100)
-    assert widget.metrics is None  # the figure never reached the closed widget
+    assert widget.review.metrics is None  # the figure never reached the closed widget
 
 
 EXIT_SCRIPT = textwrap.dedent("""
@@ -84,7 +78,7 @@ EXIT_SCRIPT = textwrap.dedent("""
     import napari
     from qtpy.QtWidgets import QApplication
     from napari_diffseg import _layerdata as ld
-    from napari_diffseg._gui import widget as _widget
+    from napari_diffseg._gui import review, widget as _widget
 
     mode, model = sys.argv[1:3]
     rng = np.random.default_rng(0)
@@ -99,8 +93,8 @@ EXIT_SCRIPT = textwrap.dedent("""
     viewer.window.add_dock_widget(widget)
     widget.configure(persist=False, model_path=model, steps="20" if mode == "cancel" else "400",
                      num_ensemble=2, scope="volume", keep_members=False)
-    real = _widget.evaluate
-    _widget.evaluate = lambda *a, **k: (time.sleep(3), real(*a, **k))[1]  # HD95 of a big volume
+    real = review.evaluate
+    review.evaluate = lambda *a, **k: (time.sleep(3), real(*a, **k))[1]  # HD95 of a big volume
     app = QApplication.instance()
 
     def wait_for(done):
@@ -110,11 +104,11 @@ EXIT_SCRIPT = textwrap.dedent("""
             time.sleep(0.01)
 
     widget.run()
-    wait_for(lambda: widget.progress_steps >= (25 if mode == "cancel" else 2))
+    wait_for(lambda: widget.runner.progress_steps >= (25 if mode == "cancel" else 2))
     if mode == "cancel":
         widget.cancel()
-        wait_for(lambda: widget.worker is None)  # the partial is shown, its metrics are running
-        assert widget._metrics_worker is not None
+        wait_for(lambda: widget.runner.worker is None)  # the partial is shown, its metrics are running
+        assert widget.review.metrics_worker is not None
     viewer.close()
     print("closed", flush=True)
     sys.exit(0)  # at once, as napari does when its last window closes
@@ -141,10 +135,10 @@ def test_the_process_exits_cleanly_when_napari_closes(mode, tiny_checkpoint, tmp
 def _cancelled_run(qtbot, widget, slices_at_least: int, seed: int) -> int:
     widget.configure(persist=False, seed=seed)
     widget.run()
-    qtbot.waitUntil(lambda: len(widget._partial.finished) > slices_at_least, timeout=RUN_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: len(widget.runner.partial.finished) > slices_at_least, timeout=RUN_TIMEOUT_MS)
     widget.cancel()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
-    return len(widget.results[CASE].slices)
+    qtbot.waitUntil(lambda: widget.runner.worker is None, timeout=RUN_TIMEOUT_MS)
+    return len(widget.cases[CASE].result.slices)
 
 
 def test_a_partial_result_never_shows_the_figures_of_the_one_it_replaced(make_widget, qtbot, monkeypatch):
@@ -160,35 +154,35 @@ def test_a_partial_result_never_shows_the_figures_of_the_one_it_replaced(make_wi
     truth.data = data
     first = _cancelled_run(qtbot, widget, 0, seed=0)  # 8 chains a call: 4 slices a batch
     assert first < 6  # only slices without tumour
-    qtbot.waitUntil(lambda: widget.metrics is not None, timeout=RUN_TIMEOUT_MS)
-    old = widget.metrics_label.value
+    qtbot.waitUntil(lambda: widget.review.metrics is not None, timeout=RUN_TIMEOUT_MS)
+    old = widget.review.metrics_label.value
     assert old.startswith(f"no tumour in the truth on the {first} sampled slices"), old
     assert "Dice 1.000" not in old
 
     second = _cancelled_run(qtbot, widget, 7, seed=1)
     assert second > first
     # Shown at once with the new partial result, before its figures are computed.
-    assert widget.metrics is None and widget.metrics_label.value != old
-    assert f"the {second} sampled slices: computing" in widget.metrics_label.value
-    qtbot.waitUntil(lambda: widget.metrics is not None, timeout=RUN_TIMEOUT_MS)
-    text = widget.metrics_label.value
+    assert widget.review.metrics is None and widget.review.metrics_label.value != old
+    assert f"the {second} sampled slices: computing" in widget.review.metrics_label.value
+    qtbot.waitUntil(lambda: widget.review.metrics is not None, timeout=RUN_TIMEOUT_MS)
+    text = widget.review.metrics_label.value
     tumour = second - 6
     assert text.startswith("Dice ") and f"on the {tumour} of {second} sampled slices with tumour" in text, text
     assert "the other 6 are left out" in text
-    assert widget.metrics["tumour_slices"] == tumour and widget.metrics["empty_slices"] == 6
+    assert widget.review.metrics["tumour_slices"] == tumour and widget.review.metrics["empty_slices"] == 6
 
 
 def test_figures_follow_the_threshold_of_the_result_on_screen(make_widget, qtbot):
     """A whole run shown at another threshold than the job's 0.5: the job's own figures would be
     of another mask; they are recomputed at the slider's threshold."""
     viewer, widget = make_widget(shape=(32, 32, 3), steps="3", num_ensemble=2, truth=True, threshold=0.3)
-    _run(qtbot, widget)
-    qtbot.waitUntil(lambda: widget.metrics is not None, timeout=RUN_TIMEOUT_MS)
-    assert "at threshold 0.30" in widget.metrics_label.value
-    state = widget.results[CASE]
-    expected = _widget.evaluate(state.mask(0.3), _widget.ld.to_core(viewer.layers["ground truth"].data),
+    run_and_wait(qtbot, widget)
+    qtbot.waitUntil(lambda: widget.review.metrics is not None, timeout=RUN_TIMEOUT_MS)
+    assert "at threshold 0.30" in widget.review.metrics_label.value
+    state = widget.cases[CASE].result
+    expected = review.evaluate(state.mask(0.3), ld.to_core(viewer.layers["ground truth"].data),
                                 None, state.slices)
-    assert widget.metrics["dice"] == pytest.approx(expected["dice"])
+    assert widget.review.metrics["dice"] == pytest.approx(expected["dice"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,22 +193,47 @@ def test_figures_follow_the_threshold_of_the_result_on_screen(make_widget, qtbot
 def test_the_status_line_shows_the_batching_and_re_time_forgets_it(make_widget, qtbot, monkeypatch):
     monkeypatch.delenv("NAPARI_DIFFSEG_BATCHING")  # auto, as a user has it
     viewer, widget = make_widget(shape=(32, 32, 6), steps="4", num_ensemble=2)
-    widget.cache = models.ModelCache()  # models loaded by earlier tests keep the fixed batching
-    assert "auto" in widget.batching_label.value
+    widget.runner.cache = models.ModelCache()  # models loaded by earlier tests keep the fixed batching
+    assert "auto" in widget.sampling.batching_label.value
     seen = []
     widget.run()
-    widget.worker.yielded.connect(lambda _progress: seen.append(widget.status.value))
+    widget.runner.worker.yielded.connect(lambda _progress: seen.append(widget.runner.status.value))
     qtbot.waitUntil(lambda: not widget.running, timeout=RUN_TIMEOUT_MS)
     assert seen and "chains per call (timed now)" in seen[0] and all("chains per call (" in t for t in seen), seen
-    assert "slices" in seen[-1] and "chains per call" in widget.status.value  # the closing message too
+    assert "slices" in seen[-1] and "chains per call" in widget.runner.status.value  # the closing message too
     assert batching_module.batching_file().is_file()
-    _run(qtbot, widget)  # the same model: the choice held in memory
-    assert "chains per call (" in widget.batching_label.value and "timed now" not in widget.batching_label.value
+    run_and_wait(qtbot, widget)  # the same model: the choice held in memory
+    assert "chains per call (" in widget.sampling.batching_label.value and "timed now" not in widget.sampling.batching_label.value
 
-    widget.batching_button.changed.emit(True)  # Re-time
-    assert not batching_module.batching_file().exists() and "auto" in widget.batching_label.value
-    assert all(not s._probed for s in widget.cache._items.values())
-    probes = sum(s.probes for s in widget.cache._items.values())
-    _run(qtbot, widget)
-    assert sum(s.probes for s in widget.cache._items.values()) == probes + 1
+    widget.sampling.batching_button.changed.emit(True)  # Re-time
+    assert not batching_module.batching_file().exists() and "auto" in widget.sampling.batching_label.value
+    assert all(not s._probed for s in widget.runner.cache._items.values())
+    probes = sum(s.probes for s in widget.runner.cache._items.values())
+    run_and_wait(qtbot, widget)
+    assert sum(s.probes for s in widget.runner.cache._items.values()) == probes + 1
     assert batching_module.batching_file().is_file()
+
+
+def test_a_cancelled_run_leaves_its_thread_as_it_found_it(make_widget, qtbot):
+    """Cancel stops the job between two steps, inside torch's autocast (bf16) and inference mode.
+    They are closed in the worker's own thread, which the pool hands the next job: left open, a
+    later fp32 run computed in bf16 there."""
+    import torch
+    from napari.qt.threading import create_worker
+    from qtpy.QtCore import QThreadPool
+
+    pool = QThreadPool.globalInstance()
+    threads = pool.maxThreadCount()
+    pool.setMaxThreadCount(1)  # the next worker runs in the cancelled one's thread
+    try:
+        viewer, widget = make_widget(steps="400", num_ensemble=2, precision="bf16")
+        _start_volume(qtbot, widget)
+        widget.cancel()
+        qtbot.waitUntil(lambda: widget.runner.worker is None, timeout=RUN_TIMEOUT_MS)
+        seen = []
+        create_worker(lambda: (torch.is_autocast_enabled("cpu"), torch.is_inference_mode_enabled()),
+                      _connect={"returned": seen.append})
+        qtbot.waitUntil(lambda: bool(seen), timeout=RUN_TIMEOUT_MS)
+        assert seen == [(False, False)]
+    finally:
+        pool.setMaxThreadCount(threads)

@@ -197,6 +197,7 @@ def test_a_refine_at_the_preset_runs_on_at_least_ten_steps(tmp_path, preset, cha
     from napari_diffseg._gui.inputs import Inputs
     from napari_diffseg._gui.job import RunRequest, run_job
     from napari_diffseg._gui.models import ModelCache
+    from napari_diffseg._gui.settings import Settings
     from napari_diffseg.refine import refine_respacing
 
     assert refine_respacing(5) == "10" and refine_respacing(10) is None and refine_respacing(1000) is None
@@ -211,8 +212,7 @@ def test_a_refine_at_the_preset_runs_on_at_least_ten_steps(tmp_path, preset, cha
     known[4:7, 4:7] = True
     request = RunRequest(inputs=Inputs(arrays=arrays, spatial_ndim=2, display_shape=arrays[0].shape, case="c",
                                        reference=None),
-                         z=None, model_path=str(path), flags_path=None, device="cpu", num_ensemble=2,
-                         respacing=None, sampler=None, seed=0, keep_members=False, known_mask=known,
+                         settings=Settings(model_path=str(path), device="cpu", num_ensemble=2), known_mask=known,
                          known_values=known.astype(np.float32), init=np.zeros((2, 16, 16), np.float32))
     job = run_job(request, ModelCache())
     progress = []

@@ -2,7 +2,7 @@
 kept members at half the chain, the "next mark" hint, and bad input as one notification.
 
 Pure logic first (no display), then the widget with the tiny random-weight model of
-test_widget.py under Xvfb. A random network segments nothing sensible, which does not matter:
+conftest.py under Xvfb. A random network segments nothing sensible, which does not matter:
 what is checked holds for any network (known pixels exact, steps saved, layers untouched).
 """
 
@@ -10,22 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_widget import (  # noqa: F401  (fixtures are used by name)
-    CASE,
-    RUN_TIMEOUT_MS,
-    _errors_since,
-    _isolated,
-    _records,
-    _run,
-    make_widget,
-    tiny_checkpoint,
-)
+from gui_support import CASE, RUN_TIMEOUT_MS, errors_since, notification_count, run_and_wait
 
 from napari_diffseg import _layerdata as ld
+from napari_diffseg._gui import models
 from napari_diffseg._gui.job import RunOutcome
 from napari_diffseg._gui.results import ResultState
 from napari_diffseg.refine import SCRIBBLE_BACKGROUND, SCRIBBLE_TUMOUR, known_pixels, next_mark, refine_start_step
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STEPS = 10  # a 10-step chain: a refine from members starts at step 4 and runs 5
 
 
@@ -125,7 +118,7 @@ def _press(viewer, key):
 
 
 def _refine(qtbot, widget, key=False):
-    from napari_diffseg._gui.widget import REFINE_KEY
+    from napari_diffseg._gui.keys import REFINE_KEY
 
     if key:
         _press(widget.viewer, REFINE_KEY)
@@ -143,15 +136,15 @@ def _rectangle(layer, rows, cols, z=None):
 
 def test_refine_holds_scribbles_and_accepted_pixels_outside_the_region(make_widget, qtbot):
     viewer, widget = make_widget(steps=str(STEPS), num_ensemble=3)
-    start = _records()
-    _run(qtbot, widget)
-    run_steps = widget.progress_steps
+    start = notification_count()
+    run_and_wait(qtbot, widget)
+    run_steps = widget.runner.progress_steps
     assert run_steps == STEPS  # one progress report per denoising step
     widget.accept()
     seg = viewer.layers[f"{CASE} segmentation"]
     accepted = seg.data.copy()
 
-    widget.scribble_button.native.click()  # the Scribble button
+    widget.refine_tools.scribble_button.native.click()  # the Scribble button
     scribbles = viewer.layers[f"{CASE} scribbles"]
     assert type(scribbles).__name__ == "Labels" and scribbles.data.shape == (32, 32)
     assert viewer.layers.selection.active is scribbles and scribbles.mode == "paint"
@@ -160,9 +153,9 @@ def test_refine_holds_scribbles_and_accepted_pixels_outside_the_region(make_widg
     np.testing.assert_allclose(scribbles.translate, viewer.layers["t1"].translate)
     colours = scribbles.colormap.map(np.array([1, 2]))
     assert colours[0, 0] > 0.9 > 0.3 > colours[0, 2] and colours[1, 2] > 0.9 > 0.3 > colours[1, 0]  # red, blue
-    assert "tumour" in widget.scribble_button.tooltip and "not tumour" in widget.scribble_legend.value
+    assert "tumour" in widget.refine_tools.scribble_button.tooltip and "not tumour" in widget.refine_tools.scribble_legend.value
 
-    widget.region_button.native.click()  # the Region button
+    widget.refine_tools.region_button.native.click()  # the Region button
     region_layer = viewer.layers[f"{CASE} refine region"]
     assert type(region_layer).__name__ == "Shapes" and region_layer.mode == "add_rectangle"
     _rectangle(region_layer, (8, 20), (6, 22))
@@ -175,13 +168,13 @@ def test_refine_holds_scribbles_and_accepted_pixels_outside_the_region(make_widg
     marks = scribbles.data.copy()
     assert (marks == 1).sum() >= 5 and (marks == 2).sum() >= 5
     # The scribbles also travel as marks, for a model trained to read them (this one ignores them).
-    np.testing.assert_array_equal(ld.to_display(widget._build_refine_request().marks), marks)
+    np.testing.assert_array_equal(ld.to_display(widget.refine_tools.request(widget.build_request(current_slice=True)).marks), marks)
 
     _refine(qtbot, widget, key=True)  # Shift-R
-    assert not _errors_since(start), widget.messages
-    assert widget.progress_steps == STEPS // 2  # from the kept members at half the chain: half a Run
-    assert "refined" in widget.status.value and "from the kept members" in widget.status.value
-    state = widget.results[CASE]
+    assert not errors_since(start), widget.messages
+    assert widget.runner.progress_steps == STEPS // 2  # from the kept members at half the chain: half a Run
+    assert "refined" in widget.runner.status.value and "from the kept members" in widget.runner.status.value
+    state = widget.cases[CASE].result
     proposal = viewer.layers[f"{CASE} diffseg proposal"]
     # Outside the region the proposal is the accepted segmentation; the segmentation is untouched.
     np.testing.assert_array_equal(proposal.data[~region], accepted[~region])
@@ -211,30 +204,30 @@ def test_a_region_before_any_accept_holds_the_proposal_outside_it(make_widget, q
     the proposal the user sees, not that emptiness (which wiped the proposal there); once the
     slice is accepted into, the segmentation counts again."""
     viewer, widget = make_widget(steps=str(STEPS), num_ensemble=2)
-    widget.threshold.value = 0.3  # a random network: a proposal with tumour pixels to keep
-    _run(qtbot, widget)
+    widget.review.threshold.value = 0.3  # a random network: a proposal with tumour pixels to keep
+    run_and_wait(qtbot, widget)
     proposal = viewer.layers[f"{CASE} diffseg proposal"]
     before = proposal.data.copy()
     assert before.any()
-    widget.draw_region()
+    widget.refine_tools.draw_region()
     _rectangle(viewer.layers[f"{CASE} refine region"], (8, 20), (6, 22))
     region = np.zeros((32, 32), bool)
     region[7:22, 5:24] = True
     _refine(qtbot, widget)
-    assert "proposal pixels outside the region" in widget.status.value
+    assert "proposal pixels outside the region" in widget.runner.status.value
     np.testing.assert_array_equal(proposal.data[~region], before[~region])
 
     widget.accept()
     seg = viewer.layers[f"{CASE} segmentation"]
     seg.data_setitem(np.nonzero(seg.data), 0)  # the user clears the accepted slice (not a stroke)
     _refine(qtbot, widget)
-    assert "accepted pixels outside the region" in widget.status.value
+    assert "accepted pixels outside the region" in widget.runner.status.value
     assert not proposal.data[~region].any()  # the (cleared) segmentation is what is held now
 
 
 def test_refine_of_a_volume_slice_and_a_slice_without_members(make_widget, qtbot):
     viewer, widget = make_widget(shape=(32, 32, 4), steps=str(STEPS), num_ensemble=2, keep_members=False)
-    widget.scribble()
+    widget.refine_tools.scribble()
     scribbles = viewer.layers[f"{CASE} scribbles"]
     assert scribbles.data.shape == (4, 32, 32) and tuple(scribbles.axis_labels) == ("z", "y", "x")
     viewer.dims.set_point(viewer.dims.ndim - 3, 12.0 + 3.0 * 1)  # slice 1 (the test affine: 12 mm + 3 mm/slice)
@@ -243,61 +236,59 @@ def test_refine_of_a_volume_slice_and_a_slice_without_members(make_widget, qtbot
 
     # No run yet: no members to start from, so the refine runs whole chains with the marks held.
     _refine(qtbot, widget)
-    assert widget.progress_steps == STEPS and "whole chains" in widget.status.value
-    state = widget.results[CASE]
+    assert widget.runner.progress_steps == STEPS and "whole chains" in widget.runner.status.value
+    state = widget.cases[CASE].result
     assert state.slices == [1] and state.members_for(1).shape == (2, 32, 32)  # kept though not shown
     assert f"{CASE} diffseg members" not in viewer.layers
     probability = ld.to_display(state.probability)
     assert np.all(probability[1, 4:8, 4:8] == 1) and np.all(probability[1, 20:24, 20:24] == 0)
 
     widget.configure(persist=False, scope="volume")
-    _run(qtbot, widget)  # the whole volume: every slice gets members and a hint
-    before = widget.results[CASE].probability.copy()
+    run_and_wait(qtbot, widget)  # the whole volume: every slice gets members and a hint
+    before = widget.cases[CASE].result.probability.copy()
     hints = viewer.layers[f"{CASE} next mark"]
-    assert hints.ndim == 3 and {int(round(d[0, 0])) for d in hints.data} == set(widget.results[CASE].hints)
+    assert hints.ndim == 3 and {int(round(d[0, 0])) for d in hints.data} == set(widget.cases[CASE].result.hints)
 
     viewer.dims.set_point(viewer.dims.ndim - 3, 12.0 + 3.0 * 2)
     scribbles.data[2, 10:14, 10:14] = SCRIBBLE_TUMOUR
     _refine(qtbot, widget)
-    assert widget.progress_steps == STEPS // 2 and widget.results[CASE].last_z == 2
-    after = widget.results[CASE].probability
+    assert widget.runner.progress_steps == STEPS // 2 and widget.cases[CASE].result.last_z == 2
+    after = widget.cases[CASE].result.probability
     np.testing.assert_array_equal(np.delete(after, 2, axis=-1), np.delete(before, 2, axis=-1))  # other slices kept
     assert np.all(ld.to_display(after)[2, 10:14, 10:14] == 1)
     # The one-slice refine moved only slice 2's hint.
-    assert {int(round(d[0, 0])) for d in hints.data} == set(widget.results[CASE].hints)
+    assert {int(round(d[0, 0])) for d in hints.data} == set(widget.cases[CASE].result.hints)
 
 
 def _refused(qtbot, widget, expected):
     viewer = widget.viewer
     names = [layer.name for layer in viewer.layers]
-    start = _records()
+    start = notification_count()
     widget.refine()
     qtbot.waitUntil(lambda: not widget.running, timeout=RUN_TIMEOUT_MS)
-    errors = _errors_since(start)
+    errors = errors_since(start)
     assert len(errors) == 1 and expected in errors[0] and "\n" not in errors[0], errors
     assert [layer.name for layer in viewer.layers] == names
-    assert widget.refine_button.enabled and widget.run_button.enabled
+    assert widget.refine_tools.refine_button.enabled and widget.runner.run_button.enabled
     return errors[0]
 
 
 def test_refine_errors_are_one_notification(make_widget, qtbot, monkeypatch, capfd, tiny_checkpoint):
-    import napari_diffseg._gui.widget as widget_module
-
     viewer, widget = make_widget(steps=str(STEPS))
-    start = _records()
+    start = notification_count()
     widget.refine()  # nothing marked: a warning, nothing runs
-    assert not widget.running and "nothing to refine" in widget.status.value and not _errors_since(start)
+    assert not widget.running and "nothing to refine" in widget.runner.status.value and not errors_since(start)
 
-    widget.scribble()
+    widget.refine_tools.scribble()
     scribbles = viewer.layers[f"{CASE} scribbles"]
     scribbles.data[3:6, 3:6] = SCRIBBLE_TUMOUR
     capfd.readouterr()
 
-    widget.set_layer("t2", None)  # no inputs
+    widget.pickers.set_layer("t2", None)  # no inputs
     _refused(qtbot, widget, "no layer chosen for t2")
-    widget.set_layer("t2", "t2")
+    widget.pickers.set_layer("t2", "t2")
 
-    monkeypatch.setattr(widget_module, "demo_model_available", lambda: False)
+    monkeypatch.setattr(models, "demo_model_available", lambda: False)
     widget.configure(persist=False, model_path="")  # no model
     _refused(qtbot, widget, "choose a checkpoint")
     monkeypatch.undo()
@@ -306,12 +297,12 @@ def test_refine_errors_are_one_notification(make_widget, qtbot, monkeypatch, cap
     scribbles.data = np.zeros((20, 20), np.uint8)  # a scribble layer on another grid
     text = _refused(qtbot, widget, f"'{CASE} scribbles' has shape 20x20")
     assert "32x32" in text and "press Scribble" in text
-    start = _records()
-    widget.scribble()  # the Scribble button says the same instead of painting on the wrong grid
-    assert "20x20" in _errors_since(start)[-1]
+    start = notification_count()
+    widget.refine_tools.scribble()  # the Scribble button says the same instead of painting on the wrong grid
+    assert "20x20" in errors_since(start)[-1]
     captured = capfd.readouterr()
     assert "Traceback" not in captured.err and "Traceback" not in captured.out
-    assert CASE not in widget.results  # nothing ran
+    assert CASE not in widget.cases  # nothing ran
 
 
 def test_simulated_scribbles_mark_the_largest_errors():

@@ -9,6 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+from gui_support import (
+    AFFINE,
+    CASE,
+    RUN_TIMEOUT_MS,
+    errors_since,
+    notification_count,
+    result_names,
+    run_and_wait,
+    save_tiny_checkpoint,
+    tiny_unet,
+)
+
 from napari_diffseg import _layerdata as ld
 from napari_diffseg._gui import inputs as gui_inputs
 from napari_diffseg._gui.inputs import LayerInfo, case_prefix, match_layers, modality_of
@@ -18,110 +30,8 @@ from napari_diffseg.checkpoint import atomic_save, make_payload
 from napari_diffseg.diffusion import DiffusionConfig
 from napari_diffseg.errors import DiffSegError
 from napari_diffseg.geometry import Geometry
-from napari_diffseg.unet import UNet, UNetConfig
 
-CASE = "pat01"
-AFFINE = np.array([[-1.5, 0, 0, 40.0], [0, 1.5, 0, -30.0], [0, 0, 3.0, 12.0], [0, 0, 0, 1]])
-RUN_TIMEOUT_MS = 120_000
-
-
-# ---------------------------------------------------------------------------------------------
-# Fixtures
-# ---------------------------------------------------------------------------------------------
-
-
-def _tiny_model(channels: int = 32) -> tuple[UNetConfig, UNet]:
-    torch.manual_seed(0)
-    config = UNetConfig(image_size=32, num_channels=channels, num_res_blocks=1, channel_mult="1,2",
-                        attention_resolutions="", learn_sigma=True)
-    model = UNet(config)
-    torch.nn.init.normal_(model.out[2].weight, std=0.05)  # the output conv starts at zero
-    return config, model
-
-
-def _save_tiny(path, resize_to=None):
-    config, model = _tiny_model()
-    sampling = {"timestep_respacing": "5", "sampler": "ddpm", "num_ensemble": 5}
-    atomic_save(make_payload(config, DiffusionConfig(), Geometry(crop_border=0, resize_to=resize_to),
-                             {"model": model.state_dict()}, sampling=sampling), path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    return _save_tiny(tmp_path_factory.mktemp("models") / "tiny.pt")
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    """Settings in tmp_path; one torch thread (the machine is shared; tiny models gain nothing)."""
-    monkeypatch.setenv("NAPARI_DIFFSEG_CONFIG_DIR", str(tmp_path / "config"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _case_layers(shape=(32, 32), case=CASE, seed=0, truth=True):
-    rng = np.random.default_rng(seed)
-    images = rng.random((4, *shape)).astype(np.float32)
-    label = np.zeros(shape, np.uint8)
-    label[(slice(8, 20), slice(10, 24)) + (slice(None),) * (len(shape) - 2)] = 2
-    return ld.case_layer_tuples(case, images, AFFINE, None, label if truth else None)
-
-
-def _add(viewer, tuples):
-    return [getattr(viewer, f"add_{kind}")(data, **kwargs) for data, kwargs, kind in tuples]
-
-
-@pytest.fixture
-def make_widget(make_napari_viewer, tiny_checkpoint, qtbot):
-    from napari_diffseg._gui.widget import DiffSegWidget
-
-    made = []
-
-    def make(shape=(32, 32), show=False, truth=False, **settings):
-        viewer = make_napari_viewer(show=show)
-        _add(viewer, _case_layers(shape, truth=truth))
-        widget = DiffSegWidget(viewer)
-        viewer.window.add_dock_widget(widget, name="Diffusion segmentation")
-        values = {"model_path": str(tiny_checkpoint), "steps": "5", "num_ensemble": 3, "keep_members": True,
-                  "scope": "volume", "seed": 0}
-        widget.configure(persist=False, **{**values, **settings})
-        made.append(widget)
-        return viewer, widget
-
-    yield make
-    for widget in made:  # never leave a worker running into the next test
-        if widget.closed:  # closed with its viewer (test_lifecycle.py): nothing of it runs any more
-            continue
-        if widget.worker is not None:
-            widget.cancel()
-            qtbot.waitUntil(lambda w=widget: w.worker is None, timeout=RUN_TIMEOUT_MS)
-        widget._metrics_timer.stop()
-        qtbot.waitUntil(lambda w=widget: w._metrics_worker is None, timeout=RUN_TIMEOUT_MS)
-
-
-def _run(qtbot, widget):
-    widget.run()
-    qtbot.waitUntil(lambda: not widget.running, timeout=RUN_TIMEOUT_MS)
-
-
-def _errors_since(start: int) -> list[str]:
-    from napari.utils.notifications import notification_manager
-
-    return [str(n.message) for n in notification_manager.records[start:] if str(n.severity) == "error"]
-
-
-def _records() -> int:
-    from napari.utils.notifications import notification_manager
-
-    return len(notification_manager.records)
-
-
-def _result_names(viewer) -> list[str]:
-    return [layer.name for layer in viewer.layers if "diffseg" in layer.name]
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ---------------------------------------------------------------------------------------------
 # Pure logic
@@ -152,17 +62,77 @@ def test_uncertainty_ranking_and_result_bookkeeping():
     assert state.mask().sum() == 16 and state.mask(0.7).sum() == 0
 
 
-def test_settings_file_is_forgiving(tmp_path):
-    from napari_diffseg._gui.settings import DEFAULTS, load_settings, save_settings, settings_path
+def test_result_layers_are_worked_out_without_a_viewer():
+    """What our layers hold and where they sit, for a volume whose last run covered slice 2."""
+    from types import SimpleNamespace
 
-    assert load_settings() == DEFAULTS  # no file yet
-    settings_path().parent.mkdir(parents=True)
+    from napari_diffseg._gui.result_layers import hint_rectangles, result_layer_tuples, segmentation_layer_tuple
+
+    reference = SimpleNamespace(scale=(3.0, 1.5, 1.5), translate=(12.0, -30.0, 40.0), metadata={"source": "t1.nii"})
+    state = ResultState.empty("c", (6, 5, 4))  # core (X, Y, Z)
+    state.probability[1:4, 1:3, 2] = 0.8
+    members = np.zeros((2, 6, 5, 1), np.float32)
+    members[:, 1:4, 1:3] = 1.0
+    state.members, state.members_z = members, 2
+    state.variance[0:3, 0:3, 2] = 0.2
+    state.update_hints([2])
+    (variance, heat, _), (mask, proposal, kind), (stack, shown, _) = result_layer_tuples(state, reference)
+    assert [m["metadata"][ld.KIND] for m in (heat, proposal, shown)] == ["uncertainty", "proposal", "members"]
+    assert kind == "labels" and proposal["name"] == "c diffseg proposal"
+    assert all(m["metadata"][ld.CASE] == "c" and m["metadata"][ld.SOURCE] == "" for m in (heat, proposal, shown))
+    assert variance.shape == mask.shape == (4, 5, 6)  # display (Z, Y, X)
+    np.testing.assert_array_equal(mask, ld.to_display(state.mask()))
+    assert stack.shape == (2, 1, 5, 6) and shown["visible"] is False
+    assert shown["translate"][1] == pytest.approx(12.0 + 2 * 3.0)  # the one slice sits at z = 2
+    assert len(result_layer_tuples(state, reference, keep_members=False)) == 2
+    data, kwargs, _ = segmentation_layer_tuple(state, reference)
+    assert data.shape == (4, 5, 6) and not data.any() and kwargs["name"] == "c segmentation"
+    (corners,) = hint_rectangles(state)
+    assert corners.shape == (4, 3) and set(corners[:, 0]) == {2.0}  # a rectangle on slice 2
+
+
+def test_the_core_imports_nothing_of_the_gui():
+    """The modules whose names do not start with "_" import neither the GUI package nor Qt or
+    napari; demo.py starts napari (its widget comes through the plugin manifest)."""
+    import ast
+    from pathlib import Path
+
+    import napari_diffseg
+
+    qt = {"qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "napari", "superqt"}
+    for path in sorted(Path(napari_diffseg.__file__).parent.glob("[!_]*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = ["." * node.level + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                assert "_gui" not in name.split("."), (path.name, name)
+                assert path.name == "demo.py" or name.split(".")[0] not in qt, (path.name, name)
+
+
+def test_settings_file_is_forgiving(tmp_path):
+    import json
+
+    from napari_diffseg._gui.settings import Settings, load_settings, save_settings, settings_path
+
+    assert load_settings() == Settings()  # no file yet
+    settings_path().parent.mkdir(parents=True, exist_ok=True)
     settings_path().write_text("{not json")
-    assert load_settings() == DEFAULTS
-    settings_path().write_text('{"num_ensemble": "many", "device": "cpu", "steps": "50 steps"}')
-    assert load_settings() == {**DEFAULTS, "device": "cpu", "steps": "50 steps"}
-    save_settings({**DEFAULTS, "num_ensemble": 9})
-    assert load_settings()["num_ensemble"] == 9
+    assert load_settings() == Settings()
+    settings_path().write_text('{"num_ensemble": "many", "device": "cpu", "steps": "50 steps", "later": 1}')
+    assert load_settings() == Settings(device="cpu", steps="50 steps")
+    save_settings(Settings(num_ensemble=9))
+    assert load_settings().num_ensemble == 9
+    # The file of an older version (no eta) loads; the keys are those it always had, and eta.
+    old = {"model_path": "", "flags_path": "", "num_ensemble": 7, "steps": "", "sampler": "ddim", "device": "auto",
+           "precision": "auto", "seed": 3, "scope": "slice", "keep_members": True, "threshold": 0.4}
+    settings_path().write_text(json.dumps(old))
+    assert load_settings() == Settings(**old)
+    save_settings(load_settings())
+    assert json.loads(settings_path().read_text()) == {**old, "eta": 0.0}
 
 
 def test_widget_feeds_the_model_what_the_core_loader_reads():
@@ -194,10 +164,10 @@ def _session_tuples(files):
 
 def test_run_creates_mask_and_uncertainty_layers(make_widget, qtbot, tmp_path):
     viewer, widget = make_widget(truth=True)
-    assert widget.chosen_names() == {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair",
+    assert widget.pickers.chosen_names() == {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair",
                                      "seg": "ground truth"}  # filled from the layer names
-    widget.ensemble.value = 4
-    _run(qtbot, widget)
+    widget.sampling.ensemble.value = 4
+    run_and_wait(qtbot, widget)
     assert not [s for s, _ in widget.messages if s == "error"], widget.messages
     t1 = viewer.layers["t1"]
     mask = viewer.layers[f"{CASE} diffseg proposal"]
@@ -214,15 +184,15 @@ def test_run_creates_mask_and_uncertainty_layers(make_widget, qtbot, tmp_path):
         np.testing.assert_allclose(layer.translate, t1.translate)
         np.testing.assert_array_equal(layer.metadata[ld.AFFINE], AFFINE)
     assert members.data.shape == (4, 32, 32)  # the slider value is the number of chains sampled
-    state = widget.results[CASE]
+    state = widget.cases[CASE].result
     assert state.num_ensemble == 4
     np.testing.assert_array_equal(mask.data, (ld.to_display(state.probability) > 0.5).astype(np.uint8))
     np.testing.assert_allclose(ld.to_display(members.data.mean(0), 2), ld.to_display(state.probability).T,
                                atol=1e-5)
-    assert widget.preview_updates >= 1  # the live preview was drawn
-    assert not [name for name in _result_names(viewer) if "preview" in name]  # and removed at the end
-    assert "Dice" in widget.metrics_label.value and "HD95" in widget.metrics_label.value
-    assert widget.metrics is not None and 0 <= widget.metrics["dice"] <= 1
+    assert widget.runner.preview.updates >= 1  # the live preview was drawn
+    assert not [name for name in result_names(viewer) if "preview" in name]  # and removed at the end
+    assert "Dice" in widget.review.metrics_label.value and "HD95" in widget.review.metrics_label.value
+    assert widget.review.metrics is not None and 0 <= widget.review.metrics["dice"] <= 1
 
     # The proposal is an ordinary Labels layer: the writer puts it back on the source grid.
     import nibabel as nib
@@ -235,42 +205,42 @@ def test_run_creates_mask_and_uncertainty_layers(make_widget, qtbot, tmp_path):
     np.testing.assert_array_equal(np.asarray(written.dataobj), ld.to_core(mask.data))
 
     # The review tools: re-threshold instantly, flip through the members.
-    widget.threshold.value = 0.9
+    widget.review.threshold.value = 0.9
     np.testing.assert_array_equal(mask.data, (ld.to_display(state.probability) > 0.9).astype(np.uint8))
-    widget.member.value = 2
+    widget.review.member.value = 2
     assert members.visible and viewer.dims.current_step[0] == 1
 
     # Running again replaces the results; the model is cached.
-    loads = widget.cache.loads
-    names = _result_names(viewer)
-    widget.ensemble.value = 2
-    _run(qtbot, widget)
-    assert _result_names(viewer) == names
+    loads = widget.runner.cache.loads
+    names = result_names(viewer)
+    widget.sampling.ensemble.value = 2
+    run_and_wait(qtbot, widget)
+    assert result_names(viewer) == names
     assert viewer.layers[f"{CASE} diffseg members"].data.shape == (2, 32, 32)
-    assert widget.cache.loads == loads
+    assert widget.runner.cache.loads == loads
 
 
 def test_volume_scope_ranking_and_current_slice(make_widget, qtbot, tmp_path):
     viewer, widget = make_widget(shape=(32, 32, 4), num_ensemble=2)
-    _run(qtbot, widget)
+    run_and_wait(qtbot, widget)
     mask = viewer.layers[f"{CASE} diffseg proposal"]
     assert mask.data.shape == (4, 32, 32)
     np.testing.assert_allclose(mask.scale, (3.0, 1.5, 1.5))
     assert viewer.layers[f"{CASE} diffseg members"].data.shape == (2, 4, 32, 32)
-    assert widget.ranking.count() == 4  # every slice, most uncertain first
-    values = [float(widget.ranking.item(i).text().split()[-1]) for i in range(4)]
+    assert widget.review.ranking.count() == 4  # every slice, most uncertain first
+    values = [float(widget.review.ranking.item(i).text().split()[-1]) for i in range(4)]
     assert values == sorted(values, reverse=True)
-    item = widget.ranking.item(widget.ranking.count() - 1)
-    widget._on_ranking_clicked(item)
+    item = widget.review.ranking.item(widget.review.ranking.count() - 1)
+    widget.review.on_ranking_clicked(item)
     z = int(item.data(0x0100))
     assert viewer.dims.point[-3] == pytest.approx(12.0 + 3.0 * z)  # world mm of that slice
 
     # The current slice only: the other slices keep their result, members cover that slice.
     widget.configure(persist=False, scope="slice", num_ensemble=3)
     viewer.dims.set_point(viewer.dims.ndim - 3, 12.0 + 3.0 * 2)
-    before = widget.results[CASE].probability.copy()
-    _run(qtbot, widget)
-    state = widget.results[CASE]
+    before = widget.cases[CASE].result.probability.copy()
+    run_and_wait(qtbot, widget)
+    state = widget.cases[CASE].result
     assert state.slices == [0, 1, 2, 3]
     np.testing.assert_array_equal(np.delete(state.probability, 2, axis=-1), np.delete(before, 2, axis=-1))
     members = viewer.layers[f"{CASE} diffseg members"]
@@ -289,17 +259,17 @@ def test_cancel_mid_run_leaves_no_results(make_widget, qtbot):
     viewer, widget = make_widget(steps="400", num_ensemble=2)
     before = [layer.name for layer in viewer.layers]
     widget.run()
-    qtbot.waitUntil(lambda: widget.progress_bar.native.value() >= 2, timeout=RUN_TIMEOUT_MS)
-    assert widget.running and widget.cancel_button.enabled
-    worker = widget.worker
+    qtbot.waitUntil(lambda: widget.runner.progress_bar.native.value() >= 2, timeout=RUN_TIMEOUT_MS)
+    assert widget.running and widget.runner.cancel_button.enabled
+    worker = widget.runner.worker
     widget.cancel()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: widget.runner.worker is None, timeout=RUN_TIMEOUT_MS)
     assert worker.abort_requested
     qtbot.waitUntil(lambda: not worker.is_running, timeout=10_000)
     assert [layer.name for layer in viewer.layers] == before  # no result layers, preview gone
-    assert widget.progress_bar.native.value() < 400
-    assert widget.run_button.enabled and "cancelled" in widget.status.value
-    assert CASE not in widget.results
+    assert widget.runner.progress_bar.native.value() < 400
+    assert widget.runner.run_button.enabled and "cancelled" in widget.runner.status.value
+    assert CASE not in widget.cases
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,56 +280,56 @@ def test_cancel_mid_run_leaves_no_results(make_widget, qtbot):
 def _assert_refused(qtbot, viewer, widget, expected: str):
     names = [layer.name for layer in viewer.layers]
     data = [layer.data for layer in viewer.layers]
-    start = _records()
+    start = notification_count()
     widget.run()
     qtbot.waitUntil(lambda: not widget.running, timeout=RUN_TIMEOUT_MS)
-    errors = _errors_since(start)
+    errors = errors_since(start)
     assert errors and expected in errors[-1], errors
     assert [layer.name for layer in viewer.layers] == names  # nothing added, nothing removed
     assert all(a is b for a, b in zip(data, [layer.data for layer in viewer.layers]))
-    assert widget.run_button.enabled
+    assert widget.runner.run_button.enabled
     viewer.add_points([[1, 1]], name="still alive")  # the viewer keeps working
     viewer.layers.remove("still alive")
 
 
 def test_bad_inputs_give_notifications(make_widget, qtbot):
     viewer, widget = make_widget()
-    widget.set_layer("t2", None)
+    widget.pickers.set_layer("t2", None)
     _assert_refused(qtbot, viewer, widget, "no layer chosen for t2")
-    widget.set_layer("t2", "t2")
+    widget.pickers.set_layer("t2", "t2")
 
     viewer.add_image(np.zeros((40, 40), np.float32) + 0.5, name="other t1ce")
-    widget.set_layer("t1ce", "other t1ce")
+    widget.pickers.set_layer("t1ce", "other t1ce")
     _assert_refused(qtbot, viewer, widget, "different shapes")
-    widget.set_layer("t1ce", "t1ce")
+    widget.pickers.set_layer("t1ce", "t1ce")
 
     labels = viewer.add_labels(np.ones((32, 32), np.uint8), name="a labels layer")
     with pytest.raises(ValueError, match="a labels layer"):  # the modality pickers offer Image layers only
-        widget.set_layer("flair", "a labels layer")
+        widget.pickers.set_layer("flair", "a labels layer")
     with pytest.raises(DiffSegError, match="not an image"):  # and the check behind them says why
-        gui_inputs.check_inputs({**widget.chosen_layers(), "flair": labels})
+        gui_inputs.check_inputs({**widget.pickers.chosen_layers(), "flair": labels})
 
     holes = viewer.layers["t1"].data.copy()
     holes[3, 4] = np.nan
     viewer.add_image(holes, name="t1 with holes")
-    widget.set_layer("t1", "t1 with holes")
+    widget.pickers.set_layer("t1", "t1 with holes")
     _assert_refused(qtbot, viewer, widget, "NaN")
-    widget.set_layer("t1", "t1")
+    widget.pickers.set_layer("t1", "t1")
 
-    widget.set_layer("t1ce", "t1")
+    widget.pickers.set_layer("t1ce", "t1")
     _assert_refused(qtbot, viewer, widget, "chosen for both")
-    widget.set_layer("t1ce", "t1ce")
+    widget.pickers.set_layer("t1ce", "t1ce")
 
-    widget.set_steps("fifty")
+    widget.sampling.set_steps("fifty")
     _assert_refused(qtbot, viewer, widget, "fifty")
-    assert not _result_names(viewer)
+    assert not result_names(viewer)
 
 
 def test_bad_checkpoints_and_out_of_memory_give_notifications(make_widget, qtbot, tmp_path, monkeypatch,
                                                               tiny_checkpoint):
     viewer, widget = make_widget()
-    config, _ = _tiny_model()
-    _, other = _tiny_model(channels=64)
+    config, _ = tiny_unet()
+    _, other = tiny_unet(channels=64)
     wrong = tmp_path / "wrong.pt"
     atomic_save(make_payload(config, DiffusionConfig(), Geometry(), {"model": other.state_dict()}), wrong)
     widget.configure(persist=False, model_path=str(wrong))
@@ -381,17 +351,17 @@ def test_bad_checkpoints_and_out_of_memory_give_notifications(make_widget, qtbot
     monkeypatch.setattr(Segmenter, "run", out_of_memory)
     widget.configure(persist=False, model_path=str(tiny_checkpoint))
     _assert_refused(qtbot, viewer, widget, "out of memory")
-    assert "ensemble size" in widget.status.value and "cpu" in widget.status.value
-    assert not _result_names(viewer)
+    assert "ensemble size" in widget.runner.status.value and "cpu" in widget.runner.status.value
+    assert not result_names(viewer)
 
 
 def test_missing_demo_model_is_explained(make_widget, qtbot, monkeypatch):
-    import napari_diffseg._gui.widget as widget_module
+    from napari_diffseg._gui import models
 
-    monkeypatch.setattr(widget_module, "demo_model_available", lambda: False)
+    monkeypatch.setattr(models, "demo_model_available", lambda: False)
     viewer, widget = make_widget(model_path="")
     qtbot.waitUntil(lambda: any("no bundled demo model" in text for _, text in widget.messages), timeout=5000)
-    assert "choose a checkpoint" in widget.model_status.value
+    assert "choose a checkpoint" in widget.model.model_status.value
     _assert_refused(qtbot, viewer, widget, "choose a checkpoint")
 
 
@@ -405,27 +375,63 @@ def test_settings_persist_between_sessions(make_widget, tmp_path):
     from napari_diffseg._gui.widget import DiffSegWidget
 
     viewer, widget = make_widget()
-    widget.ensemble.value = 7
-    widget.set_steps("25 steps")
-    widget.model_path.value = "/some/model.pt"
-    widget.device.value = "cpu"
-    assert widget.precision.value == "auto"  # the default
-    widget.precision.value = "fp32"
-    widget.threshold.value = 0.35
-    assert settings_path().parent == tmp_path / "config" and settings_path().is_file()
+    widget.sampling.ensemble.value = 7
+    widget.sampling.set_steps("25 steps")
+    widget.model.model_path.value = "/some/model.pt"
+    widget.sampling.device.value = "cpu"
+    assert widget.sampling.precision.value == "auto"  # the default
+    widget.sampling.precision.value = "fp32"
+    widget.review.threshold.value = 0.35
+    assert settings_path().is_file()
     again = DiffSegWidget(viewer)
-    assert again.ensemble.value == 7
-    assert again.respacing() == "25"
-    assert again.current_settings()["model_path"] == "/some/model.pt"
-    assert again.device.value == "cpu"
-    assert again.precision.value == "fp32"
-    assert again.threshold.value == pytest.approx(0.35)
+    assert again.sampling.ensemble.value == 7
+    assert again.current_settings().respacing == "25"
+    assert again.current_settings().model_path == "/some/model.pt"
+    assert again.sampling.device.value == "cpu"
+    assert again.sampling.precision.value == "fp32"
+    assert again.review.threshold.value == pytest.approx(0.35)
     again.deleteLater()
+
+
+def test_ddim_eta_is_saved_restored_and_reaches_the_sampler(make_widget, qtbot, monkeypatch):
+    """A control added as a settings field and a form control, nothing more: DDIM's eta is
+    offered for DDIM, kept in the settings file, shown again by a new widget, and used by the
+    DDIM step of the run."""
+    import inspect
+    import json
+
+    from napari_diffseg._gui.settings import settings_path
+    from napari_diffseg._gui.widget import DiffSegWidget
+    from napari_diffseg.diffusion import Diffusion
+
+    viewer, widget = make_widget(num_ensemble=2, steps="4")
+    eta = widget.sampling.eta
+    assert not eta.enabled  # DDPM (the model's default here) has no eta
+    widget.sampling.sampler.value = "ddim"
+    assert eta.enabled
+    eta.value = 0.3
+    assert json.loads(settings_path().read_text())["eta"] == pytest.approx(0.3)
+    again = DiffSegWidget(viewer)
+    assert again.sampling.eta.value == pytest.approx(0.3) and again.sampling.eta.enabled
+    assert again.current_settings().eta == pytest.approx(0.3)
+    again.deleteLater()
+
+    step = Diffusion.ddim_step
+    seen = []
+
+    def spy(self, *args, **kwargs):
+        seen.append(inspect.signature(step).bind(self, *args, **kwargs).arguments.get("eta"))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Diffusion, "ddim_step", spy)
+    run_and_wait(qtbot, widget)
+    assert not [m for s, m in widget.messages if s == "error"], widget.messages
+    assert seen and all(value == pytest.approx(0.3) for value in seen)
 
 
 def test_screenshot_of_result_is_not_blank(make_widget, qtbot):
     viewer, widget = make_widget(show=True)
-    _run(qtbot, widget)
+    run_and_wait(qtbot, widget)
     for layer in viewer.layers:
         layer.visible = "diffseg" in layer.name and "members" not in layer.name
     viewer.reset_view()
@@ -447,7 +453,7 @@ def test_demo_runs_headless(qapp, tmp_path):
     from napari_diffseg._sample_data import BRATS_SLICE, SAMPLE_DIR
 
     out = tmp_path / "demo"
-    model = _save_tiny(tmp_path / "tiny32.pt", resize_to=32)  # the 240x240 slice sampled at 32x32
+    model = save_tiny_checkpoint(tmp_path / "tiny32.pt", resize_to=32)  # the 240x240 slice sampled at 32x32
     code = demo.main(["--headless", "--refine", "--out", str(out), "--model", str(model), "--steps", "4",
                       "--ensemble", "2"])
     assert code == 0

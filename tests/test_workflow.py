@@ -1,7 +1,7 @@
 """The widget as a user meets it: each way of docking it, the proposal -> accept -> correct ->
 save workflow, cancelling a volume, bad checkpoints, and how the results look.
 
-Tiny random-weight models (32x32, a few steps) under Xvfb; see test_widget.py for the fixtures.
+Tiny random-weight models (32x32, a few steps) under Xvfb; fixtures in conftest.py, helpers in gui_support.py.
 """
 
 from __future__ import annotations
@@ -9,25 +9,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_widget import (  # noqa: F401  (fixtures are used by name)
+from gui_support import (
     AFFINE,
     CASE,
     RUN_TIMEOUT_MS,
-    _add,
-    _case_layers,
-    _errors_since,
-    _isolated,
-    _records,
-    _run,
-    _tiny_model,
-    make_widget,
-    tiny_checkpoint,
+    add_layers,
+    case_layers,
+    errors_since,
+    notification_count,
+    run_and_wait,
+    tiny_unet,
 )
 
 from napari_diffseg import _layerdata as ld
 from napari_diffseg._gui import inputs as gui_inputs
 from napari_diffseg._gui.results import HandEdits
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = {"steps": "3", "num_ensemble": 2, "keep_members": False, "seed": 0}
 
 
@@ -63,32 +61,32 @@ def test_every_docking_path_segments(dock, make_napari_viewer, qtbot, tiny_check
     from napari_diffseg._gui.widget import DiffSegWidget
 
     viewer = make_napari_viewer()
-    _add(viewer, _case_layers(truth=True))
+    add_layers(viewer, case_layers(truth=True))
     widget = dock(viewer)
     assert isinstance(widget, DiffSegWidget)
     # napari hands plugins docked through its public API a PublicOnlyProxy of the viewer.
     assert (type(widget.viewer).__name__ == "PublicOnlyProxy") == (dock is not _dock_from_plugins_menu)
     try:
-        assert widget.chosen_names() == {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair",
+        assert widget.pickers.chosen_names() == {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair",
                                          "seg": "ground truth"}
         widget.configure(persist=False, model_path=str(tiny_checkpoint), **TINY)
-        start = _records()
-        _run(qtbot, widget)
-        assert not _errors_since(start)
+        start = notification_count()
+        run_and_wait(qtbot, widget)
+        assert not errors_since(start)
         proposal = viewer.layers[f"{CASE} diffseg proposal"]
         assert proposal.data.shape == (32, 32) and set(np.unique(proposal.data)) <= {0, 1}
         assert f"{CASE} segmentation" in viewer.layers
         # The pickers follow the layer list by themselves (magicgui + napari's reset_choices).
         viewer.add_image(np.ones((32, 32), np.float32), name="later t1ce")
-        assert "later t1ce" in [layer.name for layer in widget.layer_pickers["t1ce"].choices if layer]
+        assert "later t1ce" in [layer.name for layer in widget.pickers.layer_pickers["t1ce"].choices if layer]
         viewer.layers.remove("later t1ce")
-        assert "later t1ce" not in [layer.name for layer in widget.layer_pickers["t1ce"].choices if layer]
+        assert "later t1ce" not in [layer.name for layer in widget.pickers.layer_pickers["t1ce"].choices if layer]
     finally:
-        if widget.worker is not None:
+        if widget.runner.worker is not None:
             widget.cancel()
-            qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
-        widget._metrics_timer.stop()
-        qtbot.waitUntil(lambda: widget._metrics_worker is None, timeout=RUN_TIMEOUT_MS)
+            qtbot.waitUntil(lambda: widget.runner.worker is None, timeout=RUN_TIMEOUT_MS)
+        widget.review.timer.stop()
+        qtbot.waitUntil(lambda: widget.review.metrics_worker is None, timeout=RUN_TIMEOUT_MS)
 
 
 def test_a_wide_dock_puts_the_groups_side_by_side(make_napari_viewer, qtbot, tiny_checkpoint):
@@ -96,13 +94,14 @@ def test_a_wide_dock_puts_the_groups_side_by_side(make_napari_viewer, qtbot, tin
     the single column of a side dock and leaves the canvas its room; narrow again, one column.
     The groups scroll, so neither dock makes napari's window taller than it was (a single
     column is taller than a laptop screen), and a side dock scrolls up and down only."""
-    from napari_diffseg._gui.widget import WIDE_LAYOUT_MIN_WIDTH, DiffSegWidget
+    from napari_diffseg._gui.layout import WIDE_LAYOUT_MIN_WIDTH
+    from napari_diffseg._gui.widget import DiffSegWidget
 
     viewer = make_napari_viewer(show=True)
     window = viewer.window._qt_window
     window.resize(1280, 700)
     qtbot.waitUntil(lambda: window.height() == 700)
-    _add(viewer, _case_layers(truth=True))
+    add_layers(viewer, case_layers(truth=True))
     widget = DiffSegWidget(viewer)
     widget.persist_settings = False
     dock = viewer.window.add_dock_widget(widget, name="Diffusion segmentation", area="right")
@@ -123,10 +122,10 @@ def test_a_wide_dock_puts_the_groups_side_by_side(make_napari_viewer, qtbot, tin
     widget.resize(WIDE_LAYOUT_MIN_WIDTH - 200, 900)  # made narrow (a floating window): one column again
     qtbot.waitUntil(lambda: not widget.is_wide_layout, timeout=5000)
     widget.configure(persist=False, model_path=str(tiny_checkpoint), **TINY)
-    _run(qtbot, widget)  # and it still works
+    run_and_wait(qtbot, widget)  # and it still works
     assert f"{CASE} diffseg proposal" in viewer.layers
-    widget._metrics_timer.stop()
-    qtbot.waitUntil(lambda: widget._metrics_worker is None, timeout=RUN_TIMEOUT_MS)
+    widget.review.timer.stop()
+    qtbot.waitUntil(lambda: widget.review.metrics_worker is None, timeout=RUN_TIMEOUT_MS)
 
 
 def test_layer_checks_see_through_napari_proxies():
@@ -149,7 +148,7 @@ def test_layer_checks_see_through_napari_proxies():
 def _accept_by_key(viewer):
     from napari.utils.key_bindings import coerce_keybinding
 
-    from napari_diffseg._gui.widget import ACCEPT_KEY
+    from napari_diffseg._gui.keys import ACCEPT_KEY
 
     viewer.keymap[coerce_keybinding(ACCEPT_KEY)](viewer)
 
@@ -164,9 +163,9 @@ def test_corrections_survive_runs_threshold_and_accept(make_widget, qtbot, tmp_p
     from napari_diffseg._writer import write_labels
 
     viewer, widget = make_widget(shape=(32, 32, 4), **TINY)
-    assert not widget.accept_button.enabled and not widget.threshold.enabled  # nothing to review yet
-    _run(qtbot, widget)  # whole volume
-    assert widget.accept_button.enabled and widget.threshold.enabled
+    assert not widget.review.accept_button.enabled and not widget.review.threshold.enabled  # nothing to review yet
+    run_and_wait(qtbot, widget)  # whole volume
+    assert widget.review.accept_button.enabled and widget.review.threshold.enabled
     proposal = viewer.layers[f"{CASE} diffseg proposal"]
     seg = viewer.layers[f"{CASE} segmentation"]
     assert type(seg).__name__ == "Labels" and not seg.data.any()  # made empty: only Accept fills it
@@ -182,16 +181,16 @@ def test_corrections_survive_runs_threshold_and_accept(make_widget, qtbot, tmp_p
     seg.paint((1, 8, 8), 2)
     seg.paint((1, 24, 24), 0)
     painted = seg.data.copy()
-    touched = widget._edits[CASE].touched.copy()  # what the brush changed
+    touched = widget.cases[CASE].edits.touched.copy()  # what the brush changed
     assert touched[1].sum() > 20 and not touched[[0, 2, 3]].any()
     assert (painted == 2).sum() > 10 and not ((painted != accepted) & ~touched).any()
 
     # A run of slice 2 and a new threshold change the proposal, never the segmentation.
     widget.configure(persist=False, scope="slice", seed=5)
     _go_to(viewer, 2)
-    _run(qtbot, widget)
-    widget.threshold.value = 0.05
-    expected = (ld.to_display(widget.results[CASE].probability) > 0.05).astype(np.uint8)
+    run_and_wait(qtbot, widget)
+    widget.review.threshold.value = 0.05
+    expected = (ld.to_display(widget.cases[CASE].result.probability) > 0.05).astype(np.uint8)
     np.testing.assert_array_equal(proposal.data, expected)
     np.testing.assert_array_equal(seg.data, painted)
 
@@ -202,7 +201,7 @@ def test_corrections_survive_runs_threshold_and_accept(make_widget, qtbot, tmp_p
     untouched = ~touched[1]
     np.testing.assert_array_equal(seg.data[1][untouched], expected[1][untouched])
     np.testing.assert_array_equal(seg.data[[0, 2, 3]], painted[[0, 2, 3]])  # other slices: not in scope
-    assert "were kept" in widget.status.value
+    assert "were kept" in widget.runner.status.value
 
     # One undo step takes the accept back; redo puts it in again.
     after = seg.data.copy()
@@ -267,11 +266,11 @@ def test_hand_edits_follow_napari_undo():
 def test_accept_refuses_a_slice_without_proposal(make_widget, qtbot):
     viewer, widget = make_widget(shape=(32, 32, 4), **{**TINY, "scope": "slice"})
     _go_to(viewer, 0)
-    _run(qtbot, widget)
+    run_and_wait(qtbot, widget)
     seg = viewer.layers[f"{CASE} segmentation"]
     _go_to(viewer, 3)
     widget.accept()
-    assert not seg.data.any() and "slice 3 has no proposal" in widget.status.value
+    assert not seg.data.any() and "slice 3 has no proposal" in widget.runner.status.value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,28 +282,28 @@ def test_cancelled_volume_keeps_finished_slices(make_widget, qtbot):
     depth, steps = 12, 100
     viewer, widget = make_widget(shape=(32, 32, depth), steps=str(steps), num_ensemble=3, keep_members=False)
     widget.run()  # 3 chains: 2 slices a batch on the CPU, 6 batches
-    qtbot.waitUntil(lambda: widget.progress_bar.native.value() > 2 * steps, timeout=RUN_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: widget.runner.progress_bar.native.value() > 2 * steps, timeout=RUN_TIMEOUT_MS)
     widget.cancel()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
-    state = widget.results[CASE]
+    qtbot.waitUntil(lambda: widget.runner.worker is None, timeout=RUN_TIMEOUT_MS)
+    state = widget.cases[CASE].result
     done = len(state.slices)
     assert 4 <= done < depth and state.partial == (done, depth)
     name = f"{CASE} diffseg proposal (partial: {done}/{depth} slices)"
     proposal = viewer.layers[name]
-    assert ld.KIND in proposal.metadata and "partial" in widget.status.value
+    assert ld.KIND in proposal.metadata and "partial" in widget.runner.status.value
     missing = sorted(set(range(depth)) - set(state.slices))
     assert not state.probability[..., missing].any()  # unfinished slices are empty
     assert state.variance[..., state.slices].any()  # finished ones hold the ensemble
-    assert widget.ranking.count() == done
+    assert widget.review.ranking.count() == done
 
     widget.accept()  # only the finished slices are committed
     seg = viewer.layers[f"{CASE} segmentation"]
     np.testing.assert_array_equal(seg.data, proposal.data)
 
     widget.configure(persist=False, steps="3")  # a full run renames the proposal back
-    _run(qtbot, widget)
+    run_and_wait(qtbot, widget)
     assert f"{CASE} diffseg proposal" in viewer.layers and name not in viewer.layers
-    assert widget.results[CASE].partial is None
+    assert widget.cases[CASE].result.partial is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,18 +322,18 @@ def test_bad_checkpoints_are_one_line_without_traceback(make_widget, qtbot, tmp_
     torch.save({"conv1.weight": torch.randn(8, 3, 3, 3), "fc.weight": torch.randn(10, 8),
                 "fc.bias": torch.zeros(10)}, classifier)
     reference = tmp_path / "savedmodel000300.pt"
-    torch.save(_tiny_model()[1].state_dict(), reference)  # a bare UNet state dict, as the reference saves
+    torch.save(tiny_unet()[1].state_dict(), reference)  # a bare UNet state dict, as the reference saves
     names = [layer.name for layer in viewer.layers]
     capfd.readouterr()
     for path in (text, empty, classifier, reference):
         widget.configure(persist=False, model_path=str(path))
-        start = _records()
-        _run(qtbot, widget)
-        errors = _errors_since(start)
+        start = notification_count()
+        run_and_wait(qtbot, widget)
+        errors = errors_since(start)
         assert len(errors) == 1 and path.name in errors[0] and "\n" not in errors[0], errors
         assert [layer.name for layer in viewer.layers] == names
     assert "flags JSON" in errors[0] and "--num_channels" not in errors[0]  # the widget's field, not CLI flags
-    assert "flags JSON" in widget.model_status.value
+    assert "flags JSON" in widget.model.model_status.value
     captured = capfd.readouterr()
     assert "Traceback" not in captured.err and "Traceback" not in captured.out
 
@@ -346,7 +345,7 @@ def test_bad_checkpoints_are_one_line_without_traceback(make_widget, qtbot, tmp_
 
 def test_results_are_told_apart(make_widget, qtbot):
     viewer, widget = make_widget(shape=(32, 32, 4), truth=True, **{**TINY, "keep_members": True})
-    _run(qtbot, widget)
+    run_and_wait(qtbot, widget)
     truth = viewer.layers["ground truth"]
     proposal = viewer.layers[f"{CASE} diffseg proposal"]
     seg = viewer.layers[f"{CASE} segmentation"]

@@ -95,8 +95,9 @@ def _save_results(widget, out: Path) -> list[Path]:
     from . import _layerdata as ld
     from .data import save_nifti
 
-    state = widget.results[widget.current_case]
-    meta = widget._result_reference.metadata or {}
+    case = widget.cases.current
+    state = case.result
+    meta = case.reference.metadata or {}
     affine = meta.get(ld.AFFINE)
     header = meta.get(ld.HEADER)
     if affine is None:
@@ -116,7 +117,7 @@ def show_overlay(viewer, widget) -> None:
     (with its colour scale) and the ground truth as a thin outline; the other layers hidden."""
     from . import _layerdata as ld
 
-    case = widget.current_case
+    case = widget.cases.current_name
     for layer in viewer.layers:
         kind = (layer.metadata or {}).get(ld.KIND)
         layer.visible = kind in ("flair", "proposal", "uncertainty", "seg") and (
@@ -128,7 +129,7 @@ def show_overlay(viewer, widget) -> None:
             layer.contour = 1
     viewer.reset_view()
     # The groups scroll in a side dock: bring the Review group's Dice into view.
-    widget._scroll.ensureWidgetVisible(widget.metrics_label.native)
+    widget._scroll.ensureWidgetVisible(widget.review.metrics_label.native)
 
 
 def simulated_scribbles(truth, probability, width: int = 2, min_pixels: int = 20):
@@ -169,12 +170,13 @@ def _refine_demo(viewer, widget) -> bool:
 
     from . import _layerdata as ld
 
-    truth = widget.truth_picker.value
-    state = widget.results.get(widget.current_case or "")
+    truth = widget.pickers.truth_picker.value
+    case = widget.cases.current
+    state = None if case is None else case.result
     if truth is None or state is None or state.is_volume:
         return False
-    widget.scribble()
-    scribbles = widget._our_layer("scribbles", widget.current_case)
+    widget.refine_tools.scribble()
+    scribbles = widget.layers.find("scribbles", case.name)
     marks = simulated_scribbles(truth.data, ld.to_display(state.probability))
     if marks.shape != scribbles.data.shape:
         return False
@@ -211,46 +213,43 @@ def _run(args) -> int:
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
-    from ._gui.models import demo_model_available
-    from ._gui.widget import DiffSegWidget
+    from .checkpoint import DEMO_MODEL
 
-    if not args.model and not demo_model_available():
+    if not args.model and not DEMO_MODEL.is_file():
         raise DiffSegError("the bundled demo model is not installed; give a checkpoint with --model PATH")
     out = Path(args.out)
     viewer = napari.Viewer(title="napari-diffseg demo", show=True)
     if args.headless:
         viewer.window._qt_window.resize(1600, 1000)
     viewer.open_sample("napari-diffseg", SAMPLES[args.sample])
-    widget = DiffSegWidget(viewer)
+    # Docked as napari docks a plugin's widget (the Plugins menu, `napari -w`): through the manifest.
+    _, widget = viewer.window.add_plugin_dock_widget("napari-diffseg", "Diffusion segmentation")
     widget.persist_settings = False  # the demo's choices are not the user's
-    viewer.window.add_dock_widget(widget, name="Diffusion segmentation", area="right")
     settings = {"model_path": args.model, "flags_path": args.flags, "steps": args.steps, "sampler": args.sampler,
                 "device": args.device, "seed": args.seed, "scope": "volume", "keep_members": False,
                 "threshold": 0.5}
     if args.ensemble is not None:
         settings["num_ensemble"] = args.ensemble
-    else:
-        from ._gui.models import MODEL_CACHE
-
-        segmenter = MODEL_CACHE.get(args.model or None, args.flags or None, args.device)
+    else:  # loaded into the widget's model cache: its run finds it there
+        segmenter = widget.runner.cache.get(args.model or None, args.flags or None, args.device)
         settings["num_ensemble"] = int(segmenter.defaults["num_ensemble"])
     widget.configure(persist=False, **settings)
     app = QApplication.instance()
     started = time.monotonic()
     widget.run()
     if not args.headless:
-        if widget.worker is not None:  # after the widget has shown the result
+        if widget.runner.worker is not None:  # after the widget has shown the result
             def shown(*_):
                 show_overlay(viewer, widget)
                 if args.refine:
                     QTimer.singleShot(500, lambda: _refine_demo(viewer, widget))  # after the run's end
 
-            widget.worker.returned.connect(shown)
+            widget.runner.worker.returned.connect(shown)
         napari.run()
         return 0
     _process_events_until(app, lambda: not widget.running, timeout=3600)
     errors = [text for severity, text in widget.messages if severity == "error"]
-    if errors or widget.current_case is None:
+    if errors or widget.cases.current is None:
         raise DiffSegError(errors[-1] if errors else "the segmentation did not finish")
     out.mkdir(parents=True, exist_ok=True)
     written = _save_results(widget, out)
@@ -261,9 +260,9 @@ def _run(args) -> int:
     screenshot = out / "screenshot.png"
     viewer.screenshot(str(screenshot), canvas_only=False)
     written.append(screenshot)
-    print(f"{widget.status.value} ({time.monotonic() - started:.1f} s including the model load)")
-    if widget.metrics_label.value:
-        print(widget.metrics_label.value)
+    print(f"{widget.runner.status.value} ({time.monotonic() - started:.1f} s including the model load)")
+    if widget.review.metrics_label.value:
+        print(widget.review.metrics_label.value)
     if args.refine:
         written.extend(_headless_refine(viewer, widget, app, out))
     for path in written:
@@ -287,14 +286,14 @@ def _headless_refine(viewer, widget, app, out: Path) -> list[Path]:
             viewer.screenshot(str(shot), canvas_only=False)
             taken.append(shot)
 
-    if widget.worker is None:
-        raise DiffSegError("the refine did not start: " + widget.status.value)
-    widget.worker.yielded.connect(capture)
+    if widget.runner.worker is None:
+        raise DiffSegError("the refine did not start: " + widget.runner.status.value)
+    widget.runner.worker.yielded.connect(capture)
     _process_events_until(app, lambda: not widget.running, timeout=3600)
     errors = [text for severity, text in widget.messages if severity == "error"]
     if errors or not taken:
         raise DiffSegError(errors[-1] if errors else "the refine ended before its preview could be captured")
-    print(widget.status.value)
+    print(widget.runner.status.value)
     return taken
 
 

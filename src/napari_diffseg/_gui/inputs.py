@@ -1,6 +1,6 @@
 """Which layers are a run's inputs, and whether they can be: layer names matched to modalities
-and cases, the checks of the chosen layers, and the slice the viewer is at (no Qt; napari's
-layer classes are imported where a layer's type is asked).
+and cases, the checks of the chosen layers, and the slice the viewer is at or goes to (no Qt;
+napari's layer classes are imported where a layer's type is asked).
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ class Inputs:
     reference: object  # the t1 layer: its scale, translate and metadata go to the results
     truth: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
+    spacing: tuple[float, ...] = ()  # voxel size, core order (for HD95)
 
 
 def check_inputs(chosen: dict[str, object | None], truth_layer=None) -> Inputs:
@@ -188,7 +189,8 @@ def check_inputs(chosen: dict[str, object | None], truth_layer=None) -> Inputs:
     reference = layers[0]
     meta = getattr(reference, "metadata", {}) or {}
     case = meta.get(ld.CASE) or case_prefix(reference.name)
-    inputs = Inputs(arrays, arrays[0].ndim, arrays[0].shape, case, reference)
+    ndim = arrays[0].ndim
+    inputs = Inputs(arrays, ndim, arrays[0].shape, case, reference, spacing=_spacing(reference, ndim))
     if truth_layer is not None:
         truth = np.asarray(truth_layer.data)
         if truth.shape != inputs.display_shape:
@@ -203,9 +205,26 @@ def check_inputs(chosen: dict[str, object | None], truth_layer=None) -> Inputs:
     return inputs
 
 
+def _spacing(reference, spatial_ndim: int) -> tuple[float, ...]:
+    """The voxel size in core order: the source file's, else the layer's scale (display order)."""
+    meta = getattr(reference, "metadata", None) or {}
+    if ld.VOXEL_SIZE in meta and len(meta[ld.VOXEL_SIZE]) == spatial_ndim:
+        return tuple(meta[ld.VOXEL_SIZE])
+    return tuple(float(s) for s in reversed(tuple(reference.scale)[-spatial_ndim:]))
+
+
 def slice_index(world_point: Sequence[float], scale: Sequence[float], translate: Sequence[float], depth: int) -> int:
     """The Z index (display axis 0 of a volume layer) the viewer is at, clipped to the volume."""
     world_z = float(world_point[-3])
     z = int(round((world_z - float(translate[0])) / float(scale[0])))
     return int(np.clip(z, 0, depth - 1))
 
+
+def go_to_slice(viewer, reference, z: int) -> None:
+    """Move the viewer to core slice z (display axis 0) of the reference layer's volume."""
+    if reference is None or reference.ndim < 3:
+        return
+    world = float(reference.translate[0]) + z * float(reference.scale[0])
+    axis = viewer.dims.ndim - 3
+    if axis >= 0:
+        viewer.dims.set_point(axis, world)

@@ -19,24 +19,20 @@ from ..refine import refine_chain
 from .figures import evaluate
 from .inputs import Inputs
 from .models import MODEL_CACHE, ModelCache
+from .settings import Settings
 
 PREVIEW_INTERVAL = 0.1  # seconds between preview redraws (at most ~10 a second)
+
+
+MAX_MEMBERS_BYTES = 1_000_000_000  # larger member stacks are not kept (the core allocates them too)
 
 
 @dataclass
 class RunRequest:
     inputs: Inputs
-    z: int | None  # the core slice index for "current slice" on a volume; None = everything
-    model_path: str | None
-    flags_path: str | None
-    device: str
-    num_ensemble: int
-    respacing: str | None
-    sampler: str | None
-    seed: int
-    keep_members: bool  # show the members as a layer
-    spacing: tuple[float, ...] = ()  # voxel size, core order (for HD95)
-    precision: str = "auto"  # inference.PRECISIONS
+    settings: Settings  # the form at Run time: the model, the device and the sampler's options
+    z: int | None = None  # the core slice index for "current slice" on a volume; None = everything
+    keep_members: bool = False  # show the members as a layer
     keep_samples: bool = True  # keep the members in the result (what a later Refine starts from)
     # A refine (one slice): the known pixels (core order, the slice's (X, Y)) and, when the slice
     # has members from an earlier run, those members (N, X, Y) to start from half-way.
@@ -49,6 +45,23 @@ class RunRequest:
     @property
     def is_refine(self) -> bool:
         return self.known_mask is not None
+
+
+def plan_run(inputs: Inputs, settings: Settings, z: int | None) -> RunRequest:
+    """The request of a Run: the members are kept (for Refine) even when not shown, unless they
+    would be huge; then the inputs' warnings say so."""
+    ensemble = settings.num_ensemble
+    voxels = int(np.prod(inputs.display_shape if z is None else inputs.display_shape[1:]))
+    members_bytes = 4 * voxels * ensemble
+    keep_samples = members_bytes <= MAX_MEMBERS_BYTES
+    if not keep_samples:
+        inputs.warnings.append(
+            f"the {ensemble} ensemble members of the whole volume would take "
+            f"{members_bytes / 1e9:.1f} GB: not kept this time (segment the current slice to see "
+            "them; Refine then runs whole chains)"
+        )
+    return RunRequest(inputs, settings, z, keep_members=settings.keep_members and keep_samples,
+                      keep_samples=keep_samples)
 
 
 @dataclass
@@ -104,7 +117,8 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
     from ..data import brain_slices
 
     start = time.monotonic()
-    segmenter = cache.get(request.model_path, request.flags_path, request.device)
+    settings = request.settings
+    segmenter = cache.get(settings.model_path or None, settings.flags_path or None, settings.device)
     images = prepare_images(request.inputs, request.z)
     source = None
     if request.z is not None and segmenter.loaded.inputs != InputSpec():
@@ -112,25 +126,22 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
         source = (prepare_images(request.inputs, None), request.z)
     # A bad step spec fails here (num_steps), before any work.
     if request.init is not None:
-        respacing, chain_steps, start_step = refine_chain(segmenter, request.respacing)
+        respacing, chain_steps, start_step = refine_chain(segmenter, settings.respacing)
     else:
-        respacing = segmenter.defaults["timestep_respacing"] if request.respacing is None else request.respacing
+        respacing = segmenter.defaults["timestep_respacing"] if settings.respacing is None else settings.respacing
         chain_steps, start_step = segmenter.num_steps(respacing), None
     slices: set[int] = set()
     todo = None
     if partial is not None and images.ndim == 4:
         todo = brain_slices(images)  # what run() would choose; known up front for "7/16 slices"
         partial.total = len(todo)
-        partial.num_ensemble = request.num_ensemble
+        partial.num_ensemble = settings.num_ensemble
     generator = segmenter.run(
         images,
-        num_ensemble=request.num_ensemble,
         respacing=respacing,
-        sampler=request.sampler,
-        seed=request.seed,
+        **settings.run_options(),  # num_ensemble, sampler, eta, precision, seed: as the form has them
         keep_samples=request.keep_samples,
         preview_interval=PREVIEW_INTERVAL,
-        precision=request.precision,
         slices=todo,
         sink=partial.add if todo is not None else None,
         known_mask=request.known_mask,
@@ -154,9 +165,9 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
         truth = ld.to_core(request.inputs.truth)
         if request.z is not None:
             truth = truth[..., request.z]
-            metrics = evaluate(segmentation.mask, truth, request.spacing[:2])
+            metrics = evaluate(segmentation.mask, truth, request.inputs.spacing[:2])
         else:
-            metrics = evaluate(segmentation.mask, truth, request.spacing, done if truth.ndim == 3 else None)
+            metrics = evaluate(segmentation.mask, truth, request.inputs.spacing, done if truth.ndim == 3 else None)
     return RunOutcome(segmentation, request.z, done, metrics, time.monotonic() - start, str(segmenter.device),
                       start_step, chain_steps)
 
@@ -203,8 +214,8 @@ def error_message(exc: BaseException, request: RunRequest | None) -> str:
     if isinstance(exc, DiffSegError):
         return " ".join(str(exc).split())  # one line, whatever the message holds
     if is_out_of_memory(exc):
-        members = f"{request.num_ensemble} chains" if request else "the chains"
-        where = request.device if request else "the device"
+        members = f"{request.settings.num_ensemble} chains" if request else "the chains"
+        where = request.settings.device if request else "the device"
         return (
             f"out of memory on {where} while sampling {members}: lower the ensemble size, segment the "
             "current slice instead of the whole volume, or choose the cpu device, then run again"

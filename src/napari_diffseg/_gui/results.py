@@ -13,6 +13,7 @@ from .. import _layerdata as ld
 from ..refine import Hint, next_mark
 
 if TYPE_CHECKING:
+    from .inputs import Inputs
     from .job import Partial, RunOutcome
 
 
@@ -195,3 +196,61 @@ class HandEdits:
         self.accepted[slice(None) if zs is None or self.written.ndim != 3 else list(zs)] = True
         return indices, proposal[indices], kept
 
+
+
+@dataclass
+class CaseResult:
+    """What the widget holds of one case: its result, the user's hand edits in its segmentation
+    layer, the input layer its layers are placed by, and the ground truth its figures are of."""
+
+    name: str
+    result: ResultState
+    reference: object = None  # the t1 layer of the shown result (scale, translate, metadata)
+    truth: np.ndarray | None = None  # display order
+    spacing: tuple[float, ...] = ()  # voxel size, core order (for HD95)
+    edits: HandEdits | None = None  # made with the case's segmentation layer
+
+    def result_fits(self, display_shape: Sequence[int]) -> bool:
+        """Whether the result is of images of this shape (display order)."""
+        return self.result.spatial_shape == tuple(reversed(tuple(display_shape)))
+
+
+class CaseResults:
+    """The cases this widget has results of, by name, and the one on screen."""
+
+    def __init__(self):
+        self._cases: dict[str, CaseResult] = {}
+        self.current_name: str | None = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._cases
+
+    def __getitem__(self, name: str) -> CaseResult:
+        return self._cases[name]
+
+    def get(self, name: str | None) -> CaseResult | None:
+        return self._cases.get(name or "")
+
+    @property
+    def current(self) -> CaseResult | None:
+        return self.get(self.current_name)
+
+    def state_for(self, name: str, display_shape: Sequence[int], threshold: float, whole: bool) -> ResultState:
+        """The result state a run of the case merges into: the case's, or a fresh one when the
+        input changed shape or the run covers it all (kept only once shown: ``show``)."""
+        core_shape = tuple(reversed(tuple(display_shape)))
+        case = self._cases.get(name)
+        state = None if case is None else case.result
+        if state is None or state.spatial_shape != core_shape or whole:
+            state = ResultState.empty(name, core_shape, threshold)
+        state.threshold = threshold
+        return state
+
+    def show(self, inputs: Inputs, state: ResultState) -> CaseResult:
+        """Make ``state`` the result of the inputs' case, and that case the one on screen."""
+        case = self._cases.get(inputs.case)
+        if case is None:
+            case = self._cases[inputs.case] = CaseResult(inputs.case, state)
+        case.result, case.reference, case.truth, case.spacing = state, inputs.reference, inputs.truth, inputs.spacing
+        self.current_name = inputs.case
+        return case

@@ -57,8 +57,10 @@ def rounds_to(dices: list[float], threshold: float, cap: int) -> int:
 def simulate(segmenter, images: np.ndarray, truth: np.ndarray, args) -> dict:
     from napari_diffseg.refine import known_pixels
     from napari_diffseg.inference import run_to_end
+    from napari_diffseg.options import Guidance, SamplingOptions
 
-    start = run_to_end(segmenter.run(images, num_ensemble=args.ensemble, seed=args.seed, preview_interval=None))
+    start = run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=args.ensemble, seed=args.seed),
+                                     preview_interval=None))
     first = start.mask.astype(bool)
     rows = {}
     for mode in ("refine", "by_hand"):
@@ -80,11 +82,11 @@ def simulate(segmenter, images: np.ndarray, truth: np.ndarray, args) -> dict:
                 # the widget's rule: outside a drawn region the current mask stays, the marks win
                 known = known_pixels(marks, segmentation=mask, region=box)
                 t0 = time.perf_counter()
-                result = run_to_end(segmenter.run(images, num_ensemble=args.ensemble, seed=args.seed + len(dices),
-                                                  known_mask=known.mask, known_values=known.values, marks=marks,
-                                                  init=members, start_step=args.start_step,
-                                                  respacing=args.refine_respacing, resample=args.resample,
-                                                  preview_interval=None))
+                options = SamplingOptions(num_ensemble=args.ensemble, respacing=args.refine_respacing,
+                                          seed=args.seed + len(dices))
+                guidance = Guidance(known_mask=known.mask, known_values=known.values, marks=marks, init=members,
+                                    start_step=args.start_step, resample=args.resample)
+                result = run_to_end(segmenter.run(images, options, guidance, preview_interval=None))
                 seconds.append(time.perf_counter() - t0)
                 mask, members = result.mask.astype(bool), result.samples
             dices.append(metrics.dice(mask, truth))

@@ -19,6 +19,7 @@ import torch
 from napari_diffseg import data
 from napari_diffseg.checkpoint import read_flags_file
 from napari_diffseg.inference import Segmenter, run_to_end
+from napari_diffseg.options import SamplingOptions
 
 SMALL = common.REPO.parent / "shared" / "reference" / "small"
 SLICE = common.REPO.parent / "shared" / "seed-data" / "data" / "testing" / "000246"
@@ -48,8 +49,8 @@ def main(argv=None) -> dict:
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         began = time.perf_counter()
-        result = run_to_end(segmenter.run(case.images, num_ensemble=args.ensemble, respacing=args.steps,
-                                          seed=seed, preview_interval=None))
+        options = SamplingOptions(num_ensemble=args.ensemble, respacing=args.steps, seed=seed)
+        result = run_to_end(segmenter.run(case.images, options, preview_interval=None))
         seconds = time.perf_counter() - began
         score = dice(result.mask[8:-8, 8:-8], ref_mask)  # the reference never sees the 8-pixel border
         rows.append({"seed": seed, "dice": score, "seconds": seconds,

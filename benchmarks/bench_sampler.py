@@ -60,6 +60,7 @@ from napari_diffseg.geometry import Geometry  # noqa: E402
 from napari_diffseg.inference import (  # noqa: E402
     batch_candidates, has_c_compiler, most_chains, probe_batching,
 )
+from napari_diffseg.options import SamplingOptions  # noqa: E402
 from napari_diffseg.unet import UNet, UNetConfig, count_parameters  # noqa: E402
 
 SEED = 0
@@ -301,8 +302,8 @@ def time_sampler(cfg: Config, device: torch.device, num_ensemble: int, warmup: i
     size = tuple(cfg.images.shape[-2:])
     chains, probe = probe_batching(model, device, batch_candidates(num_ensemble, 1, most_chains(device, *size)),
                                    size, precision) if not compiled else (num_ensemble, None)
-    generator = sample_ensemble(model, diffusion, cfg.images, num_ensemble, seed=SEED, sampler=sampler,
-                                precision=precision, clip_range=tuple(clip_range),
+    options = SamplingOptions(num_ensemble, sampler=sampler, precision=precision, seed=SEED)
+    generator = sample_ensemble(model, diffusion, cfg.images, options, clip_range=tuple(clip_range),
                                 clamp_variance=bool(cfg.preset.get("clamp_variance", False)),
                                 chains_per_call=chains)
     extra = {} if probe is None else {"probe": probe}
@@ -594,7 +595,7 @@ def time_volume(volume: str, device: torch.device, num_ensemble: int, quick: boo
     segmenter = Segmenter.load(model_path, device=device, precision="auto", batching="auto")
     load_s = time.perf_counter() - began
     with common.Timer(device) as timer:
-        result = run_to_end(segmenter.run(images, num_ensemble=num_ensemble, keep_samples=False,
+        result = run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=num_ensemble), keep_samples=False,
                                           preview_interval=None))
     brain = int((np.abs(images).reshape(-1, images.shape[-1]).max(axis=0) > 0).sum())
     out = {"status": "ok", "volume": source, "shape": list(images.shape[1:]), "brain_slices": brain,

@@ -17,6 +17,7 @@ import torch
 from napari_diffseg import augment, data, metrics
 from napari_diffseg.evaluate import score_case, summarise
 from napari_diffseg.inference import Segmenter, run_to_end
+from napari_diffseg.options import SamplingOptions
 
 KEYS = ("dice_ensemble", "dice_single_mean", "auroc_variance_error", "auroc_mixture_p1p", "hd95")
 
@@ -28,7 +29,7 @@ def member(segmenter: Segmenter, images: np.ndarray, k: int, variant: str, seed:
     flipped = "flip" in variant and k % 2 == 1
     if flipped:
         view = view.flip(-2)
-    run = run_to_end(segmenter.run(view[0].numpy(), num_ensemble=1, seed=seed, preview_interval=None))
+    run = run_to_end(segmenter.run(view[0].numpy(), SamplingOptions(num_ensemble=1, seed=seed), preview_interval=None))
     return run.samples[0][::-1] if flipped else run.samples[0]
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from napari_diffseg import data
 from napari_diffseg.evaluate import score_case, summarise
 from napari_diffseg.inference import Segmenter, run_to_end
+from napari_diffseg.options import SamplingOptions
 
 KEYS = ("dice_ensemble", "dice_single_mean", "auroc_variance_error", "hd95")
 
@@ -32,7 +33,8 @@ def main() -> None:
         for seed in seeds:
             rows = []
             for case in cases:
-                run = run_to_end(segmenter.run(case.images, num_ensemble=5, seed=seed, preview_interval=None))
+                run = run_to_end(segmenter.run(case.images, SamplingOptions(num_ensemble=5, seed=seed),
+                                               preview_interval=None))
                 rows.append(score_case(run.samples, case.label.astype(bool), case.voxel_size))
             summary = summarise(rows)
             summary["empty"] = sum(r["empty_tumour_slices"] for r in rows)

@@ -9,6 +9,7 @@ import torch
 
 from napari_diffseg import checkpoint, evaluate, synthetic, train
 from napari_diffseg.inference import Segmenter, run_to_end
+from napari_diffseg.options import SamplingOptions
 
 TINY_FLAGS = ["--num_channels", "32", "--channel_mult", "1,2", "--num_res_blocks", "1", "--attention_resolutions", "",
               "--crop_border", "0", "--resize_to", "32", "--batch_size", "4", "--lr", "2e-3", "--ema_rate", "0.9",
@@ -67,14 +68,14 @@ def test_one_pass_inference(baseline_run, phantom_dir):
     case = data.load_case(data.find_cases(phantom_dir)[0])
     segmenter = Segmenter.load(baseline_run / "model.pt", device="cpu")
     steps = []
-    result = run_to_end(segmenter.run(case.images, num_ensemble=5, seed=0), steps.append)
+    result = run_to_end(segmenter.run(case.images, SamplingOptions(num_ensemble=5, seed=0)), steps.append)
     assert len(steps) == 1 and steps[0].preview is not None
     assert result.num_ensemble == 1 and result.samples.shape == (1, *case.images.shape[1:])
     assert result.probability.shape == case.images.shape[1:]
     np.testing.assert_allclose(result.variance, result.probability * (1 - result.probability), atol=1e-6)
     assert 0 <= result.probability.min() and result.probability.max() <= 1
     # deterministic: the seed changes nothing
-    again = run_to_end(segmenter.run(case.images, seed=123))
+    again = run_to_end(segmenter.run(case.images, SamplingOptions(seed=123)))
     np.testing.assert_array_equal(again.probability, result.probability)
 
 

@@ -14,6 +14,7 @@ from napari_diffseg import inference
 from napari_diffseg.errors import DiffSegError
 from napari_diffseg.geometry import Geometry
 from napari_diffseg.inference import Segmenter, batch_candidates, format_eta, run_to_end
+from napari_diffseg.options import SamplingOptions
 
 from test_core import _final, _images, save_tiny_checkpoint, tiny_model
 from napari_diffseg.diffusion import Diffusion, DiffusionConfig
@@ -74,8 +75,8 @@ def test_auto_batching_probes_once_and_keeps_the_results(segmenter_path, monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(inference, "probe_batching", counted)
-    first = run_to_end(auto.run(volume, num_ensemble=2, respacing="3", seed=4))
-    again = run_to_end(auto.run(volume, num_ensemble=2, respacing="3", seed=4))
+    first = run_to_end(auto.run(volume, SamplingOptions(num_ensemble=2, respacing="3", seed=4)))
+    again = run_to_end(auto.run(volume, SamplingOptions(num_ensemble=2, respacing="3", seed=4)))
     assert calls == [[1, 2, 4, 6]]  # probed at the first run only: cached for this size and precision
     chosen = auto.probe_report["chosen"]
     assert first.settings["chains_per_call"] == chosen and first.settings["slices_per_batch"] == max(1, chosen // 2)
@@ -83,7 +84,7 @@ def test_auto_batching_probes_once_and_keeps_the_results(segmenter_path, monkeyp
     np.testing.assert_array_equal(again.probability, first.probability)
     for fixed in (1, 2, 6):
         other = run_to_end(Segmenter.load(segmenter_path, device="cpu", batching=fixed).run(
-            volume, num_ensemble=2, respacing="3", seed=4))
+            volume, SamplingOptions(num_ensemble=2, respacing="3", seed=4)))
         assert other.settings["chains_per_call"] == fixed
         np.testing.assert_allclose(other.probability, first.probability, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(other.variance, first.variance, rtol=1e-3, atol=1e-5)
@@ -156,7 +157,7 @@ def test_an_unsettled_probe_serves_the_run_but_is_not_stored(segmenter_path, mon
         lambda batch: 0.5 * batch * (1 + 2 * rng.random())))
     volume = np.random.default_rng(3).random((4, 16, 16, 3)).astype(np.float32)
     segmenter = Segmenter.load(segmenter_path, device="cpu", batching="auto")
-    result = run_to_end(segmenter.run(volume, num_ensemble=2, respacing="2"))
+    result = run_to_end(segmenter.run(volume, SamplingOptions(num_ensemble=2, respacing="2")))
     assert result.settings["batching"] == "probed" and not segmenter.probe_report["settled"]
     assert not inference.batching_file().exists()
 
@@ -182,7 +183,7 @@ def test_a_stale_stored_choice_is_corrected_within_one_volume(segmenter_path, fa
     _poison(segmenter, _net_size(segmenter), timings={1: 1000.0, 5: 3000.0})  # timed while the CPU was busy
     fake_timer.update({1: 0.010, 5: 0.030, 10: 0.040, 20: 0.100, 40: 0.300, 60: 0.500})  # 10: 4 ms a chain
     progress = []
-    result = run_to_end(segmenter.run(volume, num_ensemble=5, respacing="3", seed=2), progress.append)
+    result = run_to_end(segmenter.run(volume, SamplingOptions(num_ensemble=5, respacing="3", seed=2)), progress.append)
     chains = [p.chains for p in progress]
     assert chains[0] == 1 and 1 not in chains[3 * 3:], chains  # at most three one-slice batches at 1
     assert chains[chains.index(10) - 1] == 1 and min(chains[chains.index(10):]) >= 10, chains
@@ -193,7 +194,7 @@ def test_a_stale_stored_choice_is_corrected_within_one_volume(segmenter_path, fa
     assert entry.chains == final and final in entry.pace_ms  # the new choice, and the pace it ran at
     # The change of batching changed the speed only.
     fixed = run_to_end(Segmenter.load(segmenter_path, device="cpu", batching=10).run(
-        volume, num_ensemble=5, respacing="3", seed=2))
+        volume, SamplingOptions(num_ensemble=5, respacing="3", seed=2)))
     np.testing.assert_allclose(result.probability, fixed.probability, rtol=1e-4, atol=1e-5)
 
 
@@ -248,7 +249,7 @@ def test_a_poisoned_choice_is_corrected_with_real_timings(segmenter_path):
     volume = np.random.default_rng(6).random((4, 16, 16, 8)).astype(np.float32)
     segmenter = Segmenter.load(segmenter_path, device="cpu", batching="auto")
     _poison(segmenter, _net_size(segmenter), timings={1: 500.0, 3: 2000.0})
-    result = run_to_end(segmenter.run(volume, num_ensemble=3, respacing="3", seed=2))
+    result = run_to_end(segmenter.run(volume, SamplingOptions(num_ensemble=3, respacing="3", seed=2)))
     assert result.settings["batching"] == "re-probed" and result.settings["chains_per_call"] > 1
 
 
@@ -260,9 +261,9 @@ def test_one_entry_per_model_size_and_precision(segmenter_path, fake_timer):
     inference.batching_file().write_text(json.dumps({"old|1,2": 1, "old|1,2,4": 4}))
     volume = np.random.default_rng(8).random((4, 16, 16, 3)).astype(np.float32)
     segmenter = Segmenter.load(segmenter_path, device="cpu", batching="auto")
-    run_to_end(segmenter.run(volume, num_ensemble=2, respacing="2", seed=1))  # probes 1, 2, 4, 6
+    run_to_end(segmenter.run(volume, SamplingOptions(num_ensemble=2, respacing="2", seed=1)))  # probes 1, 2, 4, 6
     later = Segmenter.load(segmenter_path, device="cpu", batching="auto")
-    one = run_to_end(later.run(volume[..., 1], num_ensemble=2, respacing="2", seed=1))
+    one = run_to_end(later.run(volume[..., 1], SamplingOptions(num_ensemble=2, respacing="2", seed=1)))
     assert later.probes == 0 and one.settings["batching"] == "stored" and one.settings["chains_per_call"] in (1, 2)
     table = json.loads(inference.batching_file().read_text())
     assert list(table) == [segmenter._stored_key((*_net_size(segmenter), "fp32"))]
@@ -287,7 +288,7 @@ def test_the_choice_is_kept_on_disk_for_later_runs(segmenter_path, monkeypatch, 
     fake_timer.update({1: 0.010, 2: 0.015, 4: 0.020})  # 4 chains a call: both slices in one batch
     volume = np.random.default_rng(8).random((4, 16, 16, 2)).astype(np.float32)
     first = Segmenter.load(segmenter_path, device="cpu", batching="auto")
-    a = run_to_end(first.run(volume, num_ensemble=2, respacing="2", seed=1))
+    a = run_to_end(first.run(volume, SamplingOptions(num_ensemble=2, respacing="2", seed=1)))
     stored = inference.batching_file()
     entries = list(json.loads(stored.read_text()).values())
     assert stored.is_file() and [e["chains"] for e in entries] == [first.probe_report["chosen"]]
@@ -298,14 +299,14 @@ def test_the_choice_is_kept_on_disk_for_later_runs(segmenter_path, monkeypatch, 
     real = inference.probe_batching
     monkeypatch.setattr(inference, "probe_batching", no_probe)
     later = Segmenter.load(segmenter_path, device="cpu", batching="auto")
-    b = run_to_end(later.run(volume, num_ensemble=2, respacing="2", seed=1))
+    b = run_to_end(later.run(volume, SamplingOptions(num_ensemble=2, respacing="2", seed=1)))
     assert later.probe_report["chosen"] == first.probe_report["chosen"] and "from" in later.probe_report
     np.testing.assert_array_equal(b.probability, a.probability)
     # A broken file costs a probe, not a failure.
     monkeypatch.setattr(inference, "probe_batching", real)
     stored.write_text("not json")
     assert run_to_end(Segmenter.load(segmenter_path, device="cpu", batching="auto").run(
-        volume, num_ensemble=2, respacing="2"))
+        volume, SamplingOptions(num_ensemble=2, respacing="2")))
     assert isinstance(json.loads(stored.read_text()), dict)
 
 
@@ -329,7 +330,7 @@ def test_volume_progress_counts_slices_and_time_left(segmenter_path):
     volume = np.random.default_rng(7).random((4, 16, 16, 5)).astype(np.float32)
     segmenter = Segmenter.load(segmenter_path, device="cpu", batching=2)  # one slice of 2 chains a batch
     progress = []
-    run_to_end(segmenter.run(volume, num_ensemble=2, respacing="2", seed=0), progress.append)
+    run_to_end(segmenter.run(volume, SamplingOptions(num_ensemble=2, respacing="2", seed=0)), progress.append)
     assert [p.slices_done for p in progress] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert {p.slices_total for p in progress} == {5}
     assert all(p.elapsed > 0 for p in progress)

@@ -27,6 +27,7 @@ import bench_train  # noqa: E402
 
 from napari_diffseg.diffusion import Diffusion, DiffusionConfig  # noqa: E402
 from napari_diffseg.ensemble import sample_ensemble  # noqa: E402
+from napari_diffseg.options import SamplingOptions  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -163,7 +164,7 @@ def _faithful(model, diffusion, images, steps, seed):
     model = model.to(memory_format=torch.channels_last)
     try:
         last = None
-        for count, step in enumerate(sample_ensemble(model, diffusion, images, N, seed=seed), start=1):
+        for count, step in enumerate(sample_ensemble(model, diffusion, images, SamplingOptions(N, seed=seed)), start=1):
             last = step
             if count == steps:
                 break

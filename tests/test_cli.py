@@ -26,6 +26,7 @@ import torch
 from napari_diffseg import checkpoint
 from napari_diffseg.diffusion import DiffusionConfig
 from napari_diffseg.geometry import Geometry
+from napari_diffseg.options import SamplingOptions
 from napari_diffseg.unet import UNet, UNetConfig
 
 
@@ -296,7 +297,7 @@ def test_volume_results_stream_through_disk_and_match_memory(tiny_ckpt, tmp_path
     assert sample.main([str(a) for a in args]) == 0
     assert allocated == [out / ".case.partial"] and not allocated[0].exists()
     memory = run_to_end(Segmenter.load(tiny_ckpt, device="cpu").run(
-        data.load_case(data.find_case_files(case)).images, num_ensemble=2, respacing="3", seed=0))
+        data.load_case(data.find_case_files(case)).images, SamplingOptions(num_ensemble=2, respacing="3", seed=0)))
     written = {name: nib.load(str(out / "case" / f"{name}.nii.gz")).get_fdata() for name in
                ("mask", "probability", "variance", "samples")}
     np.testing.assert_array_equal(written["mask"], memory.mask)
@@ -475,7 +476,7 @@ def test_slices_restrict_a_volume_in_sample_and_eval(tiny_ckpt, tmp_path):
                                                     "--slices", "2:4")]) == 0
     probability = nib.load(str(out / "case" / "probability.nii.gz")).get_fdata()
     full = run_to_end(Segmenter.load(tiny_ckpt, device="cpu").run(
-        data.load_case(data.find_case_files(case)).images, num_ensemble=2, respacing="3", seed=0))
+        data.load_case(data.find_case_files(case)).images, SamplingOptions(num_ensemble=2, respacing="3", seed=0)))
     assert probability.shape == (32, 32, 6)
     assert not probability[..., [0, 1, 4, 5]].any()
     # Each slice's chains are seeded by the slice, so the slab equals the same slices of a full run

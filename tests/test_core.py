@@ -16,6 +16,7 @@ from napari_diffseg.ensemble import ensemble_statistics, sample_ensemble
 from napari_diffseg.errors import DiffSegError
 from napari_diffseg.geometry import Geometry
 from napari_diffseg.inference import Segmenter, run_to_end
+from napari_diffseg.options import SamplingOptions
 from napari_diffseg.unet import UNet, UNetConfig
 
 TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="",
@@ -58,7 +59,7 @@ def _images(s: int, h: int = 16, w: int = 16, seed: int = 0) -> torch.Tensor:
 
 def test_sampling_yields_every_step_with_ensemble_states(model, diffusion10):
     assert diffusion10.num_timesteps == 10
-    steps = list(sample_ensemble(model, diffusion10, _images(2), 3, seed=1))
+    steps = list(sample_ensemble(model, diffusion10, _images(2), SamplingOptions(3, seed=1)))
     assert len(steps) == diffusion10.num_timesteps
     assert [s.index for s in steps] == list(range(10))
     assert all(s.total == 10 for s in steps)
@@ -69,9 +70,9 @@ def test_sampling_yields_every_step_with_ensemble_states(model, diffusion10):
     assert torch.isfinite(steps[-1].x).all()
 
 
-def _final(model, diffusion, images, n, **kwargs) -> torch.Tensor:
+def _final(model, diffusion, images, n, seed=0, **kwargs) -> torch.Tensor:
     last = None
-    for last in sample_ensemble(model, diffusion, images, n, **kwargs):
+    for last in sample_ensemble(model, diffusion, images, SamplingOptions(n, seed=seed), **kwargs):
         pass
     return last.x.clone()
 
@@ -180,9 +181,10 @@ def segmenters(tmp_path_factory):
             for name, g in geometries.items()}
 
 
-def _run(segmenter, images, **kwargs):
+def _run(segmenter, images, slices=None, keep_samples=True, **options):
     progress = []
-    result = run_to_end(segmenter.run(images, **kwargs), progress.append)
+    result = run_to_end(segmenter.run(images, SamplingOptions(**options), slices=slices, keep_samples=keep_samples),
+                        progress.append)
     return result, progress
 
 

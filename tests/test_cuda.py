@@ -14,6 +14,7 @@ from napari_diffseg import checkpoint, train
 from napari_diffseg.diffusion import DiffusionConfig
 from napari_diffseg.geometry import Geometry
 from napari_diffseg.inference import Segmenter, resolve_precision, run_to_end
+from napari_diffseg.options import SamplingOptions
 from napari_diffseg.synthetic import write_phantoms
 from napari_diffseg.unet import UNet, UNetConfig
 from test_core import TINY as TINY_CORE
@@ -76,14 +77,14 @@ def test_segmenter_on_cuda_every_precision(segmenter, exact_cuda):
     images = np.random.default_rng(0).random((4, 40, 48)).astype(np.float32)
     results = {}
     for precision in ("fp32", "bf16", "fp16"):
-        results[precision] = run_to_end(segmenter.run(images, num_ensemble=3, respacing="5", seed=1,
-                                                      precision=precision))
+        results[precision] = run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=3, respacing="5",
+                                                                              precision=precision, seed=1)))
         result = results[precision]
         assert result.settings["precision"] == precision
         assert result.probability.shape == result.variance.shape == (40, 48)
         assert result.samples.shape == (3, 40, 48) and np.isfinite(result.samples).all()
         assert (result.variance >= 0).all() and result.variance.max() > 0  # the chains differ
-    again = run_to_end(segmenter.run(images, num_ensemble=3, respacing="5", seed=1, precision="fp32"))
+    again = run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=3, respacing="5", precision="fp32", seed=1)))
     np.testing.assert_allclose(again.samples, results["fp32"].samples, atol=1e-5)
     for precision in ("bf16", "fp16"):
         difference = np.abs(results[precision].samples - results["fp32"].samples)
@@ -92,8 +93,8 @@ def test_segmenter_on_cuda_every_precision(segmenter, exact_cuda):
 
 def test_volume_on_cuda_equals_its_slices_run_alone(segmenter, exact_cuda):
     volume = np.random.default_rng(2).random((4, 32, 32, 3)).astype(np.float32)
-    whole = run_to_end(segmenter.run(volume, num_ensemble=2, respacing="4", seed=3, batch_slices=3))
-    alone = run_to_end(segmenter.run(volume, num_ensemble=2, respacing="4", seed=3, slices=[1]))
+    whole = run_to_end(segmenter.run(volume, SamplingOptions(num_ensemble=2, respacing="4", batch_slices=3, seed=3)))
+    alone = run_to_end(segmenter.run(volume, SamplingOptions(num_ensemble=2, respacing="4", seed=3), slices=[1]))
     np.testing.assert_allclose(alone.probability[..., 1], whole.probability[..., 1], atol=1e-4)
 
 
@@ -118,8 +119,9 @@ def test_compiled_network_on_cuda_gives_the_same_chains(tmp_path, exact_cuda):
     """--compile: CUDA graphs replayed by torch.compile, the same maths as the plain network."""
     path = write_tiny_checkpoint(tmp_path / "tiny.pt")
     images = np.random.default_rng(4).random((4, 32, 32)).astype(np.float32)
-    plain = run_to_end(Segmenter.load(path, device="cuda").run(images, num_ensemble=3, respacing="5", seed=2))
+    plain = run_to_end(Segmenter.load(path, device="cuda").run(images, SamplingOptions(num_ensemble=3, respacing="5",
+                                                                                       seed=2)))
     compiled = Segmenter.load(path, device="cuda", compile=True)
     for _ in range(2):  # the second run replays the recorded graphs
-        result = run_to_end(compiled.run(images, num_ensemble=3, respacing="5", seed=2))
+        result = run_to_end(compiled.run(images, SamplingOptions(num_ensemble=3, respacing="5", seed=2)))
         np.testing.assert_allclose(result.samples, plain.samples, atol=1e-3)

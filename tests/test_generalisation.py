@@ -12,6 +12,7 @@ from napari_diffseg.errors import DiffSegError
 from napari_diffseg.geometry import Geometry
 from napari_diffseg.inference import Segmenter, run_to_end
 from napari_diffseg.metrics import entropy_uncertainty, qubrats_score, variance_to_uncertainty
+from napari_diffseg.options import SamplingOptions
 from napari_diffseg.postprocess import remove_small_components
 from napari_diffseg.preprocess import InputSpec, neighbour_slices, normalise, volume_statistics
 from napari_diffseg.unet import UNet, UNetConfig
@@ -129,7 +130,7 @@ def test_the_spec_is_stored_and_the_sampler_feeds_normalised_neighbours(tmp_path
 
     monkeypatch.setattr(segmenter.model, "encode_condition", spy)
     volume = _volume()
-    result = run_to_end(segmenter.run(volume, num_ensemble=2, slices=[0, 3], preview_interval=None))
+    result = run_to_end(segmenter.run(volume, SamplingOptions(num_ensemble=2), slices=[0, 3], preview_interval=None))
     assert result.probability.shape == volume.shape[1:]
     assert seen and seen[0].shape[1] == 12
     first = seen[0][0]  # slice 0: itself, then -1 (the edge repeated) and +1
@@ -137,7 +138,7 @@ def test_the_spec_is_stored_and_the_sampler_feeds_normalised_neighbours(tmp_path
     assert float(first[0:4].min()) < 0  # z-scored: part of the brain lies below its mean
     # a gain on the input (another scanner) leaves a z-score model's input the same
     seen.clear()
-    run_to_end(segmenter.run(_volume(gain=1.7), num_ensemble=2, slices=[0, 3], preview_interval=None))
+    run_to_end(segmenter.run(_volume(gain=1.7), SamplingOptions(num_ensemble=2), slices=[0, 3], preview_interval=None))
     again = seen[0][0]
     assert torch.allclose(first, again, atol=2e-2)
 
@@ -146,12 +147,12 @@ def test_a_model_without_the_spec_samples_exactly_as_before(tmp_path):
     segmenter = Segmenter.load(_save_model(tmp_path / "m.pt", InputSpec()), device="cpu", batching="1")
     assert segmenter.loaded.inputs == InputSpec()
     volume = _volume()
-    a = run_to_end(segmenter.run(volume, num_ensemble=2, slices=[1, 2], preview_interval=None, seed=4))
+    a = run_to_end(segmenter.run(volume, SamplingOptions(num_ensemble=2, seed=4), slices=[1, 2], preview_interval=None))
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     del payload["inputs"]  # a checkpoint from before the option
     torch.save(payload, tmp_path / "old.pt")
     b = run_to_end(Segmenter.load(tmp_path / "old.pt", device="cpu", batching="1").run(
-        volume, num_ensemble=2, slices=[1, 2], preview_interval=None, seed=4))
+        volume, SamplingOptions(num_ensemble=2, seed=4), slices=[1, 2], preview_interval=None))
     assert np.array_equal(a.samples, b.samples)
 
 
@@ -262,9 +263,10 @@ def test_a_lone_slice_with_its_source_volume_sees_what_a_volume_run_sees(tmp_pat
     segmenter = Segmenter.load(_save_model(tmp_path / "m.pt", InputSpec("zscore", 2)), device="cpu", batching="1")
     seen = _spy_on_condition(segmenter, monkeypatch)
     volume = _volume()
-    run_to_end(segmenter.run(volume, num_ensemble=1, slices=[1], preview_interval=None))
-    run_to_end(segmenter.run(volume[..., 1], num_ensemble=1, preview_interval=None, source=(volume, 1)))
-    run_to_end(segmenter.run(volume[..., 1], num_ensemble=1, preview_interval=None))  # no source: itself
+    run_to_end(segmenter.run(volume, SamplingOptions(num_ensemble=1), slices=[1], preview_interval=None))
+    one = SamplingOptions(num_ensemble=1)
+    run_to_end(segmenter.run(volume[..., 1], one, preview_interval=None, source=(volume, 1)))
+    run_to_end(segmenter.run(volume[..., 1], one, preview_interval=None))  # no source: itself
     assert torch.equal(seen[0], seen[1])
     assert not torch.equal(seen[0], seen[2])
 

@@ -10,6 +10,7 @@ from scipy import ndimage
 from napari_diffseg import checkpoint, clicks, train
 from napari_diffseg.errors import DiffSegError
 from napari_diffseg.inference import Segmenter, run_to_end
+from napari_diffseg.options import Guidance, SamplingOptions
 
 from test_core import tiny_model
 from test_recipe import TINY_FLAGS, phantom_dir  # noqa: F401 (a fixture)
@@ -91,7 +92,8 @@ def test_marks_are_trained_from_an_earlier_model_stored_and_read_at_sampling(pha
     images = np.random.default_rng(0).random((4, 40, 40)).astype(np.float32)
     marks = np.zeros((40, 40), np.uint8)
     marks[10:14, 10:14], marks[30:33, 5:8] = clicks.TUMOUR, clicks.NOT_TUMOUR
-    ran = {name: run_to_end(Segmenter(loaded, device="cpu").run(images, num_ensemble=2, seed=1, marks=given))
+    ran = {name: run_to_end(Segmenter(loaded, device="cpu").run(images, SamplingOptions(num_ensemble=2, seed=1),
+                                                                Guidance(marks=given)))
            for name, loaded, given in (("before", before, None), ("after", after, marks),
                                        ("before_marked", before, marks))}
     assert np.array_equal(ran["before"].samples, ran["after"].samples)
@@ -100,13 +102,13 @@ def test_marks_are_trained_from_an_earlier_model_stored_and_read_at_sampling(pha
     with torch.no_grad():  # once the channels carry weight, the marks change the members
         after.model.input_blocks[0][0].weight[:, -2:].normal_(0.0, 0.5)
     segmenter = Segmenter(after, device="cpu")
-    read = run_to_end(segmenter.run(images, num_ensemble=2, seed=1, marks=marks))
+    read = run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=2, seed=1), Guidance(marks=marks)))
     assert not np.array_equal(read.samples, ran["after"].samples)
-    unmarked = run_to_end(segmenter.run(images, num_ensemble=2, seed=1))
-    assert np.array_equal(unmarked.samples, run_to_end(segmenter.run(images, num_ensemble=2, seed=1,
-                                                                     marks=np.zeros_like(marks))).samples)
+    unmarked = run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=2, seed=1)))
+    assert np.array_equal(unmarked.samples, run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=2, seed=1),
+                                                                     Guidance(marks=np.zeros_like(marks)))).samples)
     with pytest.raises(DiffSegError, match="marks must have the image's shape"):
-        run_to_end(segmenter.run(images, num_ensemble=2, marks=marks[:20]))
+        run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=2), Guidance(marks=marks[:20])))
 
     # Flags that do not match the earlier model, and the baseline, are refused in one line.
     assert train.main(["--data_dir", str(phantom_dir), "--out_dir", str(tmp_path / "x"), "--max_steps", "1",

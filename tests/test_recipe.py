@@ -11,6 +11,7 @@ import torch
 from napari_diffseg import checkpoint, synthetic, train
 from napari_diffseg.diffusion import Diffusion, DiffusionConfig
 from napari_diffseg.inference import Segmenter, run_to_end
+from napari_diffseg.options import SamplingOptions
 
 TINY_FLAGS = ["--num_channels", "32", "--channel_mult", "1,2", "--num_res_blocks", "1", "--attention_resolutions", "",
               "--crop_border", "0", "--resize_to", "32", "--batch_size", "4", "--lr", "2e-3", "--ema_rate", "0.9",
@@ -213,14 +214,14 @@ def test_x0_model_is_sampled_as_x0_without_extra_flags(x0_run):
     assert loaded.diffusion_config.predict_xstart
     segmenter = Segmenter(loaded, device="cpu")
     images = np.random.default_rng(0).random((4, 40, 40)).astype(np.float32)
-    result = run_to_end(segmenter.run(images, num_ensemble=2, seed=1))
+    result = run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=2, seed=1)))
     assert result.steps == 5  # the stored respacing
     # An x0 model's members end at its clipped x0 estimate, inside the mask range.
     assert result.samples.min() >= -1e-6 and result.samples.max() <= 1 + 1e-6
 
     # Reading the same weights as an epsilon model gives other members: the flag is honoured.
     loaded.diffusion_config = DiffusionConfig(**{**loaded.diffusion_config.to_dict(), "predict_xstart": False})
-    other = run_to_end(Segmenter(loaded, device="cpu").run(images, num_ensemble=2, seed=1))
+    other = run_to_end(Segmenter(loaded, device="cpu").run(images, SamplingOptions(num_ensemble=2, seed=1)))
     assert not np.allclose(other.samples, result.samples)
 
 
@@ -281,8 +282,8 @@ def test_self_conditioning_gives_the_same_chains_batched_as_one_by_one():
     assert seen[0] and not any(seen[1:10])  # zeros at the first step, the estimate after
     assert torch.allclose(batched, single, atol=1e-5)
     # The ensemble path runs the same maths: a seeded run is reproducible and uses the channel.
-    a = list(sample_ensemble(model, diffusion, images, 3, seed=5, clip_range=(0.0, 1.0)))[-1].x
-    b = list(sample_ensemble(model, diffusion, images, 3, seed=5, clip_range=(0.0, 1.0)))[-1].x
+    a = list(sample_ensemble(model, diffusion, images, SamplingOptions(3, seed=5), clip_range=(0.0, 1.0)))[-1].x
+    b = list(sample_ensemble(model, diffusion, images, SamplingOptions(3, seed=5), clip_range=(0.0, 1.0)))[-1].x
     assert torch.equal(a, b)
 
 
@@ -292,7 +293,7 @@ def test_self_condition_flag_is_stored_and_sampled(phantom_dir, tmp_path):
     loaded = checkpoint.load_model(tmp_path / "model.pt")
     assert loaded.unet_config.self_condition and loaded.model.input_blocks[0][0].weight.shape[1] == 6
     images = np.random.default_rng(0).random((4, 40, 40)).astype(np.float32)
-    result = run_to_end(Segmenter(loaded, device="cpu").run(images, num_ensemble=2, seed=1))
+    result = run_to_end(Segmenter(loaded, device="cpu").run(images, SamplingOptions(num_ensemble=2, seed=1)))
     assert result.steps == 4 and np.isfinite(result.probability).all()
     # The deterministic baseline has no chain to condition on.
     assert train.main(["--data_dir", str(phantom_dir), "--out_dir", str(tmp_path / "b"), "--max_steps", "1",

@@ -5,6 +5,8 @@ unguided chain unchanged, steps saved by a late start) hold for any network."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from napari_diffseg.ensemble import sample_ensemble
 from napari_diffseg.errors import DiffSegError
 from napari_diffseg.geometry import Geometry
 from napari_diffseg.inference import Segmenter, run_to_end
+from napari_diffseg.options import Guidance, SamplingOptions
 from napari_diffseg.unet import UNetConfig
 
 from test_core import TINY, tiny_model
@@ -43,8 +46,8 @@ def model():
 def test_known_pixels_end_exactly_at_the_given_values(model, sampler, predict_xstart):
     diffusion = Diffusion.from_config(DiffusionConfig(predict_xstart=predict_xstart), "10")
     mask, values = _known()
-    steps = list(sample_ensemble(model, diffusion, _images(), 3, seed=4, sampler=sampler, clip_range=(0.0, 1.0),
-                                 known_mask=mask, known_values=values))
+    steps = list(sample_ensemble(model, diffusion, _images(), SamplingOptions(3, sampler=sampler, seed=4),
+                                 Guidance(known_mask=mask, known_values=values), clip_range=(0.0, 1.0)))
     final = steps[-1].x  # (S * N, 1, h, w)
     chains_mask = mask.repeat_interleave(3, dim=0)
     chains_values = values.repeat_interleave(3, dim=0)
@@ -55,8 +58,9 @@ def test_known_pixels_end_exactly_at_the_given_values(model, sampler, predict_xs
 
 def test_no_known_pixels_and_the_chain_start_equal_the_plain_sampler_bit_for_bit(model):
     diffusion = Diffusion.from_config(DiffusionConfig(), "10")
-    plain = list(sample_ensemble(model, diffusion, _images(), 4, seed=9))
-    explicit = list(sample_ensemble(model, diffusion, _images(), 4, seed=9, start_step=diffusion.num_timesteps - 1))
+    plain = list(sample_ensemble(model, diffusion, _images(), SamplingOptions(4, seed=9)))
+    explicit = list(sample_ensemble(model, diffusion, _images(), SamplingOptions(4, seed=9),
+                                    Guidance(start_step=diffusion.num_timesteps - 1)))
     assert len(plain) == len(explicit) == 10
     for a, b in zip(plain, explicit):
         assert torch.equal(a.x, b.x) and torch.equal(a.pred_x0, b.pred_x0)
@@ -81,15 +85,16 @@ def test_refine_from_members_halfway_runs_half_the_chain(model):
     diffusion = Diffusion.from_config(DiffusionConfig(), "20")
     calls = []
     counted = _Counting(model, calls)
-    full = list(sample_ensemble(counted, diffusion, _images(), 3, seed=2))
+    full = list(sample_ensemble(counted, diffusion, _images(), SamplingOptions(3, seed=2)))
     full_calls = len(calls)
     members = full[-1].x
     calls.clear()
-    refined = list(sample_ensemble(counted, diffusion, _images(), 3, seed=2, start_step=9, init=members))
+    refined = list(sample_ensemble(counted, diffusion, _images(), SamplingOptions(3, seed=2),
+                                   Guidance(init=members, start_step=9)))
     assert full_calls == 20 and len(calls) == 10 == len(refined)
     assert refined[0].total == 10
     # Started from the members, not from scratch: closer to them than a fresh chain is.
-    fresh = list(sample_ensemble(model, diffusion, _images(), 3, seed=77))[-1].x
+    fresh = list(sample_ensemble(model, diffusion, _images(), SamplingOptions(3, seed=77)))[-1].x
     assert (refined[-1].x - members).abs().mean() < (fresh - members).abs().mean()
 
 
@@ -97,14 +102,16 @@ def test_refine_from_members_halfway_runs_half_the_chain(model):
 def test_resampling_repeats_every_step_but_the_last_and_keeps_the_known_pixels(model, sampler):
     diffusion = Diffusion.from_config(DiffusionConfig(predict_xstart=True), "20")
     mask, values = _known()
-    members = list(sample_ensemble(model, diffusion, _images(), 3, seed=2, clip_range=(0.0, 1.0)))[-1].x
+    members = list(sample_ensemble(model, diffusion, _images(), SamplingOptions(3, seed=2),
+                                   clip_range=(0.0, 1.0)))[-1].x
     calls = []
-    refine = dict(seed=5, sampler=sampler, clip_range=(0.0, 1.0), start_step=9, init=members,
-                  known_mask=mask, known_values=values)
-    once = list(sample_ensemble(_Counting(model, calls), diffusion, _images(), 3, **refine))
+    options = SamplingOptions(3, sampler=sampler, seed=5)
+    refine = Guidance(known_mask=mask, known_values=values, init=members, start_step=9)
+    once = list(sample_ensemble(_Counting(model, calls), diffusion, _images(), options, refine, clip_range=(0.0, 1.0)))
     assert len(calls) == 10
     calls.clear()
-    thrice = list(sample_ensemble(_Counting(model, calls), diffusion, _images(), 3, resample=3, **refine))
+    thrice = list(sample_ensemble(_Counting(model, calls), diffusion, _images(), options, replace(refine, resample=3),
+                                  clip_range=(0.0, 1.0)))
     # Steps 9..1 three times each, step 0 once; one yield per step all the same.
     assert len(calls) == 9 * 3 + 1 and len(thrice) == len(once) == 10
     assert calls[:3] == [calls[0]] * 3 and calls[-2] != calls[-1]
@@ -116,19 +123,22 @@ def test_resampling_repeats_every_step_but_the_last_and_keeps_the_known_pixels(m
 
 def test_resampling_without_known_pixels_changes_nothing(model):
     diffusion = Diffusion.from_config(DiffusionConfig(), "10")
-    plain = list(sample_ensemble(model, diffusion, _images(), 2, seed=9))[-1].x
-    asked = list(sample_ensemble(model, diffusion, _images(), 2, seed=9, resample=4))[-1].x
+    plain = list(sample_ensemble(model, diffusion, _images(), SamplingOptions(2, seed=9)))[-1].x
+    asked = list(sample_ensemble(model, diffusion, _images(), SamplingOptions(2, seed=9), Guidance(resample=4)))[-1].x
     assert torch.equal(plain, asked)
-    with pytest.raises(ValueError, match="resample"):
-        list(sample_ensemble(model, diffusion, _images(), 2, resample=0))
+    with pytest.raises(DiffSegError, match="resample"):
+        Guidance(resample=0)
 
 
 def test_refine_needs_members_and_a_valid_start(model):
     diffusion = Diffusion.from_config(DiffusionConfig(), "10")
-    with pytest.raises(ValueError, match="needs init"):
-        next(sample_ensemble(model, diffusion, _images(), 2, start_step=4))
+    with pytest.raises(DiffSegError, match="needs the members to refine"):
+        next(sample_ensemble(model, diffusion, _images(), SamplingOptions(2), Guidance(start_step=4)))
     with pytest.raises(DiffSegError, match="outside"):
-        next(sample_ensemble(model, diffusion, _images(), 2, start_step=10, init=torch.zeros(4, 1, 16, 16)))
+        next(sample_ensemble(model, diffusion, _images(), SamplingOptions(2),
+                             Guidance(init=torch.zeros(4, 1, 16, 16), start_step=10)))
+    with pytest.raises(DiffSegError, match="need the step they start from"):
+        Guidance(init=torch.zeros(4, 1, 16, 16))
 
 
 def _segmenter(seed: int = 0) -> Segmenter:
@@ -144,20 +154,20 @@ def test_segmenter_refine_keeps_known_pixels_exact_at_the_input_resolution():
     segmenter = _segmenter()
     rng = np.random.default_rng(0)
     images = rng.random((4, 45, 37)).astype(np.float32)  # resampled to 32x32 and back
-    first = run_to_end(segmenter.run(images, seed=1))
+    first = run_to_end(segmenter.run(images, SamplingOptions(seed=1)))
     known = np.zeros((45, 37), bool)
     values = np.zeros((45, 37), np.float32)
     known[5:9, 3:30] = True
     values[5:9, 3:30] = 1.0
     known[30:33, 10:12] = True  # a thin background stroke, thinner than a network pixel
-    refined = run_to_end(segmenter.run(images, seed=1, known_mask=known, known_values=values,
-                                       init=first.samples, start_step=4))
+    refined = run_to_end(segmenter.run(images, SamplingOptions(seed=1), Guidance(known_mask=known, known_values=values,
+                                                                                 init=first.samples, start_step=4)))
     assert refined.steps == 5
     assert np.array_equal(refined.samples[:, known], np.broadcast_to(values[known], (3, known.sum())))
     assert np.all(refined.probability[known] == values[known]) and np.all(refined.variance[known] == 0)
     # Refining the same members with the same seed and marks is reproducible.
-    again = run_to_end(segmenter.run(images, seed=1, known_mask=known, known_values=values,
-                                     init=first.samples, start_step=4))
+    again = run_to_end(segmenter.run(images, SamplingOptions(seed=1), Guidance(known_mask=known, known_values=values,
+                                                                               init=first.samples, start_step=4)))
     assert np.array_equal(again.samples, refined.samples)
 
 
@@ -165,14 +175,15 @@ def test_segmenter_refine_rejects_misshapen_marks():
     segmenter = _segmenter()
     images = np.zeros((4, 20, 20), np.float32)
     with pytest.raises(DiffSegError, match="image's shape"):
-        run_to_end(segmenter.run(images, known_mask=np.zeros((10, 10), bool), known_values=np.zeros((10, 10))))
+        run_to_end(segmenter.run(images, SamplingOptions(), Guidance(known_mask=np.zeros((10, 10), bool),
+                                                                     known_values=np.zeros((10, 10)))))
     with pytest.raises(DiffSegError, match="members to refine"):
-        run_to_end(segmenter.run(images, init=np.zeros((2, 20, 20)), start_step=3))
+        run_to_end(segmenter.run(images, SamplingOptions(), Guidance(init=np.zeros((2, 20, 20)), start_step=3)))
 
 
 def test_a_one_step_chain_samples(model):
     diffusion = Diffusion.from_config(DiffusionConfig(), "1")
-    steps = list(sample_ensemble(model, diffusion, _images(), 2, seed=0, clip_range=(0.0, 1.0)))
+    steps = list(sample_ensemble(model, diffusion, _images(), SamplingOptions(2, seed=0), clip_range=(0.0, 1.0)))
     assert len(steps) == 1 and torch.isfinite(steps[0].x).all()
 
 
@@ -182,8 +193,8 @@ def test_a_run_from_noise_on_the_lone_step_t0_is_refused_with_the_fix():
     segmenter = _segmenter()
     images = np.random.default_rng(0).random((4, 20, 20)).astype(np.float32)
     with pytest.raises(DiffSegError, match="2 steps or more"):
-        run_to_end(segmenter.run(images, num_ensemble=2, respacing="1"))
-    result = run_to_end(segmenter.run(images, num_ensemble=2, respacing="2"))
+        run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=2, respacing="1")))
+    result = run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=2, respacing="2")))
     assert result.steps == 2
 
 
@@ -239,7 +250,7 @@ def test_what_unknown_pixels_hold_does_not_reach_the_known_values():
     inside = (rng.random((45, 37)) < 0.5).astype(np.float32)  # known values that vary within a network pixel
     zeros_outside = np.where(known, inside, 0.0).astype(np.float32)
     ones_outside = np.where(known, inside, 1.0).astype(np.float32)
-    runs = [run_to_end(segmenter.run(images, seed=3, known_mask=known, known_values=values))
+    runs = [run_to_end(segmenter.run(images, SamplingOptions(seed=3), Guidance(known_mask=known, known_values=values)))
             for values in (zeros_outside, ones_outside)]
     assert np.array_equal(runs[0].samples, runs[1].samples)
     assert np.array_equal(runs[0].samples[:, known], np.broadcast_to(inside[known], (3, known.sum())))

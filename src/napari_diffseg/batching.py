@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,6 @@ from .files import write_json_atomically
 
 log = logging.getLogger(__name__)
 
-BATCHING_ENV = "NAPARI_DIFFSEG_BATCHING"  # the default batching where none is given (else auto)
 FILE_NAME = "batching.json"
 MARGIN = 1.10  # a smaller batch must be this much cheaper per chain to beat a larger one
 AGREE = 1.20  # a size's two best timings agree when within this ratio
@@ -51,25 +49,6 @@ CHEAP_CALL_S = 0.2  # calls shorter than this are timed as the best of three
 RECHECK = 1.5  # a volume's first steps this much faster or slower per chain than expected re-probe
 SAMPLING_OVERHEAD = 1.5  # a sampling step per chain against the probe's bare call (1.4 measured, demo model)
 CHECK_STEPS = 3  # warm steps a volume's pace is measured over (or 3 batches)
-
-
-def parse_batching(value: str | int | None) -> str | int:
-    """"auto" (a timed probe picks it) or a positive number of chains per network call; None
-    takes $NAPARI_DIFFSEG_BATCHING, else auto."""
-    where = "batching"
-    if value is None:
-        value = os.environ.get(BATCHING_ENV) or "auto"
-        where = f"${BATCHING_ENV}"
-    if str(value).strip().lower() == "auto":
-        return "auto"
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise DiffSegError(f"{where} {value!r}: give auto or a number of chains per network call (at least 1)",
-                           setting="batching" if where == "batching" else None)
-    return number
 
 
 def most_chains(device: torch.device, net_height: int, net_width: int) -> int:

@@ -14,6 +14,7 @@ import numpy as np
 
 from .checkpoint import MODEL_FLAG_DEFAULTS, reference_flags
 from .errors import DiffSegError
+from .options import SamplingOptions
 
 def str2bool(value: str | bool) -> bool:
     if isinstance(value, bool):
@@ -121,9 +122,12 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                         "for later runs) or a number; it changes the speed and only the rounding of the results")
 
 
-def sampler_from_args(args: argparse.Namespace) -> str | None:
-    """None (the model's default) unless --use_ddim was given."""
-    return None if args.use_ddim is None else ("ddim" if args.use_ddim else "ddpm")
+def sampling_options_from_args(args: argparse.Namespace, **given) -> SamplingOptions:
+    """The sampling flags (:func:`add_sampling_flags`) as the options of a run, with the settings
+    ``given`` (e.g. the ensemble size); the sampler is the model's unless --use_ddim was given."""
+    sampler = None if args.use_ddim is None else ("ddim" if args.use_ddim else "ddpm")
+    return SamplingOptions(**{"respacing": args.timestep_respacing, "sampler": sampler, "eta": args.eta,
+                              "precision": args.precision, "batching": args.batching, "seed": args.seed, **given})
 
 
 def model_flags_from_args(args: argparse.Namespace) -> dict:

@@ -87,7 +87,8 @@ def space_timesteps(num_timesteps: int, spec: str | int | None) -> list[int]:
         try:
             wanted = int(spec[4:])
         except ValueError:
-            raise DiffSegError(f"timestep respacing {spec!r}: write ddim followed by a number, e.g. ddim50", setting="timestep_respacing") from None
+            raise DiffSegError(f"timestep respacing {spec!r}: write ddim followed by a number, e.g. ddim50",
+                               setting="timestep_respacing") from None
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == wanted:
                 return list(range(0, num_timesteps, stride))
@@ -420,15 +421,10 @@ class Diffusion:
         ``self_condition``: the model also takes the previous step's (clipped) x0 estimate,
         called as ``denoise(x_t, model_timesteps, x0_prev)`` (None at the first step).
         Yields a :class:`SamplerStep` after every step, so callers can show progress and
-        stop early; the last one's ``x`` is the sample.
+        stop early; the last one's ``x`` is the sample. The settings come checked
+        (:class:`options.SamplingOptions`, :class:`options.Guidance`).
         """
-        if sampler not in ("ddpm", "ddim"):
-            raise DiffSegError(f"sampler {sampler!r} is unknown: use 'ddpm' or 'ddim'")
         first = self.start_index(start_step)
-        if (known_mask is None) != (known_values is None):
-            raise ValueError("known_mask and known_values go together")
-        if int(resample) < 1:
-            raise ValueError("resample must be at least 1")
         if draw_noise is None:
             def draw_noise() -> torch.Tensor:
                 return torch.randn_like(x_start)

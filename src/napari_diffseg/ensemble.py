@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .diffusion import Diffusion, SamplerStep
+from .options import Guidance, SamplingOptions
 from .unet import UNet
 
 THRESHOLD = 0.5  # the authors' rule: tumour where the ensemble mean exceeds one half
@@ -39,49 +40,39 @@ def sample_ensemble(
     model: UNet,
     diffusion: Diffusion,
     images: torch.Tensor,
-    num_ensemble: int,
-    seed: int = 0,
+    options: SamplingOptions,
+    guidance: Guidance | None = None,
+    *,
     slice_keys: Sequence[int] | None = None,
-    sampler: str = "ddpm",
-    eta: float = 0.0,
-    precision: str = "fp32",
+    chains_per_call: int | None = None,
     clip: bool = True,
     clip_range: tuple[float, float] = (-1.0, 1.0),
     clamp_variance: bool = False,
-    known_mask: torch.Tensor | None = None,
-    known_values: torch.Tensor | None = None,
-    start_step: int | None = None,
-    init: torch.Tensor | None = None,
-    chains_per_call: int | None = None,
-    resample: int = 1,
-    hints: torch.Tensor | None = None,
 ) -> Iterator[SamplerStep]:
-    """Yield every step of ``num_ensemble`` chains for each of the S slices in ``images``.
+    """Yield every step of ``options.num_ensemble`` chains for each of the S slices in ``images``.
 
     images: (S, C, h, w) at the network's size, on the model's device. The states in the
     yielded steps are (S * N, 1, h, w), the N chains of slice s at rows s*N .. s*N+N-1.
-
-    Refinement (the user's marks steer the chains):
-    known_mask, known_values: (S, 1, h, w) pixels whose mask value is known, shared by the
-    slice's chains (:meth:`Diffusion.sample`).
-    start_step, init: start at this (respaced) step from ``init``, the (S * N, 1, h, w) clean
-    masks of earlier members, noised to that step, instead of from pure noise at the end of
-    the chain: a refinement then costs start_step + 1 steps instead of the whole chain.
-    resample: RePaint's resampling with known pixels (:meth:`Diffusion.sample`).
-    hints: (S, hint_channels, h, w) the user's marks for a model trained with them (its
-    ``hint_channels``); the network sees them at every step. Ignored by a model without.
+    options: the ensemble size, seed, sampler, eta and precision (a None sampler or precision
+    means ddpm or fp32; :meth:`inference.Segmenter.run` fills in the model's own).
+    guidance: on the network's grid (:class:`options.Guidance`): known pixels shared by a slice's
+    chains, mark channels (ignored by a model without), and members to start from at an earlier
+    step, so that a refinement costs start_step + 1 steps instead of the whole chain.
 
     chains_per_call: at most this many chains go through the network together (None: all
     S * N). Every chain's noise comes from its slice's generator whatever the split, so only
     the speed changes, and the last bits of the arithmetic: on a CPU, GroupNorm (channels-last)
     and matrix products split their sums differently with the batch size.
     """
-    if num_ensemble < 1:
-        raise ValueError("num_ensemble must be at least 1")
+    guidance = guidance or Guidance()
+    num_ensemble = options.num_ensemble
+    if num_ensemble is None:
+        raise ValueError("sample_ensemble needs the ensemble size (options.num_ensemble)")
+    first = guidance.check_chain(diffusion)
     device = images.device
     s = images.shape[0]
     keys = list(range(s)) if slice_keys is None else list(slice_keys)
-    generators = [slice_generator(seed, k, device) for k in keys]
+    generators = [slice_generator(options.seed or 0, k, device) for k in keys]
     mask_shape = (num_ensemble, 1, *images.shape[-2:])
 
     def draw() -> torch.Tensor:
@@ -90,23 +81,21 @@ def sample_ensemble(
     def per_chain(per_slice: torch.Tensor) -> torch.Tensor:
         return per_slice.to(device).repeat_interleave(num_ensemble, dim=0)
 
-    if init is not None:
-        if start_step is None:
-            raise ValueError("init needs a start_step: the step its noised copy starts from")
-        x_start = diffusion.q_sample(init.to(device).float(), diffusion.start_index(start_step), draw())
-    elif start_step is not None and start_step != diffusion.num_timesteps - 1:
-        raise ValueError("a chain that starts before its last step needs init (the members to refine)")
+    if guidance.init is not None:
+        x_start = diffusion.q_sample(guidance.init.to(device).float(), first, draw())
     else:
         x_start = draw()
-    if known_mask is not None:
-        known_mask, known_values = per_chain(known_mask), per_chain(known_values).float()
+    known_mask = known_values = None
+    if guidance.known:
+        known_mask, known_values = per_chain(guidance.known_mask), per_chain(guidance.known_values).float()
 
+    precision = options.precision or "fp32"
     channels_last = images.ndim == 4 and next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     with torch.inference_mode(), autocast_context(device, precision):
         conditioning = [images.to(memory_format=layout)]
-        if hints is not None:  # a model without mark channels ignores them
-            conditioning.append(hints.to(device).to(memory_format=layout))
+        if guidance.marks is not None:  # a model without mark channels ignores them
+            conditioning.append(guidance.marks.to(device).to(memory_format=layout))
         condition = model.encode_condition(*conditioning)
 
         rows = s * num_ensemble
@@ -127,10 +116,11 @@ def sample_ensemble(
             ])
 
         self_condition = bool(getattr(getattr(model, "config", None), "self_condition", False))
-        yield from diffusion.sample(denoise, x_start, draw_noise=draw, sampler=sampler, eta=eta, clip=clip,
-                                     clip_range=clip_range, clamp_variance=clamp_variance, start_step=start_step,
-                                     known_mask=known_mask, known_values=known_values, self_condition=self_condition,
-                                     resample=resample)
+        yield from diffusion.sample(denoise, x_start, draw_noise=draw, sampler=options.sampler or "ddpm",
+                                     eta=options.eta, clip=clip, clip_range=clip_range,
+                                     clamp_variance=clamp_variance, start_step=guidance.start_step,
+                                     known_mask=known_mask, known_values=known_values,
+                                     self_condition=self_condition, resample=int(guidance.resample))
 
 
 def ensemble_statistics(samples: torch.Tensor, threshold: float = THRESHOLD):

@@ -50,7 +50,8 @@ import torch
 
 from . import data, metrics
 from .cli import (add_model_flags, add_sampling_flags, guarded, json_safe, make_parser, positive_int,
-                  reference_flags_from_args, sampler_from_args, slab_indices, slice_range, slice_text)
+                  reference_flags_from_args, sampling_options_from_args, slab_indices, slice_range,
+                  slice_text)
 from .ensemble import THRESHOLD, ensemble_statistics
 from .errors import DiffSegError
 from .files import atomic_write, check_writable_folder
@@ -357,19 +358,17 @@ def tumour_slices(truth: np.ndarray, margin: int = TUMOUR_SLICE_MARGIN) -> list[
     return sorted(int(z) for z in chosen)
 
 
-def _sample(segmenter, case: data.Case, num: int, respacing, sampler, args) -> tuple[np.ndarray, np.ndarray | None]:
-    """The ensemble's members (num, *spatial) on the case's grid, and the model's own
-    uncertainty map where it has one instead of an ensemble (the deterministic baseline)."""
+def _sample(segmenter, case: data.Case, options, args) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ensemble's members (options.num_ensemble, *spatial) on the case's grid, and the model's
+    own uncertainty map where it has one instead of an ensemble (the deterministic baseline)."""
     from .inference import run_to_end
 
     deterministic = segmenter.loaded.deterministic  # main() asks it for one member
     slices = tumour_slices(case.label) if args.slices == "tumour" and case.is_volume else None
     if slices is not None and not slices:  # no tumour in the truth: nothing to sample, all background
-        empty = np.zeros((num, *case.spatial_shape), np.float32)
+        empty = np.zeros((options.num_ensemble, *case.spatial_shape), np.float32)
         return empty, (empty[0] if deterministic else None)
-    result = run_to_end(segmenter.run(case.images, num_ensemble=num, respacing=respacing, sampler=sampler,
-                                      eta=args.eta, seed=args.seed, keep_samples=True, slices=slices,
-                                      preview_interval=None))
+    result = run_to_end(segmenter.run(case.images, options, keep_samples=True, slices=slices, preview_interval=None))
     return result.samples, (result.variance if deterministic else None)
 
 
@@ -441,12 +440,11 @@ def main(argv=None) -> int:
     from .inference import Segmenter  # torch: only once the inputs look right
 
     segmenter = Segmenter.load(args.model_path, device=args.device, reference_flags=reference_flags_from_args(args),
-                               precision=args.precision, compile=args.compile,
-                               batching=args.batching)
-    sampler = sampler_from_args(args)
-    respacing = segmenter.defaults["timestep_respacing"] if args.timestep_respacing is None else args.timestep_respacing
+                               compile=args.compile)
+    options = sampling_options_from_args(args)
+    respacing = segmenter.defaults["timestep_respacing"] if options.respacing is None else options.respacing
     deterministic = segmenter.loaded.deterministic
-    sampler_name = ONE_PASS if deterministic else sampler or segmenter.defaults["sampler"]
+    sampler_name = ONE_PASS if deterministic else options.sampler or segmenter.defaults["sampler"]
     if deterministic:  # one member; its uncertainty is the Bernoulli variance p(1 - p)
         args.num_ensemble, args.sweep = 1, False
     sizes = [1] if deterministic else sorted(set(args.ensemble_sizes))
@@ -457,7 +455,7 @@ def main(argv=None) -> int:
     for index, case_files in enumerate(labelled):
         case = restrict_case(data.load_case(case_files), args.slices)
         t0 = time.time()
-        members, uncertainty = _sample(segmenter, case, num_run, respacing, sampler, args)
+        members, uncertainty = _sample(segmenter, case, dataclasses.replace(options, num_ensemble=num_run), args)
         sampled = time.time() - t0
         truth = case.label.astype(bool)
         brain = case.images.any(axis=0)
@@ -489,11 +487,12 @@ def main(argv=None) -> int:
         sweep_files = labelled[: args.sweep_cases] if args.sweep_cases else labelled
         for steps in args.sweep_steps:
             spacing = "" if steps == total_steps else str(steps)
+            sweep_options = dataclasses.replace(options, num_ensemble=args.sweep_ensemble, respacing=spacing)
             t0 = time.time()
             sweep_rows = []
             for case_files in sweep_files:
                 case = data.load_case(case_files)
-                members, _ = _sample(segmenter, case, args.sweep_ensemble, spacing, sampler, args)
+                members, _ = _sample(segmenter, case, sweep_options, args)
                 sweep_rows.append({"case": case.name, **score_case(members, case.label, case.voxel_size, args.radius,
                                                                    brain=case.images.any(axis=0))})
             entry = {"steps": steps, "timestep_respacing": spacing, "seconds": round(time.time() - t0, 3),

@@ -19,9 +19,9 @@ from typing import Callable, Generator
 import numpy as np
 import torch
 
-from .batching import (  # noqa: F401 (batch_candidates, cpu_name, most_chains, probe_batching: their old home)
-    BATCHING_ENV, BatchingChoice, PaceTuner, batch_candidates, batching_file, cpu_name, device_name, most_chains,
-    parse_batching, probe_batching, store_batching, stored_batching,
+from .batching import (  # noqa: F401 (cpu_name: its old home)
+    BatchingChoice, PaceTuner, batch_candidates, batching_file, cpu_name, device_name, most_chains, probe_batching,
+    store_batching, stored_batching,
 )
 from .checkpoint import ONE_PASS, LoadedModel, load_model
 from .clicks import marks_to_hints
@@ -29,6 +29,7 @@ from .data import brain_slices
 from .diffusion import Diffusion, space_timesteps
 from .ensemble import THRESHOLD, autocast_context, ensemble_statistics, sample_ensemble
 from .errors import DiffSegError
+from .options import PRECISIONS, Guidance, SamplingOptions, parse_batching
 from .preprocess import MODALITY_COUNT, InputSpec, neighbour_slices, normalise, volume_statistics
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -210,10 +210,11 @@ class Segmenter:
         return self.batching_choice(num_ensemble, num_slices, net_height, net_width, precision).chains
 
     def batching_choice(self, num_ensemble: int, num_slices: int, net_height: int, net_width: int,
-                        precision: str, reprobe: bool = False) -> BatchingChoice:
+                        precision: str, reprobe: bool = False, batching: str | int | None = None) -> BatchingChoice:
         """How many chains go through the network together, and why.
 
-        A fixed ``batching`` is taken as it is. ``auto`` picks among 1, N, 2N, 4N ... chains (up
+        ``batching``: a run's own ("auto" or a number; None: this Segmenter's). A fixed one is
+        taken as it is. ``auto`` picks among 1, N, 2N, 4N ... chains (up
         to :func:`most_chains` and the chains there are) by timing them (:func:`probe_batching`),
         once per network input size and precision: in memory for this loaded model, and on disk
         (:func:`batching_file`) for later runs on this machine when the timings agreed. A stored
@@ -222,8 +223,9 @@ class Segmenter:
         ``reprobe`` times again whatever is known.
         """
         wanted = num_ensemble * num_slices
-        if self.batching != "auto":
-            return BatchingChoice(min(int(self.batching), wanted), "fixed")
+        batching = self.batching if batching is None else batching
+        if batching != "auto":
+            return BatchingChoice(min(int(batching), wanted), "fixed")
         if "_body" in vars(self.model):  # compiled: every batch size tried would compile anew
             return BatchingChoice(min(num_ensemble, wanted), "compiled")
         sizes = batch_candidates(num_ensemble, num_slices, most_chains(self.device, net_height, net_width))
@@ -300,236 +302,292 @@ class Segmenter:
     def run(
         self,
         images: np.ndarray,
-        num_ensemble: int | None = None,
-        respacing: str | None = None,
-        sampler: str | None = None,
-        eta: float = 0.0,
-        seed: int | None = 0,
-        keep_samples: bool = True,
+        options: SamplingOptions = SamplingOptions(),
+        guidance: Guidance | None = None,
+        *,
         slices: list[int] | None = None,
-        batch_slices: int | None = None,
+        keep_samples: bool = True,
         preview_interval: float | None = 0.0,
         threshold: float = THRESHOLD,
         sink: Callable[[int, dict], None] | None = None,
-        precision: str | None = None,
         allocate: Callable[[str, tuple, type], np.ndarray] | None = None,
-        known_mask: np.ndarray | None = None,
-        known_values: np.ndarray | None = None,
-        init: np.ndarray | None = None,
-        start_step: int | None = None,
-        resample: int = 1,
-        marks: np.ndarray | None = None,
         source: tuple[np.ndarray, int] | None = None,
     ) -> Generator[Progress, None, Segmentation]:
         """Sample an ensemble for a slice (4, H, W) or every brain slice of a volume (4, H, W, Z).
 
+        options: how to sample (:class:`options.SamplingOptions`; None settings: the model's).
+        guidance: known pixels, marks, members to refine from (:class:`options.Guidance`, arrays
+        of the input's spatial shape; init (N, *spatial)).
+        slices: the slices (last axis) of a volume to sample (default: every brain slice).
         preview_interval: seconds between previews (0 = every step, None = never).
         sink: called as sink(z, {"probability", "variance", "mask"}) for each finished slice,
         so a caller can stream a volume to disk.
-        precision: this run's arithmetic (auto, fp32, bf16, fp16); None = the Segmenter's.
         allocate: called as allocate(name, shape, dtype) for each whole-input result array
         ("probability", "variance", "mask", "samples"); returning disk-backed arrays (e.g.
         numpy memmaps) streams a volume's results to disk as its slices finish, so memory
         does not grow with the volume. Default: zero-filled arrays in memory.
-        known_mask, known_values: the input's spatial shape; pixels whose mask value the user
-        gave (scribbles, accepted segmentation). Every member ends with exactly these values
-        there, and the model fills in the rest consistently with them.
-        init, start_step: refine instead of restart: the (N, *spatial) members of an earlier
-        run, noised to the (respaced) step ``start_step``, then denoised from there; the run
-        costs start_step + 1 steps.
-        resample: with known pixels, each step is done this many times (RePaint's resampling);
-        it multiplies the cost of the run.
-        marks: the input's spatial shape, the user's marks (1 tumour, 2 not tumour, else none):
-        a model trained with marks (``hint_channels``) also sees them as input, so it can
-        follow them beyond the marked pixels; others ignore them. Give them as known pixels
-        too, to make the members end exactly at them.
         source: (volume (4, H, W, Z), z) where a lone slice was cut from that volume: a model
         that reads neighbouring slices or volume statistics (``loaded.inputs``) takes them from
         there, as it would in a whole-volume run.
         """
-        precision = self.precision if precision is None else resolve_precision(precision, self.device)
-        images = np.asarray(images)
-        cond = MODALITY_COUNT
-        if images.ndim not in (3, 4) or images.shape[0] != cond:
-            raise DiffSegError(
-                f"images must be ({cond}, H, W) or ({cond}, H, W, Z) (t1, t1ce, t2, flair); got shape {images.shape}"
-            )
-        if not np.isfinite(images).all():
-            raise DiffSegError("the images contain NaN or infinite values; fix or mask them before segmenting")
-        num_ensemble = int(self.defaults["num_ensemble"] if num_ensemble is None else num_ensemble)
-        if num_ensemble < 1:
-            raise DiffSegError(f"the ensemble size must be at least 1 (got {num_ensemble})")
-        if self.loaded.deterministic:
-            num_ensemble = 1  # a deterministic model: more members would be copies
-        respacing = self.defaults["timestep_respacing"] if respacing is None else respacing
-        sampler = sampler or self.defaults["sampler"]
-        if seed is None:
-            seed = int(np.random.SeedSequence().entropy % (2**31))
-        diffusion = self.diffusion(respacing)
-        if (not self.loaded.deterministic and init is None and start_step is None
-                and diffusion.num_timesteps == 1 and self.loaded.diffusion_config.diffusion_steps > 1):
+        images = _checked_images(images)
+        plan = self._plan(images, options, guidance or Guidance(), slices, source)
+        results = _Results.allocate(allocate or _zeros, plan, keep_samples)
+        previews = _Throttle(preview_interval)
+        began = time.monotonic()
+        chains, done, b = plan.tuner.chains, 0, 0
+        while done < len(plan.todo):
+            per_batch = plan.options.batch_slices or max(1, chains // plan.options.num_ensemble)
+            zs = plan.todo[done : done + per_batch]
+            batches = b + -(-(len(plan.todo) - done) // per_batch)  # the batches left at this size
+            counts = {"slices_done": done, "slices_total": len(plan.todo), "chains": chains,
+                      "batching": plan.tuner.describe()}
+
+            def progress(step: int, total: int, preview: np.ndarray | None) -> Progress:
+                return Progress(step, total, b, batches, list(zs), preview, **counts, elapsed=time.monotonic() - began)
+
+            members, mean, var = yield from self._run_batch(plan, zs, chains, previews, progress)
+            results.write(zs, members, mean, var, threshold, sink)
+            done, b = done + len(zs), b + 1
+            chains = plan.tuner.batch_done(last=done == len(plan.todo))
+        return self._segmentation(plan, results, images.ndim, chains, threshold)
+
+    def _plan(self, images: np.ndarray, options: SamplingOptions, guidance: Guidance, slices: list[int] | None,
+              source: tuple[np.ndarray, int] | None) -> "_RunPlan":
+        """What a run settles before its first batch: the options filled in, the chain, the guidance
+        and the condition's source checked against the input, the slices, the batching."""
+        deterministic = self.loaded.deterministic
+        precision = self.precision if options.precision is None else resolve_precision(options.precision, self.device)
+        options = options.resolved(self.defaults, precision, self.batching, deterministic)
+        diffusion = self.diffusion(options.respacing)
+        if (not deterministic and not guidance.starts_late and diffusion.num_timesteps == 1
+                and self.loaded.diffusion_config.diffusion_steps > 1):
             # improved-diffusion's spacing puts a lone step at t = 0: the network would take pure
             # noise for an almost clean mask and hand it back (Dice 0.04 on the held-out slices).
-            raise DiffSegError(f"timestep respacing {respacing!r} keeps only the step t = 0, which cannot "
-                               "turn noise into a mask; use 2 steps or more")
-        if int(resample) < 1:
-            raise DiffSegError(f"resample must be at least 1 (got {resample})")
-
+            raise DiffSegError(f"timestep respacing {options.respacing!r} keeps only the step t = 0, which cannot "
+                               "turn noise into a mask; use 2 steps or more", setting="timestep_respacing")
         volume = images if images.ndim == 4 else images[..., None]
-        height, width, depth = volume.shape[1:]
-        spatial = images.shape[1:]
-        if (known_mask is None) != (known_values is None):
-            raise DiffSegError("known pixels need both a mask and their values")
-        if known_mask is not None:
-            if self.loaded.deterministic:
-                raise DiffSegError("refinement with known pixels needs a diffusion model; this one is a one-pass U-Net")
-            if np.shape(known_mask) != spatial or np.shape(known_values) != spatial:
-                raise DiffSegError(f"the known pixels must have the image's shape {spatial}; got "
-                                   f"{np.shape(known_mask)} and {np.shape(known_values)}")
-            known_mask = np.asarray(known_mask, bool).reshape(height, width, depth)
-            known_values = np.asarray(known_values, np.float32).reshape(height, width, depth)
-        if init is not None:
-            if np.shape(init) != (num_ensemble, *spatial):
-                raise DiffSegError(f"the members to refine must have shape {(num_ensemble, *spatial)}; "
-                                   f"got {np.shape(init)}")
-            init = np.asarray(init, np.float32).reshape(num_ensemble, height, width, depth)
-        if marks is not None:
-            if np.shape(marks) != spatial:
-                raise DiffSegError(f"the marks must have the image's shape {spatial}; got {np.shape(marks)}")
-            marks = np.asarray(marks).reshape(height, width, depth)
-            if not self.loaded.unet_config.hint_channels:
-                marks = None  # the model was not trained to read them
+        guidance = guidance.for_volume(images.shape[1:], options.num_ensemble, deterministic,
+                                       reads_marks=bool(self.loaded.unet_config.hint_channels))
         todo = brain_slices(volume) if slices is None else [int(z) for z in slices]
-        allocate = allocate or (lambda _name, shape, dtype: np.zeros(shape, dtype))
-        probability = allocate("probability", (height, width, depth), np.float32)
-        variance = allocate("variance", (height, width, depth), np.float32)
-        mask = allocate("mask", (height, width, depth), np.uint8)
-        samples = allocate("samples", (num_ensemble, height, width, depth), np.float32) if keep_samples else None
+        context_volume, context_z = self._condition_source(images, volume, source)
+        stats = torch.from_numpy(volume_statistics(context_volume, self.loaded.inputs))  # of the whole input, once
+        height, width = volume.shape[1:3]
+        tuner = self._tuner(options, len(todo), int(guidance.resample) == 1, (height, width))
+        return _RunPlan(options, guidance, diffusion, todo, volume.shape[1:], context_volume, context_z, stats, tuner)
 
-        geometry, multiple = self.loaded.geometry, self.loaded.unet_config.size_multiple
-        spec = self.loaded.inputs
-        context_volume, context_z = volume, None  # where the condition channels come from
-        if source is not None and images.ndim == 3 and spec != InputSpec():
-            context_volume, context_z = np.asarray(source[0]), int(source[1])
-            if context_volume.shape[:3] != images.shape or not 0 <= context_z < context_volume.shape[-1]:
-                raise DiffSegError(f"the source volume {context_volume.shape} and slice {context_z} do not hold "
-                                   f"the slice {images.shape}")
-        stats = torch.from_numpy(volume_statistics(context_volume, spec))  # of the whole input, once
-        members_per_slice = 1 if self.loaded.deterministic else num_ensemble
-        net_size = geometry.network_size(height, width, multiple)
+    def _condition_source(self, images: np.ndarray, volume: np.ndarray,
+                          source: tuple[np.ndarray, int] | None) -> tuple[np.ndarray, int | None]:
+        """The volume the condition channels come from, and the slice where a lone slice sits in it."""
+        if source is None or images.ndim != 3 or self.loaded.inputs == InputSpec():
+            return volume, None
+        context_volume, context_z = np.asarray(source[0]), int(source[1])
+        if context_volume.shape[:3] != images.shape or not 0 <= context_z < context_volume.shape[-1]:
+            raise DiffSegError(f"the source volume {context_volume.shape} and slice {context_z} do not hold "
+                               f"the slice {images.shape}")
+        return context_volume, context_z
+
+    def _tuner(self, options: SamplingOptions, num_slices: int, plain_steps: bool, size: tuple[int, int]) -> PaceTuner:
+        """The run's chains per network call: the batching choice, checked and tuned on the
+        volume's own pace as it goes (batching.PaceTuner) unless fixed, resampled or one slice."""
+        members, precision = options.num_ensemble, options.precision
+        net_size = self.loaded.geometry.network_size(*size, self.loaded.unet_config.size_multiple)
         probes = self.probes
-        choice = (self.batching_choice(members_per_slice, len(todo), *net_size, precision) if todo
-                  else BatchingChoice(members_per_slice, "fixed"))
-        # The volume's own pace checks and tunes the choice as it goes (batching.PaceTuner).
-        tune = len(todo) > 1 and int(resample) == 1 and not batch_slices
-        sizes = batch_candidates(members_per_slice, len(todo), most_chains(self.device, *net_size))
-        tuner = PaceTuner(
+        choice = (self.batching_choice(members, num_slices, *net_size, precision, batching=options.batching)
+                  if num_slices else BatchingChoice(members, "fixed"))
+        tune = num_slices > 1 and plain_steps and not options.batch_slices
+        sizes = batch_candidates(members, num_slices, most_chains(self.device, *net_size))
+        return PaceTuner(
             choice if tune else BatchingChoice(choice.chains, choice.source, settled=choice.settled),
             sizes, fresh=self.probes != probes,
-            reprobe=lambda: self.batching_choice(members_per_slice, len(todo), *net_size, precision, reprobe=True),
+            reprobe=lambda: self.batching_choice(members, num_slices, *net_size, precision, reprobe=True,
+                                                 batching=options.batching),
             record=lambda tuned: self._record_pace((*net_size, precision), tuned))
-        chains = tuner.chains
-        last_preview = -np.inf
-        began = time.monotonic()
-        done, b = 0, 0
-        while done < len(todo):
-            per_batch = batch_slices or max(1, chains // members_per_slice)
-            zs = todo[done : done + per_batch]
-            batches = b + -(-(len(todo) - done) // per_batch)  # the batches left at this size
-            counts = {"slices_done": done, "slices_total": len(todo), "chains": chains, "batching": tuner.describe()}
-            clock = time.perf_counter()
-            batch = torch.from_numpy(neighbour_slices(context_volume, zs if context_z is None else [context_z], spec))
-            net_in = normalise(geometry.to_network(batch, multiple), stats.expand(len(zs), -1, -1), spec)
-            net_in = net_in.to(self.device)
-            if self.loaded.deterministic:
-                logits = self._one_pass(net_in, precision)
-                back = geometry.from_network(torch.sigmoid(logits), height, width)[None, :, 0]
-                preview = back[0].cpu().numpy() if preview_interval is not None else None
-                tuner.step(time.perf_counter() - clock, len(zs))
-                yield Progress(1, 1, b, batches, list(zs), preview, **counts, elapsed=time.monotonic() - began)
-                mean = back[0]
-                var = mean * (1 - mean)  # Bernoulli variance of the predicted probability
-            else:
-                guide = {}
-                if known_mask is not None:
-                    known_in = self._slices(known_mask, zs) > 0.5  # (S, 1, H, W), the input's grid
-                    values_in = self._slices(known_values, zs)
-                    # Resampled to the network's grid: a pixel counts as known where most of it is, and
-                    # its value is the majority over its known part only, so whatever a caller holds in
-                    # the unknown pixels (zeros, the current mask) cannot leak in at a region's edge.
-                    known_share = geometry.to_network(known_in.float(), multiple)
-                    known_sum = geometry.to_network(values_in * known_in, multiple)
-                    kv = (known_sum > 0.5 * known_share).float()
-                    guide.update(known_mask=(known_share > 0.5).to(self.device), known_values=kv.to(self.device))
-                if init is not None:
-                    members_in = torch.from_numpy(np.ascontiguousarray(np.moveaxis(init[..., zs], -1, 0)))
-                    members_in = members_in.reshape(-1, 1, height, width).float()  # (S*N, 1, H, W)
-                    guide.update(init=geometry.to_network(members_in, multiple).to(self.device),
-                                 start_step=start_step)
-                elif start_step is not None:
-                    guide.update(start_step=start_step)
-                if marks is not None:
-                    guide.update(hints=self._hints(marks, zs))
-                steps = sample_ensemble(self.model, diffusion, net_in, num_ensemble, seed=seed, slice_keys=zs,
-                                        sampler=sampler, eta=eta, precision=precision,
-                                        clip_range=tuple(self.defaults["clip_range"]),
-                                        clamp_variance=bool(self.defaults.get("clamp_variance", False)),
-                                        chains_per_call=chains, resample=int(resample), **guide)
-                final = None
-                for step in steps:
-                    final = step
-                    preview = None
-                    now = time.monotonic()
-                    if preview_interval is not None and now - last_preview >= preview_interval:
-                        estimate = step.pred_x0.reshape(len(zs), num_ensemble, *step.pred_x0.shape[-2:]).mean(1)
-                        preview = geometry.from_network(estimate[:, None].clamp(0, 1), height, width)[:, 0].cpu().numpy()
-                        last_preview = now
-                    tuner.step(time.perf_counter() - clock, len(zs) * num_ensemble)  # not the consumer's time
-                    yield Progress(step.index + 1, step.total, b, batches, list(zs), preview, **counts,
-                                   elapsed=time.monotonic() - began)
-                    clock = time.perf_counter()
-                members = final.x.reshape(len(zs), num_ensemble, *final.x.shape[-2:]).transpose(0, 1)
-                # Back to the input geometry per member, then statistics there.
-                back = geometry.from_network(members.reshape(-1, 1, *members.shape[-2:]).float(), height, width)
-                back = back.reshape(num_ensemble, len(zs), height, width)
-                if known_mask is not None:
-                    # Exact at the input's own resolution, whatever the resampling did.
-                    back = torch.where(known_in[:, 0].to(back.device)[None],
-                                       values_in[:, 0].to(back.device, back.dtype)[None], back)
-                mean, var, _ = ensemble_statistics(back)
-            mean_np, var_np = mean.cpu().numpy(), var.cpu().numpy()
-            for i, z in enumerate(zs):
-                probability[..., z] = mean_np[i]
-                variance[..., z] = var_np[i]
-                mask[..., z] = mean_np[i] > threshold
-                if samples is not None:
-                    samples[..., z] = back[:, i].cpu().numpy()
-                if sink is not None:
-                    sink(z, {"probability": mean_np[i], "variance": var_np[i], "mask": mask[..., z]})
-            done, b = done + len(zs), b + 1
-            chains = tuner.batch_done(last=done == len(todo))
 
-        if images.ndim == 3:
-            probability, variance, mask = probability[..., 0], variance[..., 0], mask[..., 0]
-            samples = samples[..., 0] if samples is not None else None
+    def _run_batch(self, plan: "_RunPlan", zs: list[int], chains: int, previews: "_Throttle",
+                   progress: Callable[[int, int, np.ndarray | None], Progress]):
+        """Sample one batch of slices, yielding a Progress per step; returns its members (N, S, H, W)
+        and their mean and variance (S, H, W), on the input's grid."""
+        clock = time.perf_counter()
+        net_in = self._network_input(plan, zs)
+        height, width = plan.shape[:2]
         if self.loaded.deterministic:
-            sampler = ONE_PASS
+            logits = self._one_pass(net_in, plan.options.precision)
+            members = self.loaded.geometry.from_network(torch.sigmoid(logits), height, width)[None, :, 0]
+            preview = members[0].cpu().numpy() if previews.enabled else None
+            plan.tuner.step(time.perf_counter() - clock, len(zs))
+            yield progress(1, 1, preview)
+            mean = members[0]
+            return members, mean, mean * (1 - mean)  # Bernoulli variance of the predicted probability
+        guidance, exact = self._batch_guidance(plan, zs)
+        num_ensemble = plan.options.num_ensemble
+        steps = sample_ensemble(self.model, plan.diffusion, net_in, plan.options, guidance, slice_keys=zs,
+                                chains_per_call=chains, clip_range=tuple(self.defaults["clip_range"]),
+                                clamp_variance=bool(self.defaults.get("clamp_variance", False)))
+        final = None
+        for step in steps:
+            final = step
+            preview = None
+            if previews.due():
+                estimate = step.pred_x0.reshape(len(zs), num_ensemble, *step.pred_x0.shape[-2:]).mean(1)
+                preview = self.loaded.geometry.from_network(estimate[:, None].clamp(0, 1), height,
+                                                            width)[:, 0].cpu().numpy()
+            plan.tuner.step(time.perf_counter() - clock, len(zs) * num_ensemble)  # not the consumer's time
+            yield progress(step.index + 1, step.total, preview)
+            clock = time.perf_counter()
+        members = final.x.reshape(len(zs), num_ensemble, *final.x.shape[-2:]).transpose(0, 1)
+        # Back to the input geometry per member, then statistics there.
+        back = self.loaded.geometry.from_network(members.reshape(-1, 1, *members.shape[-2:]).float(), height, width)
+        back = back.reshape(num_ensemble, len(zs), height, width)
+        if exact is not None:
+            # Exact at the input's own resolution, whatever the resampling did.
+            known_in, values_in = exact
+            back = torch.where(known_in[:, 0].to(back.device)[None], values_in[:, 0].to(back.device, back.dtype)[None],
+                               back)
+        mean, var, _ = ensemble_statistics(back)
+        return back, mean, var
+
+    def _network_input(self, plan: "_RunPlan", zs: list[int]) -> torch.Tensor:
+        """The batch's condition channels at the network's size, normalised, on the device."""
+        geometry, spec = self.loaded.geometry, self.loaded.inputs
+        batch = torch.from_numpy(neighbour_slices(plan.context_volume, zs if plan.context_z is None else [plan.context_z],
+                                                  spec))
+        net_in = normalise(geometry.to_network(batch, self.loaded.unet_config.size_multiple),
+                           plan.stats.expand(len(zs), -1, -1), spec)
+        return net_in.to(self.device)
+
+    def _batch_guidance(self, plan: "_RunPlan", zs: list[int]) -> tuple[Guidance, tuple | None]:
+        """The batch's guidance on the network's grid, and its known pixels on the input's grid
+        ((S, 1, H, W) mask and values, None without) to make them exact in the result."""
+        given, geometry = plan.guidance, self.loaded.geometry
+        multiple = self.loaded.unet_config.size_multiple
+        known_mask = known_values = init = marks = exact = None
+        if given.known:
+            known_in = self._slices(given.known_mask, zs) > 0.5  # (S, 1, H, W), the input's grid
+            values_in = self._slices(given.known_values, zs)
+            # Resampled to the network's grid: a pixel counts as known where most of it is, and
+            # its value is the majority over its known part only, so whatever a caller holds in
+            # the unknown pixels (zeros, the current mask) cannot leak in at a region's edge.
+            known_share = geometry.to_network(known_in.float(), multiple)
+            known_sum = geometry.to_network(values_in * known_in, multiple)
+            known_mask = (known_share > 0.5).to(self.device)
+            known_values = (known_sum > 0.5 * known_share).float().to(self.device)
+            exact = (known_in, values_in)
+        if given.init is not None:
+            members_in = torch.from_numpy(np.ascontiguousarray(np.moveaxis(given.init[..., zs], -1, 0)))
+            members_in = members_in.reshape(-1, 1, *plan.shape[:2]).float()  # (S*N, 1, H, W)
+            init = geometry.to_network(members_in, multiple).to(self.device)
+        if given.marks is not None:
+            marks = self._hints(given.marks, zs)
+        return Guidance(known_mask, known_values, marks, init, given.start_step, given.resample), exact
+
+    def _segmentation(self, plan: "_RunPlan", results: "_Results", ndim: int, chains: int,
+                      threshold: float) -> Segmentation:
+        options, deterministic = plan.options, self.loaded.deterministic
+        if ndim == 3:
+            results = results.first_slice()
+        start_step = plan.guidance.start_step
         return Segmentation(
-            probability=probability,
-            variance=variance,
-            mask=mask,
-            samples=samples,
-            num_ensemble=num_ensemble,
-            steps=1 if self.loaded.deterministic else (diffusion.num_timesteps if start_step is None else start_step + 1),
-            sampler=sampler,
-            seed=int(seed),
+            probability=results.probability,
+            variance=results.variance,
+            mask=results.mask,
+            samples=results.samples,
+            num_ensemble=options.num_ensemble,
+            steps=1 if deterministic else (plan.diffusion.num_timesteps if start_step is None else start_step + 1),
+            sampler=ONE_PASS if deterministic else options.sampler,
+            seed=options.seed,
             threshold=threshold,
-            settings={"timestep_respacing": respacing, "eta": eta, "precision": precision,
-                      "device": str(self.device), "model": self.loaded.source,
-                      "chains_per_call": chains, "slices_per_batch": batch_slices or max(1, chains // members_per_slice),
-                      "batching": tuner.choice.source, "batching_settled": tuner.choice.settled,
-                      "resample": int(resample)},
+            settings={"timestep_respacing": options.respacing, "eta": options.eta, "precision": options.precision,
+                      "device": str(self.device), "model": self.loaded.source, "chains_per_call": chains,
+                      "slices_per_batch": options.batch_slices or max(1, chains // options.num_ensemble),
+                      "batching": plan.tuner.choice.source, "batching_settled": plan.tuner.choice.settled,
+                      "resample": int(plan.guidance.resample)},
         )
+
+
+def _checked_images(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    cond = MODALITY_COUNT
+    if images.ndim not in (3, 4) or images.shape[0] != cond:
+        raise DiffSegError(
+            f"images must be ({cond}, H, W) or ({cond}, H, W, Z) (t1, t1ce, t2, flair); got shape {images.shape}"
+        )
+    if not np.isfinite(images).all():
+        raise DiffSegError("the images contain NaN or infinite values; fix or mask them before segmenting")
+    return images
+
+
+def _zeros(_name: str, shape: tuple, dtype) -> np.ndarray:
+    return np.zeros(shape, dtype)
+
+
+@dataclass
+class _RunPlan:
+    """What :meth:`Segmenter.run` settles before its first batch."""
+
+    options: SamplingOptions  # every setting filled in
+    guidance: Guidance  # checked, on the input's grid as (H, W, Z) arrays
+    diffusion: Diffusion
+    todo: list[int]  # the slices to sample
+    shape: tuple[int, int, int]  # (H, W, Z) of the input (Z = 1 for a slice)
+    context_volume: np.ndarray  # where the condition channels come from
+    context_z: int | None  # the lone slice's place in context_volume, if it came from one
+    stats: torch.Tensor  # the input's volume statistics (preprocess.InputSpec)
+    tuner: PaceTuner
+
+
+@dataclass
+class _Results:
+    """The run's whole-input result arrays, (H, W, Z) (samples (N, H, W, Z)), filled per batch."""
+
+    probability: np.ndarray
+    variance: np.ndarray
+    mask: np.ndarray
+    samples: np.ndarray | None
+
+    @classmethod
+    def allocate(cls, allocate: Callable[[str, tuple, type], np.ndarray], plan: _RunPlan,
+                 keep_samples: bool) -> "_Results":
+        shape = plan.shape
+        samples = allocate("samples", (plan.options.num_ensemble, *shape), np.float32) if keep_samples else None
+        return cls(allocate("probability", shape, np.float32), allocate("variance", shape, np.float32),
+                   allocate("mask", shape, np.uint8), samples)
+
+    def write(self, zs: list[int], members: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, threshold: float,
+              sink: Callable[[int, dict], None] | None) -> None:
+        """A batch's slices into the arrays (and to ``sink``, slice by slice)."""
+        mean_np, var_np = mean.cpu().numpy(), var.cpu().numpy()
+        for i, z in enumerate(zs):
+            self.probability[..., z] = mean_np[i]
+            self.variance[..., z] = var_np[i]
+            self.mask[..., z] = mean_np[i] > threshold
+            if self.samples is not None:
+                self.samples[..., z] = members[:, i].cpu().numpy()
+            if sink is not None:
+                sink(z, {"probability": mean_np[i], "variance": var_np[i], "mask": self.mask[..., z]})
+
+    def first_slice(self) -> "_Results":
+        """The arrays of a 2D input: its one slice."""
+        return _Results(self.probability[..., 0], self.variance[..., 0], self.mask[..., 0],
+                        None if self.samples is None else self.samples[..., 0])
+
+
+class _Throttle:
+    """Previews at most every ``interval`` seconds (0: every step, None: never)."""
+
+    def __init__(self, interval: float | None):
+        self.interval, self.last = interval, -np.inf
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval is not None
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if self.interval is None or now - self.last < self.interval:
+            return False
+        self.last = now
+        return True
 
 
 def run_to_end(generator: Generator[Progress, None, Segmentation], on_progress=None) -> Segmentation:

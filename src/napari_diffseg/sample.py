@@ -21,10 +21,11 @@ import numpy as np
 
 from . import data, metrics
 from .cli import (add_model_flags, add_sampling_flags, guarded, json_safe, make_parser, reference_flags_from_args,
-                  sampler_from_args, slab_indices, slice_range, slice_text)
+                  sampling_options_from_args, slab_indices, slice_range, slice_text)
 from .errors import DiffSegError
 from .files import atomic_write, check_writable_folder
 from .inference import Segmentation, Segmenter, run_to_end
+from .options import SamplingOptions
 from .postprocess import remove_small_components
 
 
@@ -132,8 +133,6 @@ def _write_json(path: Path, payload: dict) -> None:
 @guarded
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.num_ensemble < 1:
-        raise DiffSegError(f"--num_ensemble {args.num_ensemble}: give at least 1 (the paper uses 5)")
     if args.cleanup is not None and args.cleanup < 0:
         raise DiffSegError(f"--cleanup {args.cleanup}: give a size in voxels, or 0 to keep every part of the mask")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -146,10 +145,9 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir)
     check_writable_folder(out_dir, setting="out_dir")
     cases = _cases(args)
+    options = sampling_options_from_args(args, num_ensemble=args.num_ensemble)
     segmenter = Segmenter.load(args.model_path, device=device, reference_flags=reference_flags_from_args(args),
-                               precision=args.precision, compile=args.compile,
-                               batching=args.batching)
-    sampler = sampler_from_args(args)
+                               compile=args.compile)
     cleanup = int(segmenter.defaults.get("cleanup_min_voxels", 0) if args.cleanup is None else args.cleanup)
     mine = cases[rank::world]
     rows = []
@@ -159,7 +157,7 @@ def main(argv=None) -> int:
         out = out_dir / case.name
         spill = disk_arrays(out_dir / f".{case.name}.partial") if case.is_volume else contextlib.nullcontext()
         with spill as allocate:
-            result = _segment_case(segmenter, case, args, sampler, allocate)
+            result = _segment_case(segmenter, case, args, options, allocate)
             if cleanup and case.is_volume:
                 result.mask[...] = remove_small_components(result.mask, cleanup)
             # An earlier run's files that this run does not write would sit beside the new ones.
@@ -180,7 +178,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _segment_case(segmenter: Segmenter, case: data.Case, args: argparse.Namespace, sampler, allocate) -> Segmentation:
+def _segment_case(segmenter: Segmenter, case: data.Case, args: argparse.Namespace, options: SamplingOptions,
+                  allocate) -> Segmentation:
     slices = None
     if args.slices is not None and case.is_volume:
         wanted = slab_indices(args.slices, case.images.shape[-1], case.name)
@@ -190,9 +189,8 @@ def _segment_case(segmenter: Segmenter, case: data.Case, args: argparse.Namespac
             raise DiffSegError(f"--slices {slice_text(args.slices)} holds no brain slice of {case.name} "
                                f"(its brain spans slices {brain[0]} to {brain[-1]})" if brain else
                                f"{case.name}: no slice holds any brain (all four images are zero)")
-    run = segmenter.run(case.images, num_ensemble=args.num_ensemble, respacing=args.timestep_respacing,
-                        sampler=sampler, eta=args.eta, seed=args.seed, keep_samples=args.save_samples,
-                        preview_interval=None, allocate=allocate, slices=slices)
+    run = segmenter.run(case.images, options, keep_samples=args.save_samples, preview_interval=None,
+                        allocate=allocate, slices=slices)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm

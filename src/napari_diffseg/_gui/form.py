@@ -213,7 +213,7 @@ class ModelBox:
 
 def batching_text() -> str:
     """How the next run will choose its chains per network call."""
-    from ..batching import BATCHING_ENV, parse_batching
+    from ..options import BATCHING_ENV, parse_batching
 
     try:
         fixed = parse_batching(None)

@@ -14,6 +14,7 @@ import numpy as np
 from .. import _layerdata as ld
 from ..data import normalise_intensity
 from ..errors import DiffSegError
+from ..options import Guidance, SamplingOptions
 from ..preprocess import InputSpec
 from ..refine import refine_chain
 from .figures import evaluate
@@ -138,17 +139,14 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
         partial.num_ensemble = settings.num_ensemble
     generator = segmenter.run(
         images,
-        respacing=respacing,
-        **settings.run_options(),  # num_ensemble, sampler, eta, precision, seed: as the form has them
+        # num_ensemble, sampler, eta, precision, seed: as the form has them
+        SamplingOptions(respacing=respacing, **settings.run_options()),
+        Guidance(known_mask=request.known_mask, known_values=request.known_values, marks=request.marks,
+                 init=request.init, start_step=start_step),
         keep_samples=request.keep_samples,
         preview_interval=PREVIEW_INTERVAL,
         slices=todo,
         sink=partial.add if todo is not None else None,
-        known_mask=request.known_mask,
-        known_values=request.known_values,
-        init=request.init,
-        start_step=start_step,
-        marks=request.marks,
         source=source,
     )
     while True:

@@ -272,9 +272,11 @@ def test_interactive_region_refines_inside_the_box_only():
     calls = []
 
     class Stub:
-        def run(self, images, known_mask=None, known_values=None, **kwargs):
-            calls.append((None if known_mask is None else known_mask.copy(),
-                          None if known_values is None else known_values.copy()))
+        def run(self, images, options, guidance=None, **kwargs):
+            known_mask = None if guidance is None else guidance.known_mask
+            known_values = None if guidance is None else guidance.known_values
+            calls.append((None if known_mask is None else np.array(known_mask),
+                          None if known_values is None else np.array(known_values)))
             result = types.SimpleNamespace(mask=start.astype(np.uint8), samples=np.zeros((2, 40, 40), np.float32))
             yield from ()
             return result

@@ -162,6 +162,23 @@ def test_an_unsettled_probe_serves_the_run_but_is_not_stored(segmenter_path, mon
     assert not inference.batching_file().exists()
 
 
+def test_a_wrong_stored_choice_is_dropped_when_the_new_probe_cannot_settle(segmenter_path, monkeypatch):
+    """Under load the probe timed again may not settle: the run goes on with it, and the stored
+    choice its pace showed wrong is removed, so that the next run probes afresh (before, the
+    poisoned entry outlived every loaded re-probe)."""
+    rng = np.random.default_rng(1)
+    monkeypatch.setattr(inference_batching, "_call_timer", lambda *args, **kwargs: (
+        lambda batch: 0.01 * batch ** 0.3 * (1 + 2 * rng.random())))  # 10 clearly cheaper per chain, noisily
+    volume = np.random.default_rng(6).random((4, 16, 16, 12)).astype(np.float32)
+    segmenter = Segmenter.load(segmenter_path, device="cpu", batching="auto")
+    _poison(segmenter, _net_size(segmenter), timings={1: 1000.0, 5: 3000.0})
+    result = run_to_end(segmenter.run(volume, SamplingOptions(num_ensemble=5, respacing="3", seed=2)))
+    assert segmenter.probes == 1 and not segmenter.probe_report["settled"]
+    assert result.settings["chains_per_call"] > 1
+    key = segmenter._stored_key((*_net_size(segmenter), segmenter.precision))
+    assert inference_batching.stored_batching(key) is None
+
+
 def _poison(segmenter, net_size, chains=1, timings=None, pace=None):
     """What a probe run under load left in the file: 1 chain per call, larger sizes "dear"."""
     timings = timings or {1: 40.0, 5: 90.0}

@@ -169,6 +169,21 @@ def store_batching(key: str, choice: BatchingChoice) -> None:
         log.warning("could not keep the batching choice in %s (%s)", path, exc)
 
 
+def drop_batching(key: str) -> None:
+    """Remove one stored entry (one a volume's own pace has shown wrong, where the probe timed
+    again could not settle on a better one): the next run probes afresh instead of starting
+    from the wrong choice again."""
+    path = batching_file()
+    table = _read_table(path)
+    if key not in table:
+        return
+    del table[key]
+    try:
+        write_json_atomically(path, table)
+    except OSError as exc:
+        log.warning("could not drop the batching choice from %s (%s)", path, exc)
+
+
 def forget_batching() -> bool:
     """Remove every stored choice (the next run of each model probes again); True if there were any."""
     path = batching_file()

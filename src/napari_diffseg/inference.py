@@ -21,7 +21,7 @@ import torch
 
 from .batching import (  # noqa: F401 (cpu_name: its old home)
     BatchingChoice, PaceTuner, batch_candidates, batching_file, cpu_name, device_name, most_chains, probe_batching,
-    store_batching, stored_batching,
+    drop_batching, store_batching, stored_batching,
 )
 from .checkpoint import ONE_PASS, LoadedModel, load_model
 from .clicks import marks_to_hints
@@ -251,6 +251,8 @@ class Segmenter:
             else:
                 log.info("batching probe did not settle (busy machine?): %s chains per call for this session only, "
                          "not stored", chosen)
+                if reprobe:  # the stored choice was off: better no entry than that one (issue 24)
+                    drop_batching(self._stored_key(key))
             self.probes += 1
         self._probed[key] = known
         # Kept from an earlier run (the file, or this session when the timings did not settle).

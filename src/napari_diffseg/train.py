@@ -15,127 +15,41 @@ SIGTERM saves and exits cleanly.
 from __future__ import annotations
 
 import argparse
-import csv
-import functools
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import data
 from .augment import augment_batch
-from .checkpoint import (DEFAULT_SAMPLING, MASK_CLIP_RANGE, atomic_save, check_unsupported_flags, is_ours,
+from .checkpoint import (DEFAULT_SAMPLING, MASK_CLIP_RANGE, atomic_save, is_ours,
                          make_payload, read_checkpoint)
 from .clicks import HINT_CHANNELS, marks_to_hints, simulate_marks
-from .cli import add_model_flags, guarded, make_parser, model_flags_from_args, positive_int
+from .cli import guarded
 from .diffusion import Diffusion, DiffusionConfig
 from .ensemble import autocast_context
 from .errors import DiffSegError
 from .files import check_writable_folder
 from .geometry import Geometry
 from .inference import resolve_device
-from .preprocess import INPUT_NORMS, InputSpec, neighbour_slices, normalise, volume_statistics
+from .losses import segmentation_losses, x0_dice_bce
+from .preprocess import InputSpec, normalise
+from .train_config import TrainConfig, build_parser
+from .train_log import LogRow, TrainingLog
+from .trainset import SliceSet, build_slice_set
 from .unet import UNet, UNetConfig, count_parameters
 
 CHECKPOINT_NAME = "checkpoint.pt"  # full training state, for --resume
 MODEL_NAME = "model.pt"  # weights + configuration, for sampling
 
 
-# -- data --------------------------------------------------------------------------------------
-@dataclass
-class SliceSet:
-    """Every training slice preprocessed to the network's size, kept in memory (fp16)."""
-
-    images: torch.Tensor  # (M, C, h, w): 4 modalities per slice offset (preprocess.InputSpec), [0, 1]
-    masks: torch.Tensor  # (M, 1, h, w) {0, 1}
-    names: list[str]
-    # (M, 4, 2) mean and std per modality of each slice's volume, for --input_norm zscore; the
-    # normalisation is applied per batch, after the augmentation, which works on [0, 1] images
-    stats: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    @functools.cached_property
-    def tumour_indices(self) -> np.ndarray:
-        """Rows whose mask holds any tumour pixel (computed once: the set never changes)."""
-        return np.flatnonzero(self.masks.flatten(1).amax(1).numpy() > 0)
-
-    def draw(self, rng: np.random.Generator, size: int, tumour_fraction: float = 0.0) -> np.ndarray:
-        """``size`` row indices: a ``tumour_fraction`` share from tumour slices, the rest
-        uniformly from all. A fractional share is rounded at random, so the expected share is
-        exact at any batch size."""
-        if tumour_fraction <= 0:
-            return rng.integers(0, len(self), size=size)
-        tumour = self.tumour_indices
-        if tumour.size == 0:
-            raise DiffSegError("--tumour_fraction: no training slice holds tumour; use 0 or add labelled tumour cases")
-        wanted = tumour_fraction * size
-        n_tumour = int(math.floor(wanted)) + int(rng.random() < wanted - math.floor(wanted))
-        return np.concatenate([rng.choice(tumour, size=n_tumour), rng.integers(0, len(self), size=size - n_tumour)])
-
-
-def build_slice_set(path: str | Path, geometry: Geometry, multiple: int, require_labels: bool = True,
-                    log=print, spec: InputSpec = InputSpec()) -> SliceSet:
-    cases = data.find_cases(path)
-    images, masks, names, stats = [], [], [], []
-    for files in cases:
-        if files.seg is None:
-            if require_labels:
-                raise DiffSegError(
-                    f"{files.images['t1'].parent}: no segmentation file; training needs one per case "
-                    f"(e.g. {files.name}_seg.nii.gz)"
-                )
-            continue
-        case = data.load_case(files)
-        zs = data.brain_slices(case.images)
-        vol = case.images if case.is_volume else case.images[..., None]
-        lab = case.label if case.is_volume else case.label[..., None]
-        batch = torch.from_numpy(neighbour_slices(vol, zs, spec))
-        label = torch.from_numpy(np.ascontiguousarray(np.moveaxis(lab[..., zs], -1, 0)))[:, None].float()
-        images.append(geometry.to_network(batch, multiple).half())
-        stats.append(torch.from_numpy(volume_statistics(vol, spec))[None].expand(len(zs), -1, -1))
-        masks.append(geometry.to_network(label, multiple, is_mask=True).to(torch.uint8))
-        names.extend(f"{case.name}:{z}" for z in zs)
-    if not names:
-        raise DiffSegError(f"{path}: no labelled cases found; training needs images with a segmentation")
-    log(f"loaded {len(names)} slices from {len(cases)} cases in {path}")
-    return SliceSet(torch.cat(images), torch.cat(masks), names, torch.cat(stats))
-
-
-def _soft_dice_loss(p: torch.Tensor, masks: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    # The smoothing term keeps slices without tumour from dividing by zero and rewards
-    # predicting them empty.
-    dims = tuple(range(1, p.ndim))
-    return 1 - (2 * (p * masks).sum(dims) + smooth) / (p.sum(dims) + masks.sum(dims) + smooth)
-
-
-def segmentation_losses(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-sample BCE + soft Dice loss of (B, 1, h, w) logits against {0, 1} masks."""
-    dims = tuple(range(1, logits.ndim))
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks, reduction="none").mean(dims)
-    dice = _soft_dice_loss(torch.sigmoid(logits), masks)
-    return {"loss": bce + dice, "bce": bce, "dice_loss": dice}
-
-
-def x0_dice_bce(x0: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Per-sample soft Dice + BCE of a clean-mask estimate read as a probability.
-
-    The estimate lives on the mask's own scale, so it is clamped into (0, 1) rather than
-    squashed by a sigmoid: a value past 0 or 1 on the right side costs nothing more."""
-    p = x0.clamp(1e-4, 1 - 1e-4)
-    dims = tuple(range(1, p.ndim))
-    bce = torch.nn.functional.binary_cross_entropy(p, masks, reduction="none").mean(dims)
-    return bce + _soft_dice_loss(p, masks)
-
-
+# -- optimisation ------------------------------------------------------------------------------
 def lr_factor(schedule: str, step: int, warmup_steps: int, progress: float) -> float:
     """Multiplier of the base learning rate: a linear warm-up over ``warmup_steps``, then
     constant or a half cosine that reaches zero when ``progress`` (0..1 of the run) ends."""
@@ -172,213 +86,6 @@ class EMA:
         for k, v in model.state_dict().items():
             self.shadow[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
 
-
-# -- the command -------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = make_parser(
-        "diffseg-train",
-        "Train the conditional diffusion segmentation model (Wolleb et al.) on "
-        "slice folders or BraTS case folders. Flags as in the reference implementation.",
-    )
-    parser.add_argument("--data_dir", required=True, help="training cases (slice folders or BraTS volumes)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the peak, with a schedule)")
-    parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    parser.add_argument("--batch_size", type=positive_int, default=1, help="slices per optimizer step, per process")
-    parser.add_argument("--ema_rate", type=float, default=0.9999, help="EMA rate of the weights kept for sampling")
-    add_model_flags(parser)
-    extra = parser.add_argument_group("napari-diffseg")
-    extra.add_argument("--out_dir", default="results", help="checkpoints, model.pt and progress.csv go here")
-    extra.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: run until interrupted, as the reference)")
-    extra.add_argument("--max_minutes", type=float, default=0, help="stop (and save) after this much training wall time, counted over "
-                       "the whole run: a --resume continues the count (0: no limit)")
-    extra.add_argument("--save_interval", type=positive_int, default=5000, help="optimizer steps between checkpoint saves")
-    extra.add_argument("--log_interval", type=positive_int, default=100, help="rows in progress.csv (mean over the interval)")
-    extra.add_argument("--resume", default="", help="a checkpoint.pt (or the out dir holding one) to continue from")
-    extra.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    extra.add_argument("--seed", type=int, default=0, help="random seed of the weights, batches and noise")
-    extra.add_argument("--val_dir", default="", help="labelled cases for a validation loss at every save")
-    extra.add_argument("--crop_border", type=int, default=8, help="pixels cropped from each edge (the reference: 8, 240 -> 224)")
-    extra.add_argument("--resize_to", type=int, default=0, help="train at this square size (0: native size); stored in the model")
-    extra.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype (fp16 on CUDA only)")
-    extra.add_argument("--channels_last", action="store_true", help="channels-last memory layout (faster with bf16)")
-    extra.add_argument("--augment", action="store_true", help="random left-right flips")
-    extra.add_argument("--augment_intensity", action="store_true",
-                       help="a random gamma (0.7-1.4) and gain (0.9-1.1) per slice and modality, as scanners differ")
-    extra.add_argument("--augment_spatial", action="store_true",
-                       help="a random rotation (up to 15 degrees) and zoom (0.9-1.1) per slice, images and mask alike")
-    extra.add_argument("--augment_strong", action="store_true",
-                       help="nnU-Net-style, each on 10-25%% of the slices: an elastic deformation (images and mask "
-                       "alike), then Gaussian noise, blur, brightness, contrast and a simulated low resolution "
-                       "inside the brain, per modality")
-    extra.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
-    extra.add_argument("--sample_respacing", default="", help="default sampling steps stored in model.pt (e.g. 50)")
-    extra.add_argument("--no_progress", action="store_true", help="no progress bar")
-    extra.add_argument("--norm_groups", type=positive_int, default=32,
-                       help="GroupNorm groups (the reference: 32). At num_channels 32 that is one channel per "
-                       "group, which hides a uniform offset of the noisy mask from the network; 8 keeps it visible")
-    extra.add_argument("--input_norm", default="percentile", choices=list(INPUT_NORMS),
-                       help="what the model sees of each modality: the per-volume [0, 1] percentile scaling, or "
-                       "that z-scored over the volume's brain (stored in the model; sampling follows it)")
-    extra.add_argument("--context", type=int, default=0,
-                       help="neighbouring slices on either side fed as extra condition channels (2.5D; stored "
-                       "in the model; a lone 2D slice repeats itself)")
-    extra.add_argument("--objective", default="diffusion", choices=["diffusion", "segmentation"],
-                       help="diffusion (the method) or segmentation (deterministic U-Net baseline, Dice + BCE)")
-    recipe = parser.add_argument_group("training recipe (defaults: the reference's behaviour)")
-    recipe.add_argument("--tumour_fraction", type=fraction, default=0.0,
-                        help="share of each batch drawn from slices that hold tumour; the rest uniformly "
-                        "from all brain slices (0: all uniform, as the reference)")
-    recipe.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"],
-                        help="constant (the reference) or cosine decay to zero at the end of the run "
-                        "(--max_steps, or the elapsed share of --max_minutes, whichever is further)")
-    recipe.add_argument("--warmup_steps", type=int, default=0, help="linear learning-rate warm-up over this many steps")
-    recipe.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this (0: no clipping)")
-    recipe.add_argument("--x0_loss_weight", type=float, default=0.0,
-                        help="add this weight x (soft Dice + BCE) of the model's x0 estimate to the diffusion loss")
-    recipe.add_argument("--self_condition", action="store_true",
-                        help="the network also sees the previous step's x0 estimate (an extra input channel; zeros "
-                        "at the first step; half the training steps see a detached estimate); stored in the model")
-    recipe.add_argument("--click_fraction", type=fraction, default=0.0,
-                        help="share of training slices that come with simulated user marks: one at the centre of "
-                        "the largest error of the model's own estimate, up to two more that agree with the truth. "
-                        "The model gets two input channels for marks (tumour, not tumour), stored in it, and a "
-                        "refine then feeds it the user's scribbles (0: no mark channels, as the reference)")
-    recipe.add_argument("--init_from", default="",
-                        help="start from the weights of this trained model (its model.pt or checkpoint.pt, the EMA "
-                        "weights) instead of random ones; the model flags must match, except that input channels "
-                        "it lacks (e.g. the marks of --click_fraction) start at zero, so the network starts out "
-                        "computing what that model did. A fresh optimizer and schedule")
-    return parser
-
-
-def fraction(value: str) -> float:
-    number = float(value)
-    if not 0.0 <= number <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {number}")
-    return number
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """diffseg-train's settings, typed and checked once (:meth:`from_args`); the flags of the same
-    names say what each means."""
-
-    data_dir: str
-    val_dir: str
-    out_dir: str
-    resume: str
-    init_from: str
-    objective: str  # "diffusion" (the method) or "segmentation" (the one-pass baseline)
-    model_flags: dict  # the reference's model and diffusion flags
-    # the network and what it sees
-    norm_groups: int
-    input_norm: str
-    context: int
-    self_condition: bool
-    click_fraction: float
-    crop_border: int
-    resize_to: int
-    sample_respacing: str
-    # optimisation
-    lr: float
-    weight_decay: float
-    batch_size: int
-    ema_rate: float
-    lr_schedule: str
-    warmup_steps: int
-    grad_clip: float
-    x0_loss_weight: float
-    tumour_fraction: float
-    augment: bool
-    augment_intensity: bool
-    augment_spatial: bool
-    augment_strong: bool
-    # the run
-    max_steps: int
-    max_minutes: float
-    save_interval: int
-    log_interval: int
-    seed: int
-    device: str
-    precision: str
-    channels_last: bool
-    threads: int
-    no_progress: bool
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
-        values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "model_flags"}
-        return cls(**values, model_flags=model_flags_from_args(args))
-
-    def __post_init__(self):
-        for name in ("lr", "threads", "max_steps", "max_minutes", "crop_border", "resize_to", "warmup_steps",
-                     "context"):
-            value = getattr(self, name)
-            if value < 0:
-                raise DiffSegError(f"--{name} {value}: give a number of at least 0")
-        check_unsupported_flags(self.model_flags)
-        if self.segmentation:
-            for name in ("self_condition", "click_fraction"):
-                if getattr(self, name):
-                    raise DiffSegError(f"--{name} is for the diffusion objective; leave it out with "
-                                       "--objective segmentation")
-        if self.lr_schedule == "cosine" and not (self.max_steps or self.max_minutes):
-            raise DiffSegError("--lr_schedule cosine decays to zero at the end of the run: give --max_steps or "
-                               "--max_minutes")
-
-    @property
-    def segmentation(self) -> bool:
-        return self.objective == "segmentation"
-
-    def to_dict(self) -> dict:
-        """The settings as the flags hold them (stored in the checkpoint as ``train_args``)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model_flags"}
-        return {**values, **self.model_flags}
-
-
-@dataclass
-class LogRow:
-    """One row of progress.csv (and of TensorBoard): means over the steps since the last row."""
-
-    step: int
-    losses: dict[str, float]  # "loss", then the objective's terms
-    val_loss: float | None  # at a save with --val_dir
-    steps_per_s: float
-    wall_s: float
-    lr: float
-
-    @staticmethod
-    def header(terms: tuple[str, ...]) -> list[str]:
-        return ["step", "loss", *terms, "val_loss", "steps_per_s", "wall_s", "lr"]
-
-    def cells(self) -> list:
-        return [self.step, *self.losses.values(), "" if self.val_loss is None else self.val_loss,
-                self.steps_per_s, self.wall_s, self.lr]
-
-
-class TrainingLog:
-    """progress.csv and TensorBoard (where installed), written by rank 0."""
-
-    def __init__(self, csv_path: Path, append: bool, terms: tuple[str, ...], tensorboard=None):
-        self.handle = open(csv_path, "a" if append else "w", newline="")
-        self.writer = csv.writer(self.handle)
-        if not append:
-            self.writer.writerow(LogRow.header(terms))
-        self.tensorboard = tensorboard
-
-    def write(self, row: LogRow) -> None:
-        self.writer.writerow(row.cells())
-        self.handle.flush()
-        if self.tensorboard is not None:
-            for name, value in row.losses.items():
-                self.tensorboard.add_scalar(f"train/{name}", value, row.step)
-            if row.val_loss is not None:
-                self.tensorboard.add_scalar("val/loss", row.val_loss, row.step)
-
-    def close(self) -> None:
-        self.handle.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
 
 
 class Trainer:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from napari_diffseg import synthetic
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 # Before any test module is imported: an environment copied at import time (a subprocess's
@@ -108,3 +110,10 @@ def make_widget(make_napari_viewer, tiny_checkpoint, qtbot):
             qtbot.waitUntil(lambda w=widget: w.runner.worker is None, timeout=RUN_TIMEOUT_MS)
         widget.review.timer.stop()
         qtbot.waitUntil(lambda w=widget: w.review.metrics_worker is None, timeout=RUN_TIMEOUT_MS)
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    synthetic.write_phantoms(root, n=3, seed=5, size=64)
+    return root

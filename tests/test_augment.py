@@ -7,7 +7,7 @@ import torch
 
 from napari_diffseg import augment, checkpoint, synthetic, train
 
-from test_recipe import TINY_FLAGS
+from support import TINY_FLAGS
 
 
 def _batch(n: int = 6, size: int = 48, seed: int = 0):

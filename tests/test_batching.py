@@ -16,7 +16,7 @@ from napari_diffseg.geometry import Geometry
 from napari_diffseg.inference import Segmenter, batch_candidates, format_eta, run_to_end
 from napari_diffseg.options import SamplingOptions
 
-from test_core import _final, _images, save_tiny_checkpoint, tiny_model
+from support import final_members, random_images, save_tiny_checkpoint, tiny_model
 from napari_diffseg.diffusion import Diffusion, DiffusionConfig
 
 
@@ -31,21 +31,21 @@ def test_members_do_not_depend_on_chains_per_call(model, chains_per_call):
     """Two slices of two chains, split into network calls every way: same members (fp32, to
     rounding), including splits that cut through a slice's chains."""
     diffusion = Diffusion.from_config(DiffusionConfig(), "5")
-    images = _images(2, seed=4)
-    whole = _final(model, diffusion, images, 2, seed=11, slice_keys=[3, 8])
-    split = _final(model, diffusion, images, 2, seed=11, slice_keys=[3, 8], chains_per_call=chains_per_call)
+    images = random_images(2, seed=4)
+    whole = final_members(model, diffusion, images, 2, seed=11, slice_keys=[3, 8])
+    split = final_members(model, diffusion, images, 2, seed=11, slice_keys=[3, 8], chains_per_call=chains_per_call)
     torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-5)
-    other = _final(model, diffusion, images, 2, seed=12, slice_keys=[3, 8], chains_per_call=chains_per_call)
+    other = final_members(model, diffusion, images, 2, seed=12, slice_keys=[3, 8], chains_per_call=chains_per_call)
     assert not torch.allclose(other, whole)  # the seed still decides
 
 
 def test_self_conditioned_members_do_not_depend_on_chains_per_call():
     model = tiny_model(3, self_condition=True)
     diffusion = Diffusion.from_config(DiffusionConfig(), "4")
-    images = _images(1, seed=5)
-    whole = _final(model, diffusion, images, 3, seed=2)
+    images = random_images(1, seed=5)
+    whole = final_members(model, diffusion, images, 3, seed=2)
     for chains in (1, 2):
-        torch.testing.assert_close(_final(model, diffusion, images, 3, seed=2, chains_per_call=chains), whole,
+        torch.testing.assert_close(final_members(model, diffusion, images, 3, seed=2, chains_per_call=chains), whole,
                                    rtol=1e-4, atol=1e-5)
 
 

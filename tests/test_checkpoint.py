@@ -6,7 +6,6 @@ the same kinds is in test_cli.py (test_bad_checkpoint_is_one_line_error).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,61 +16,9 @@ from napari_diffseg import checkpoint, cli
 from napari_diffseg.diffusion import DiffusionConfig
 from napari_diffseg.errors import DiffSegError
 from napari_diffseg.geometry import Geometry
-from napari_diffseg.unet import UNet, UNetConfig
+from napari_diffseg.unet import UNetConfig
 
-TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="",
-            num_heads=1, learn_sigma=True)
-
-
-def tiny_state(seed: int = 0, **overrides) -> dict:
-    torch.manual_seed(seed)
-    return UNet(UNetConfig(**{**TINY, **overrides})).state_dict()
-
-
-def write_bad_checkpoint(kind: str, folder: Path, good: Path) -> Path:
-    """A file of ``kind`` that a user might pick as the checkpoint, made beside ``good``."""
-    path = folder / f"{kind}.pt"
-    rng = np.random.default_rng(0)
-    if kind == "empty":
-        path.write_bytes(b"")
-    elif kind == "truncated":  # an interrupted copy of a real checkpoint
-        raw = good.read_bytes()
-        path.write_bytes(raw[: len(raw) // 2])
-    elif kind == "text":  # the file that gave "IndexError: pop from empty list" with a traceback
-        path.write_text("# notes\nmodel: savedmodel050000.pt\nlr = 1e-4\n" * 20)
-    elif kind == "binary":  # not a torch file at all (random bytes that start like no known format)
-        path.write_bytes(b"\x00\x01" + rng.bytes(4000))
-    elif kind == "classifier":  # a torchvision-style classification state dict
-        torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.ones(64),
-                    "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}, path)
-    elif kind == "image_unet":  # an improved-diffusion UNet for 3-channel images
-        torch.save(tiny_state(in_channels=3), path)
-    elif kind == "flags_json":  # the flags JSON given where the checkpoint goes
-        path = folder / "flags.json"
-        path.write_text(json.dumps({"num_channels": 32, "num_res_blocks": 1, "learn_sigma": True}))
-    elif kind == "nested":  # another framework's training checkpoint
-        torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}, "epoch": 3}, path)
-    elif kind == "ours_without_weights":
-        payload = checkpoint.make_payload(UNetConfig(**TINY), DiffusionConfig(), Geometry(), {})
-        torch.save(payload, path)
-    else:
-        raise ValueError(kind)
-    return path
-
-
-# kind -> words the one-line message must contain (besides the file's path)
-BAD_KINDS = {
-    "empty": ["empty"],
-    "truncated": ["damaged or incomplete", "copy it again"],
-    "text": ["text file", "model.pt"],
-    "binary": ["not a PyTorch checkpoint", "model.pt"],
-    "classifier": ["not a diffusion-segmentation model", "fc.weight"],
-    "image_unet": ["3-channel", "not a segmentation model"],
-    "flags_json": ["flags JSON", "not a checkpoint"],
-    "nested": ["not a model checkpoint", "state_dict"],
-    "ours_without_weights": ["without model weights"],
-}
-
+from support import BAD_KINDS, TINY, tiny_state, write_bad_checkpoint
 
 @pytest.fixture(scope="module")
 def good_checkpoint(tmp_path_factory) -> Path:

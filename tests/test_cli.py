@@ -393,7 +393,7 @@ def test_checkpoint_with_pickled_code_is_refused(payload, tmp_path):
 @pytest.mark.parametrize("kind", ["empty", "truncated", "text", "binary", "classifier", "flags_json"])
 def test_bad_checkpoint_is_one_line_error(kind, tiny_ckpt, tmp_path):
     """README: a wrong --model_path is one line naming the file, exit 2, no traceback."""
-    from test_checkpoint import BAD_KINDS, write_bad_checkpoint
+    from support import BAD_KINDS, write_bad_checkpoint
 
     case = write_case(tmp_path / "case")
     bad = write_bad_checkpoint(kind, tmp_path, tiny_ckpt)

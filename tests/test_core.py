@@ -19,26 +19,7 @@ from napari_diffseg.inference import Segmenter, run_to_end
 from napari_diffseg.options import SamplingOptions
 from napari_diffseg.unet import UNet, UNetConfig
 
-TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="",
-            num_heads=1, learn_sigma=True)
-
-
-def tiny_model(seed: int = 0, **config) -> UNet:
-    """A tiny UNet (TINY, with ``config`` on top) whose output layer is not zero."""
-    torch.manual_seed(seed)
-    model = UNet(UNetConfig(**{**TINY, **config}))
-    with torch.no_grad():  # the output layer starts at zero: give the network something to say
-        model.out[2].weight.normal_(0.0, 0.05)
-    return model.eval()
-
-
-def save_tiny_checkpoint(path, geometry: Geometry, seed: int = 0):
-    model = tiny_model(seed)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    checkpoint.atomic_save(checkpoint.make_payload(UNetConfig(**TINY), DiffusionConfig(), geometry,
-                                                   {"model": state}), path)
-    return path
-
+from support import TINY, final_members, random_images, save_tiny_checkpoint, tiny_model
 
 @pytest.fixture(scope="module")
 def model():
@@ -51,15 +32,11 @@ def diffusion10():
     return Diffusion.from_config(DiffusionConfig(), "10")
 
 
-def _images(s: int, h: int = 16, w: int = 16, seed: int = 0) -> torch.Tensor:
-    return torch.rand((s, 4, h, w), generator=torch.Generator().manual_seed(seed))
-
-
 # -- diffusion and ensemble API -------------------------------------------------------------
 
 def test_sampling_yields_every_step_with_ensemble_states(model, diffusion10):
     assert diffusion10.num_timesteps == 10
-    steps = list(sample_ensemble(model, diffusion10, _images(2), SamplingOptions(3, seed=1)))
+    steps = list(sample_ensemble(model, diffusion10, random_images(2), SamplingOptions(3, seed=1)))
     assert len(steps) == diffusion10.num_timesteps
     assert [s.index for s in steps] == list(range(10))
     assert all(s.total == 10 for s in steps)
@@ -70,18 +47,11 @@ def test_sampling_yields_every_step_with_ensemble_states(model, diffusion10):
     assert torch.isfinite(steps[-1].x).all()
 
 
-def _final(model, diffusion, images, n, seed=0, **kwargs) -> torch.Tensor:
-    last = None
-    for last in sample_ensemble(model, diffusion, images, SamplingOptions(n, seed=seed), **kwargs):
-        pass
-    return last.x.clone()
-
-
 def test_seeded_sampling_is_reproducible(model, diffusion10):
-    images = _images(2)
-    a = _final(model, diffusion10, images, 2, seed=7)
-    b = _final(model, diffusion10, images, 2, seed=7)
-    c = _final(model, diffusion10, images, 2, seed=8)
+    images = random_images(2)
+    a = final_members(model, diffusion10, images, 2, seed=7)
+    b = final_members(model, diffusion10, images, 2, seed=7)
+    c = final_members(model, diffusion10, images, 2, seed=8)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
     # The chains of one slice differ from each other too.
@@ -89,17 +59,17 @@ def test_seeded_sampling_is_reproducible(model, diffusion10):
 
 
 def test_slice_result_does_not_depend_on_its_batch(model, diffusion10):
-    images = _images(2)
-    together = _final(model, diffusion10, images, 2, seed=3, slice_keys=[4, 9])
-    alone = _final(model, diffusion10, images[1:], 2, seed=3, slice_keys=[9])
+    images = random_images(2)
+    together = final_members(model, diffusion10, images, 2, seed=3, slice_keys=[4, 9])
+    alone = final_members(model, diffusion10, images[1:], 2, seed=3, slice_keys=[9])
     torch.testing.assert_close(together[2:], alone, rtol=1e-4, atol=1e-5)
-    other_key = _final(model, diffusion10, images[1:], 2, seed=3, slice_keys=[4])
+    other_key = final_members(model, diffusion10, images[1:], 2, seed=3, slice_keys=[4])
     assert not torch.allclose(alone, other_key)
 
 
 def test_ddim_eta0_is_deterministic_given_start_noise(model):
     diffusion = Diffusion.from_config(DiffusionConfig(), "ddim10")
-    images = _images(1)
+    images = random_images(1)
     with torch.inference_mode():
         condition = model.encode_condition(images.repeat(2, 1, 1, 1))
 
@@ -265,7 +235,7 @@ def test_checkpoint_clip_range_reaches_the_sampler(tmp_path):
             sampling={"timestep_respacing": "5", "sampler": "ddpm", "num_ensemble": 3, "clip_range": clip}), path)
         segmenter = Segmenter.load(path, device="cpu")
         assert list(segmenter.defaults["clip_range"]) == clip
-        result, _ = _run(segmenter, _images(1, 16, 16, seed=4)[0].numpy(), seed=2)
+        result, _ = _run(segmenter, random_images(1, 16, 16, seed=4)[0].numpy(), seed=2)
         members[name] = result.samples
     assert members["mask"].min() >= 0.0 and members["mask"].max() <= 1.0
     assert members["reference"].min() < 0.0  # this random model's x0 estimates go negative unclipped at 0

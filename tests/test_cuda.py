@@ -17,8 +17,8 @@ from napari_diffseg.inference import Segmenter, resolve_precision, run_to_end
 from napari_diffseg.options import SamplingOptions
 from napari_diffseg.synthetic import write_phantoms
 from napari_diffseg.unet import UNet, UNetConfig
-from test_core import TINY as TINY_CORE
-from test_core import tiny_model as tiny_core_model
+from support import TINY as TINY_CORE
+from support import tiny_model as tiny_core_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -12,8 +12,7 @@ from napari_diffseg.errors import DiffSegError
 from napari_diffseg.inference import Segmenter, run_to_end
 from napari_diffseg.options import Guidance, SamplingOptions
 
-from test_core import tiny_model
-from test_recipe import TINY_FLAGS, phantom_dir  # noqa: F401 (a fixture)
+from support import TINY_FLAGS, tiny_model
 
 
 def _square_truth() -> np.ndarray:

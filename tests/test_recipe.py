@@ -8,23 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_diffseg import checkpoint, synthetic, train
+from napari_diffseg import checkpoint, train
 from napari_diffseg.diffusion import Diffusion, DiffusionConfig
 from napari_diffseg.inference import Segmenter, run_to_end
 from napari_diffseg.options import SamplingOptions
 
-TINY_FLAGS = ["--num_channels", "32", "--channel_mult", "1,2", "--num_res_blocks", "1", "--attention_resolutions", "",
-              "--crop_border", "0", "--resize_to", "32", "--batch_size", "4", "--lr", "2e-3", "--ema_rate", "0.9",
-              "--no_progress", "--log_interval", "1", "--save_interval", "100", "--device", "cpu", "--seed", "0",
-              "--learn_sigma", "True", "--norm_groups", "8"]
-
-
-@pytest.fixture(scope="module")
-def phantom_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantoms")
-    synthetic.write_phantoms(root, n=3, seed=5, size=64)
-    return root
-
+from support import TINY_FLAGS
 
 def _lr_column(out_dir) -> list[float]:
     with open(out_dir / "progress.csv", newline="") as handle:
@@ -234,7 +223,7 @@ def test_old_checkpoints_default_to_epsilon_prediction():
 # -- self-conditioning -------------------------------------------------------------------------
 
 def _self_conditioned_model(seed: int = 0):
-    from test_core import TINY, tiny_model
+    from support import TINY, tiny_model
 
     model = tiny_model(seed, self_condition=True, norm_groups=8)
     with torch.no_grad():  # make the x0 channel matter

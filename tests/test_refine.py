@@ -20,7 +20,7 @@ from napari_diffseg.inference import Segmenter, run_to_end
 from napari_diffseg.options import Guidance, SamplingOptions
 from napari_diffseg.unet import UNetConfig
 
-from test_core import TINY, tiny_model
+from support import TINY, tiny_model
 
 
 def _images(s: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:

@@ -24,7 +24,7 @@ from ..files import write_json_atomically
 log = logging.getLogger(__name__)
 
 FILE_NAME = "settings.json"
-RUN_OPTION = "run_option"  # field metadata: passed to Segmenter.run under the field's name
+RUN_OPTION = "run_option"  # field metadata: a SamplingOptions field of the same name
 
 STEP_PRESETS = [  # (label, respacing); None = the checkpoint's default
     ("model default", None),
@@ -85,7 +85,7 @@ class Settings:
         return replace(self, **values)
 
     def run_options(self) -> dict:
-        """The keyword arguments of ``Segmenter.run`` that the settings give as they are."""
+        """The SamplingOptions fields that the settings give as they are."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get(RUN_OPTION)}
 
     @property

@@ -23,7 +23,8 @@ import torch
 
 from napari_diffseg.diffusion import DiffusionConfig
 from napari_diffseg.errors import DiffSegError
-from napari_diffseg.inference import cpu_name, resolve_device, resolve_precision
+from napari_diffseg.batching import cpu_name
+from napari_diffseg.inference import resolve_device, resolve_precision
 from napari_diffseg.unet import UNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]

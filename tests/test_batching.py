@@ -13,7 +13,8 @@ from napari_diffseg import batching as inference_batching
 from napari_diffseg import inference
 from napari_diffseg.errors import DiffSegError
 from napari_diffseg.geometry import Geometry
-from napari_diffseg.inference import Segmenter, batch_candidates, format_eta, run_to_end
+from napari_diffseg.batching import batch_candidates
+from napari_diffseg.inference import Segmenter, format_eta, run_to_end
 from napari_diffseg.options import SamplingOptions
 
 from support import final_members, random_images, save_tiny_checkpoint, tiny_model

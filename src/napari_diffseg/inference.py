@@ -19,9 +19,9 @@ from typing import Callable, Generator
 import numpy as np
 import torch
 
-from .batching import (  # noqa: F401 (cpu_name: its old home)
-    BatchingChoice, PaceTuner, batch_candidates, batching_file, cpu_name, device_name, most_chains, probe_batching,
-    drop_batching, store_batching, stored_batching,
+from .batching import (
+    BatchingChoice, PaceTuner, batch_candidates, batching_file, device_name, drop_batching, most_chains,
+    probe_batching, store_batching, stored_batching,
 )
 from .checkpoint import ONE_PASS, LoadedModel, load_model
 from .clicks import marks_to_hints

@@ -126,13 +126,13 @@ def test_settings_file_is_forgiving(tmp_path):
     assert load_settings() == Settings(device="cpu", steps="50 steps")
     save_settings(Settings(num_ensemble=9))
     assert load_settings().num_ensemble == 9
-    # The file of an older version (no eta) loads; the keys are those it always had, and eta.
+    # The file of an older version (no eta, no cleanup) loads; the keys are those it always had, and the new ones.
     old = {"model_path": "", "flags_path": "", "num_ensemble": 7, "steps": "", "sampler": "ddim", "device": "auto",
            "precision": "auto", "seed": 3, "scope": "slice", "keep_members": True, "threshold": 0.4}
     settings_path().write_text(json.dumps(old))
     assert load_settings() == Settings(**old)
     save_settings(load_settings())
-    assert json.loads(settings_path().read_text()) == {**old, "eta": 0.0}
+    assert json.loads(settings_path().read_text()) == {**old, "eta": 0.0, "cleanup": True}
 
 
 def test_widget_feeds_the_model_what_the_core_loader_reads():
@@ -471,3 +471,62 @@ def test_demo_runs_headless(qapp, tmp_path):
     from napari_diffseg._gui.settings import settings_path
 
     assert not settings_path().exists()  # the demo leaves the user's settings alone
+
+
+def test_cleanup_box_removes_islands_of_a_whole_volume_result_at_every_threshold(make_widget, qtbot, tmp_path):
+    """With a model that stores a clean-up size, a whole-volume proposal (and its figures) is the
+    cleaned mask at every threshold; the box turns it off and on; a lone slice is never cleaned."""
+    from scipy import ndimage
+
+    from napari_diffseg.checkpoint import read_checkpoint
+    from napari_diffseg.postprocess import remove_small_components
+
+    def parts(mask):
+        return ndimage.label(mask, structure=np.ones((3, 3, 3)))[1]
+
+    viewer, widget = make_widget(shape=(32, 32, 4), truth=True, num_ensemble=2, keep_members=False)
+    payload = read_checkpoint(widget.settings.model_path)
+    payload["sampling"]["cleanup_min_voxels"] = 10**6  # every part but the largest is an island
+    model = tmp_path / "cleanup.pt"
+    atomic_save(payload, model)
+    widget.configure(persist=False, model_path=str(model), cleanup=True)
+    run_and_wait(qtbot, widget)
+    state = widget.cases[CASE].result
+    proposal = viewer.layers[f"{CASE} diffseg proposal"]
+    raw = state.probability > state.threshold
+    assert parts(raw) > 1  # random inputs: islands to remove
+    np.testing.assert_array_equal(proposal.data, ld.to_display(remove_small_components(raw, 10**6)))
+    assert parts(proposal.data) == 1
+    assert widget.review.cleanup.enabled and "1,000,000" in widget.review.cleanup.text
+    # the job's figures are of the cleaned mask, as shown
+    cleaned_dice = widget.review.metrics["dice"]
+
+    widget.review.threshold.value = 0.3
+    qtbot.waitUntil(lambda: widget.review.metrics is not None, timeout=RUN_TIMEOUT_MS)
+    raw = state.probability > 0.3
+    np.testing.assert_array_equal(proposal.data, ld.to_display(remove_small_components(raw, 10**6)))
+    widget.review.threshold.value = 0.5
+    qtbot.waitUntil(lambda: widget.review.metrics is not None, timeout=RUN_TIMEOUT_MS)
+    assert widget.review.metrics["dice"] == pytest.approx(cleaned_dice)
+
+    widget.review.cleanup.value = False
+    qtbot.waitUntil(lambda: widget.review.metrics is not None, timeout=RUN_TIMEOUT_MS)
+    np.testing.assert_array_equal(proposal.data, ld.to_display(state.probability > 0.5))
+    assert widget.current_settings().cleanup is False
+    widget.review.cleanup.value = True
+    assert parts(proposal.data) == 1
+
+    # A slice run of a new case: no clean-up there.
+    viewer2, widget2 = make_widget(shape=(32, 32, 4), num_ensemble=2, keep_members=False, scope="slice")
+    tiny = widget2.settings.model_path
+    widget2.configure(persist=False, model_path=str(model), cleanup=True)
+    run_and_wait(qtbot, widget2)
+    state2 = widget2.cases[CASE].result
+    assert not state2.cleans_up and not widget2.review.cleanup.enabled
+    np.testing.assert_array_equal(viewer2.layers[f"{CASE} diffseg proposal"].data,
+                                  ld.to_display((state2.probability > 0.5).astype(np.uint8)))
+    # A whole-volume run of a model that stores no size: the box is off and says so.
+    widget2.configure(persist=False, model_path=tiny, scope="volume")
+    run_and_wait(qtbot, widget2)
+    assert not widget2.cases[CASE].result.cleans_up and not widget2.review.cleanup.enabled
+    assert "stores no size" in widget2.review.cleanup.text

@@ -15,6 +15,7 @@ from .. import _layerdata as ld
 from ..data import normalise_intensity
 from ..errors import DiffSegError
 from ..options import Guidance, SamplingOptions
+from ..postprocess import remove_small_components
 from ..preprocess import InputSpec
 from ..refine import refine_chain
 from .figures import evaluate
@@ -75,6 +76,8 @@ class RunOutcome:
     device: str = ""
     start_step: int | None = None  # a refine from members: the step it started at
     chain_steps: int = 0  # the steps of a whole chain at this respacing
+    cleanup_voxels: int = 0  # the model's 3D clean-up size (0: it stores none)
+    cleaned: bool = False  # the metrics are of the cleaned-up mask (a whole-volume run with clean-up on)
 
 
 def _normalised(array: np.ndarray, z: int | None) -> np.ndarray:
@@ -158,6 +161,8 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
         slices.update(progress.slices)
         yield progress
     done = sorted(slices) if request.z is None else [request.z]
+    cleanup_voxels = int(segmenter.defaults.get("cleanup_min_voxels", 0) or 0)
+    cleaned = settings.cleanup and cleanup_voxels > 0 and request.z is None and images.ndim == 4
     metrics = None
     if request.inputs.truth is not None:
         truth = ld.to_core(request.inputs.truth)
@@ -165,9 +170,10 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
             truth = truth[..., request.z]
             metrics = evaluate(segmentation.mask, truth, request.inputs.spacing[:2])
         else:
-            metrics = evaluate(segmentation.mask, truth, request.inputs.spacing, done if truth.ndim == 3 else None)
+            mask = remove_small_components(segmentation.mask, cleanup_voxels) if cleaned else segmentation.mask
+            metrics = evaluate(mask, truth, request.inputs.spacing, done if truth.ndim == 3 else None)
     return RunOutcome(segmentation, request.z, done, metrics, time.monotonic() - start, str(segmenter.device),
-                      start_step, chain_steps)
+                      start_step, chain_steps, cleanup_voxels, cleaned)
 
 
 class JobFailed(Exception):

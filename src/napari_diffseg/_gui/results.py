@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import _layerdata as ld
+from ..postprocess import remove_small_components
 from ..refine import Hint, next_mark
 
 if TYPE_CHECKING:
@@ -37,6 +38,11 @@ class ResultState:
     # Refine starts from, and the "next mark" hint of its variance.
     slice_members: dict[int, np.ndarray] = field(default_factory=dict)
     hints: dict[int, "Hint"] = field(default_factory=dict)
+    # 3D clean-up (postprocess.remove_small_components) of the proposal: the size in voxels, 0 = off.
+    # It acts only on a whole-volume result, as cross-validated; a lone slice's islands are kept.
+    cleanup_voxels: int = 0
+    stored_cleanup: int = 0  # the size the model stores (what the widget's box turns on)
+    whole_volume: bool = False  # a whole-volume run was merged (later single-slice runs keep it so)
 
     @classmethod
     def empty(cls, case: str, spatial_shape: Sequence[int], threshold: float = 0.5) -> "ResultState":
@@ -47,9 +53,16 @@ class ResultState:
     def is_volume(self) -> bool:
         return len(self.spatial_shape) == 3
 
+    @property
+    def cleans_up(self) -> bool:
+        return self.cleanup_voxels > 0 and self.is_volume and self.whole_volume
+
     def mask(self, threshold: float | None = None) -> np.ndarray:
         t = self.threshold if threshold is None else threshold
-        return (self.probability > t).astype(np.uint8)
+        mask = self.probability > t
+        if self.cleans_up:
+            mask = remove_small_components(mask, self.cleanup_voxels)
+        return mask.astype(np.uint8)
 
     def merge(self, outcome: RunOutcome) -> None:
         """Put a run's result in: the whole case, or one slice of a volume (others are kept)."""
@@ -61,6 +74,7 @@ class ResultState:
             self.members = None if seg.samples is None else np.asarray(seg.samples, np.float32)
             self.members_z = None
             self.slices = list(outcome.slices)
+            self.whole_volume = self.is_volume
             self.slice_members.clear()
             self.hints.clear()
             if self.members is not None:

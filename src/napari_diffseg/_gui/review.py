@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from magicgui.widgets import ComboBox, Container, FloatSlider, Label, PushButton
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FloatSlider,
+    Label,
+    PushButton,
+)
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QListWidget, QListWidgetItem
 
@@ -39,12 +46,13 @@ class ReviewPanel:
         self.accept_button = PushButton(text=f"Accept proposal ({ACCEPT_KEY})", tooltip=tooltips.ACCEPT)
         self.threshold = FloatSlider(min=0.01, max=0.99, step=0.01, value=0.5, label="threshold",
                                      tooltip=tooltips.THRESHOLD)
+        self.cleanup = CheckBox(text="3D clean-up", tooltip=tooltips.CLEANUP)
         self.member = ComboBox(choices=[("mean", 0)], label="ensemble member", tooltip=tooltips.MEMBER)
         self.metrics_label = Label(value="")
         self.metrics_label.native.setWordWrap(True)
         self.metrics_label.native.setMinimumHeight(2 * self.metrics_label.native.fontMetrics().lineSpacing())
         self.ranking_label = Label(value="most uncertain slices")
-        self.box = Container(widgets=[self.accept_button, self.threshold, self.member, self.metrics_label,
+        self.box = Container(widgets=[self.accept_button, self.threshold, self.cleanup, self.member, self.metrics_label,
                                       self.ranking_label])
         self.ranking = QListWidget()
         self.ranking.setToolTip(tooltips.RANKING)
@@ -55,6 +63,7 @@ class ReviewPanel:
 
         self.accept_button.changed.connect(self.accept)
         self.threshold.changed.connect(self._on_threshold)
+        self.cleanup.changed.connect(self._on_cleanup)
         self.member.changed.connect(self._on_member)
         self.ranking.itemClicked.connect(self.on_ranking_clicked)
         self.ranking.currentItemChanged.connect(lambda item, _prev: self.on_ranking_clicked(item))
@@ -69,6 +78,7 @@ class ReviewPanel:
         """None: no result yet, the review tools are disabled; the ranking is for volumes only."""
         for widget in (self.accept_button, self.threshold, self.member, self.metrics_label):
             widget.enabled = volume is not None
+        self._show_cleanup(None if volume is None else self._cases.current)
         self.ranking.setVisible(bool(volume))
         self.ranking_label.visible = bool(volume)
 
@@ -147,6 +157,23 @@ class ReviewPanel:
         self.viewer.layers.selection.active = layer
 
     # -- threshold, members, ranking ----------------------------------------------------------
+
+    def _show_cleanup(self, case: CaseResult | None) -> None:
+        """The clean-up box: what it would do to the result on screen, enabled where it acts."""
+        state = None if case is None else case.result
+        size = 0 if state is None else state.stored_cleanup
+        if size <= 0:
+            self.cleanup.text = "3D clean-up (the model stores no size)"
+        else:
+            self.cleanup.text = f"3D clean-up: islands < {size:,} voxels removed"
+        self.cleanup.enabled = state is not None and size > 0 and state.is_volume and state.whole_volume
+
+    def _on_cleanup(self, on: bool) -> None:
+        case = self._cases.current
+        if case is None:
+            return
+        case.result.cleanup_voxels = case.result.stored_cleanup if on else 0
+        self._on_threshold(self.threshold.value)
 
     def _on_threshold(self, value: float) -> None:
         case = self._cases.current

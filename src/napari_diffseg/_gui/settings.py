@@ -55,6 +55,7 @@ class Settings:
     scope: str = "slice"  # "slice" or "volume"
     keep_members: bool = True
     threshold: float = 0.5
+    cleanup: bool = True  # 3D clean-up of whole-volume results, at the size the model stores
 
     @classmethod
     def from_dict(cls, values: dict) -> Settings:

@@ -39,5 +39,8 @@ REFINE = ("resample the current slice so that the scribbles (and the accepted se
 ACCEPT = ("copy the proposal of the current slice (every sampled slice after a whole-volume run) into "
           "'<case> segmentation'; voxels you painted there are kept")
 THRESHOLD = "proposal = ensemble mean above this; changes the proposal without sampling again (never the segmentation)"
+CLEANUP = ("whole-volume results: remove the parts of the proposal (3D connected components) smaller than the "
+           "size the model stores, decided by cross-validation; the largest part always stays. Probability and "
+           "uncertainty are left as sampled; diffseg-sample --cleanup does the same")
 MEMBER = "flip through the individual ensemble members (shown in the members layer)"
 RANKING = "sampled slices, most uncertain (mean variance) first; click to go there"

@@ -86,7 +86,7 @@ class DiffSegWidget(ColumnsWidget):
         self.refine_tools = RefineTools(self.layers, self.cases, self.pickers.chosen_layers, self.notify, self._say)
         self.review = ReviewPanel(self, self.layers, self.cases, self.workers, self.notify)
         self.form = SettingsForm({**self.model.controls(), **self.sampling.controls(),
-                                  "threshold": self.review.threshold})
+                                  "threshold": self.review.threshold, "cleanup": self.review.cleanup})
         self._lay_out()
         self._wire()
         self.form.show(self.settings)
@@ -254,9 +254,12 @@ class DiffSegWidget(ColumnsWidget):
         state = self.cases.state_for(inputs.case, inputs.display_shape, float(self.review.threshold.value),
                                      whole=outcome.z is None)
         state.merge(outcome)
-        # The job's figures cover what it sampled at its own threshold: they are the result on
-        # screen only for a whole run shown at that threshold.
-        same = outcome.z is None and abs(state.threshold - outcome.segmentation.threshold) < 1e-6
+        state.stored_cleanup = outcome.cleanup_voxels
+        state.cleanup_voxels = outcome.cleanup_voxels if self.review.cleanup.value else 0
+        # The job's figures cover what it sampled at its own threshold (cleaned up or not): they
+        # are the result on screen only for a whole run shown that way.
+        same = (outcome.z is None and abs(state.threshold - outcome.segmentation.threshold) < 1e-6
+                and outcome.cleaned == state.cleans_up)
         self._present(request, state, keep_members=request.keep_members, metrics=outcome.metrics if same else None)
 
     def _show_partial(self, request: RunRequest, partial: Partial) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 from napari_diffseg import data
 from napari_diffseg.cli import json_safe
 from napari_diffseg.evaluate import load_maps, score_case
+from napari_diffseg.files import write_json_atomically
 from napari_diffseg.metrics import dice, entropy_uncertainty, qubrats_score
 from napari_diffseg.postprocess import remove_small_components
 
@@ -84,11 +85,9 @@ def main() -> None:
             rows.append({**row, **scores, "dice_single_mean": row["dice_single_mean"],
                          "dice_single": row["dice_single"], "num_members": row["num_members"],
                          "cleanup_min_voxels": chosen[fold]})
-        (dest / f"fold{fold}").mkdir(parents=True, exist_ok=True)
-        (dest / f"fold{fold}" / "report.json").write_text(json.dumps(json_safe({"cases": rows}), indent=2) + "\n")
-    (dest / "sizes.json").write_text(json.dumps(
-        {"candidates": CANDIDATES, "chosen_per_fold": chosen, "chosen_on_all_cases": overall,
-         "dice_per_case_and_size": dices}, indent=2) + "\n")
+        write_json_atomically(dest / f"fold{fold}" / "report.json", json_safe({"cases": rows}))
+    write_json_atomically(dest / "sizes.json", {"candidates": CANDIDATES, "chosen_per_fold": chosen,
+                                                "chosen_on_all_cases": overall, "dice_per_case_and_size": dices})
     print(f"sizes per fold {chosen}; on all cases {overall}")
 
 

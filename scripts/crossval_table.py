@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_diffseg.cli import json_safe
+from napari_diffseg.files import atomic_write
 
 FOLDS = 4
 # (report key, column title, digits); the first is the one the bar reads
@@ -120,12 +121,14 @@ def main() -> None:
         rows, folds = arm_rows(arm_dir)
         if rows:
             arms[arm_dir.name] = {"rows": rows, "folds": folds, "summary": summarise(rows)}
-    (docs / "table.md").write_text(render(arms))
-    (docs / "table.json").write_text(json.dumps(json_safe(
+    table = render(arms)
+    data = json.dumps(json_safe(
         {name: {"folds": a["folds"], "summary": a["summary"],
                 "cases": {r["case"]: {k: r.get(k) for k, _, _ in COLUMNS} for r in a["rows"]}}
-         for name, a in arms.items()}), indent=2) + "\n")
-    print((docs / "table.md").read_text())
+         for name, a in arms.items()}), indent=2) + "\n"
+    atomic_write(docs / "table.md", lambda handle: handle.write(table))
+    atomic_write(docs / "table.json", lambda handle: handle.write(data))
+    print(table)
 
 
 if __name__ == "__main__":

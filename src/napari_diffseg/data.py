@@ -463,7 +463,8 @@ def label_to_mask(label: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Case:
-    """One loaded case: four images stacked in MODALITIES order, plus the whole-tumour label."""
+    """One loaded case: four images stacked in MODALITIES order, plus the whole-tumour label
+    and the label map it came from (for the tumour's regions, :mod:`regions`)."""
 
     name: str
     images: np.ndarray = field(repr=False)  # float32 (4, X, Y) or (4, X, Y, Z)
@@ -471,6 +472,7 @@ class Case:
     affine: np.ndarray = field(repr=False)  # 4x4 of the t1 file
     header: nib.Nifti1Header = field(repr=False)  # of the t1 file, for writing results
     files: CaseFiles
+    labels: np.ndarray | None = field(default=None, repr=False)  # the segmentation's labels (0, 1, 2, 4 ...)
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -525,8 +527,9 @@ def _check_same_grid(
         )
 
 
-def _label_from_seg(path: Path, seg: np.ndarray) -> np.ndarray:
-    """Validate a label map and reduce it to the whole-tumour mask.
+def _label_map(path: Path, seg: np.ndarray) -> np.ndarray:
+    """Validate a label map: whole, non-negative numbers, returned as integers (uint8 where
+    they fit, as BraTS labels do).
 
     Non-integer or negative values are an error, not a warning: they mean a probability map
     or a wrong file, and ``label > 0`` would then silently mark most of the image as tumour.
@@ -547,7 +550,9 @@ def _label_from_seg(path: Path, seg: np.ndarray) -> np.ndarray:
             f"{path}: segmentation has negative labels (min {seg.min():g}); labels must be 0 (background) "
             "or positive (tumour)"
         )
-    return label_to_mask(seg)
+    if seg.size and seg.max() <= np.iinfo(np.uint8).max:
+        return seg.astype(np.uint8)
+    return seg.astype(np.int64)
 
 
 def load_case(files: CaseFiles, normalise: bool = True) -> Case:
@@ -574,16 +579,18 @@ def load_case(files: CaseFiles, normalise: bool = True) -> Case:
             images = np.empty((len(MODALITIES), *data.shape), dtype=np.float32)
         images[index] = normalise_intensity(data) if normalise else data
 
-    label = None
+    label = labels = None
     if files.seg is not None:
         seg_path = Path(files.seg)
         seg, seg_affine, _ = load_nifti(seg_path)
         _check_voxels(seg_path, seg)
         _check_same_grid(seg_path, seg, seg_affine, ref_path, ref_data, affine)
-        label = _label_from_seg(seg_path, seg)
+        labels = _label_map(seg_path, seg)
+        label = label_to_mask(labels)
 
     assert images is not None  # MODALITIES is not empty
-    return Case(name=files.name, images=images, label=label, affine=affine, header=header, files=files)
+    return Case(name=files.name, images=images, label=label, affine=affine, header=header, files=files,
+                labels=labels)
 
 
 def brain_slices(images: np.ndarray) -> list[int]:

@@ -286,7 +286,7 @@ def _call_timer(model, device: torch.device, size: tuple[int, int], precision: s
     def measure(batch: int) -> float:
         if batch not in inputs:
             inputs[batch] = (torch.rand((batch, model.config.cond_channels, *size), generator=generator).to(device),
-                             torch.randn((batch, 1, *size), generator=generator).to(device),
+                             torch.randn((batch, model.config.mask_channels, *size), generator=generator).to(device),
                              torch.full((batch,), 500, dtype=torch.long, device=device))
         images, x, t = inputs[batch]
         sync()

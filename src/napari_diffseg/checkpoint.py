@@ -21,6 +21,7 @@ from .errors import DiffSegError
 from .files import atomic_write
 from .geometry import Geometry
 from .preprocess import InputSpec
+from .regions import REGION_SETS, region_names
 from .unet import UNET_FLAG_DEFAULTS, UNet, UNetConfig
 
 FORMAT = "napari-diffseg-checkpoint"
@@ -88,10 +89,21 @@ class LoadedModel:
     # forward pass at t = 0 with an all-zero mask channel gives the mask's logit)
     objective: str = "diffusion"
     inputs: InputSpec = field(default_factory=InputSpec)  # normalisation and neighbouring slices
+    # What the mask holds: "wt" (whole tumour, one channel) or "brats" (WT, TC, ET: regions.py)
+    regions: str = "wt"
 
     @property
     def deterministic(self) -> bool:
         return self.objective == "segmentation"
+
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        return region_names(self.regions)
+
+    @property
+    def multi_region(self) -> bool:
+        """Whether the mask has a region axis (a ``--regions brats`` model), not one whole-tumour mask."""
+        return len(self.region_names) > 1
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -305,6 +317,19 @@ def _our_parts(payload: dict, path: Path, use_ema: bool) -> tuple[UNetConfig, Di
     return unet_config, diffusion_config, state
 
 
+def _stored_regions(payload: dict, unet_config: UNetConfig, path: Path) -> str:
+    """The regions a checkpoint's model segments ("wt" where it records none: every checkpoint
+    written before regions existed), checked against its network's mask channels."""
+    regions = payload.get("regions", "wt")
+    if regions not in REGION_SETS:
+        raise DiffSegError(f"{path}: the checkpoint names unknown regions {regions!r} (known: "
+                           f"{', '.join(REGION_SETS)}); it was written by a newer napari-diffseg or is damaged")
+    if len(REGION_SETS[regions]) != unet_config.mask_channels:
+        raise DiffSegError(f"{path}: the checkpoint's regions ({regions}) do not match its network's "
+                           f"{unet_config.mask_channels} mask channel(s); the file is damaged")
+    return regions
+
+
 def load_model(
     path: str | os.PathLike | None = None,
     reference_flags: dict | None = None,
@@ -331,6 +356,7 @@ def load_model(
         if inputs.channels != unet_config.cond_channels:
             raise DiffSegError(f"{path}: the checkpoint's input settings ({inputs.channels} image channels) do not "
                                f"match its network ({unet_config.cond_channels}); the file is damaged")
+        regions = _stored_regions(payload, unet_config, path)
         model = _build(unet_config, state, path, "the file may be damaged")
         return LoadedModel(
             model=model,
@@ -341,6 +367,7 @@ def load_model(
             source=str(path),
             objective=str(payload.get("objective", "diffusion")),
             inputs=inputs,
+            regions=regions,
         )
     if _is_state_dict(payload):
         _check_unet_weights(payload, path)

@@ -294,10 +294,12 @@ class Diffusion:
         )
 
     def x0_estimate(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
-        """The (unclipped) clean-mask estimate the network's first output channel stands for."""
+        """The (unclipped) clean-mask estimate the network's first output channels stand for (one
+        per mask channel of ``x_t``)."""
+        k = x_t.shape[1]
         if self.predict_xstart:
-            return model_output[:, :1]
-        return self.predict_x0(x_t, t, model_output[:, :1])
+            return model_output[:, :k]
+        return self.predict_x0(x_t, t, model_output[:, :k])
 
     def p_mean_variance(
         self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, clip: bool = True,
@@ -312,7 +314,8 @@ class Diffusion:
         nearly agree (most of a 1000-step chain), but a respaced chain's bounds lie far apart,
         and a drifted v then blows the chain up (seen: v = 25, chains at +-inf in 10 steps)."""
         if self.learn_sigma:
-            v = model_output[:, 1:2]
+            k = x_t.shape[1]  # a mask with several channels (regions) has a variance value per channel
+            v = model_output[:, k : 2 * k]
             if clamp_variance:
                 v = v.clamp(-1.0, 1.0)
             frac = (v + 1) / 2
@@ -360,12 +363,13 @@ class Diffusion:
         """Per-example hybrid loss: MSE on the network's target (epsilon, or x0 with
         ``predict_xstart``) plus the variational bound (in bits) that trains only the variance
         output (the mean is detached)."""
-        prediction = model_output[:, :1]
+        k = mask.shape[1]  # mask channels; the mean over all of them is the mean over regions
+        prediction = model_output[:, :k]
         target = mask if self.predict_xstart else noise
         mse = _mean_flat((target - prediction) ** 2)
         if not self.learn_sigma:
             return {"mse": mse, "vb": torch.zeros_like(mse), "loss": mse}
-        frozen = torch.cat([prediction.detach(), model_output[:, 1:2]], dim=1)
+        frozen = torch.cat([prediction.detach(), model_output[:, k : 2 * k]], dim=1)
         vb = self.vb_bits(frozen, mask, x_t, t)
         if self.rescale_learned_sigmas:
             vb = vb * (self.num_timesteps / 1000.0)

@@ -52,7 +52,8 @@ def sample_ensemble(
     """Yield every step of ``options.num_ensemble`` chains for each of the S slices in ``images``.
 
     images: (S, C, h, w) at the network's size, on the model's device. The states in the
-    yielded steps are (S * N, 1, h, w), the N chains of slice s at rows s*N .. s*N+N-1.
+    yielded steps are (S * N, K, h, w), the N chains of slice s at rows s*N .. s*N+N-1, with K
+    the model's mask channels (1 for whole tumour; WT, TC, ET for a region model).
     options: the ensemble size, seed, sampler, eta and precision (a None sampler or precision
     means ddpm or fp32; :meth:`inference.Segmenter.run` fills in the model's own).
     guidance: on the network's grid (:class:`options.Guidance`): known pixels shared by a slice's
@@ -73,7 +74,8 @@ def sample_ensemble(
     s = images.shape[0]
     keys = list(range(s)) if slice_keys is None else list(slice_keys)
     generators = [slice_generator(options.seed or 0, k, device) for k in keys]
-    mask_shape = (num_ensemble, 1, *images.shape[-2:])
+    mask_channels = int(getattr(getattr(model, "config", None), "mask_channels", 1))
+    mask_shape = (num_ensemble, mask_channels, *images.shape[-2:])
 
     def draw() -> torch.Tensor:
         return torch.cat([torch.randn(mask_shape, generator=g, device=device) for g in generators])
@@ -127,7 +129,8 @@ def ensemble_statistics(samples: torch.Tensor, threshold: float = THRESHOLD):
     """samples: (N, ...) final chain outputs -> (mean, variance, mask).
 
     The variance is the population variance over the N members (0 for N = 1), the
-    pixel-wise uncertainty map of the paper."""
+    pixel-wise uncertainty map of the paper. Members with a region axis (N, 3, ...) give
+    each region's own mean, variance and mask (not yet nested: :mod:`regions`)."""
     samples = samples.float()
     mean = samples.mean(dim=0)
     variance = samples.var(dim=0, unbiased=False)

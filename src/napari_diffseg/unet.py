@@ -52,6 +52,9 @@ class UNetConfig:
     # Not a reference flag: input channels for the user's marks (tumour, not tumour), so a
     # refine can tell a mark from the model's own state; they come last in the first layer.
     hint_channels: int = 0
+    # Not a reference flag: the mask's channels, one per region the model segments (1: whole
+    # tumour; 3: WT, TC, ET, ``diffseg-train --regions brats``). in_channels counts them.
+    mask_channels: int = 1
 
     @classmethod
     def from_flags(cls, flags: dict) -> "UNetConfig":
@@ -60,21 +63,27 @@ class UNetConfig:
         return cls(**{k: v for k, v in flags.items() if k in names})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        if self.mask_channels == 1:
+            # A one-mask model is written as before regions existed, so that its configuration
+            # (and the batching choices stored under its hash) stays the same.
+            del values["mask_channels"]
+        return values
 
     @property
     def out_channels(self) -> int:
-        return 2 if self.learn_sigma else 1
+        """The mask estimate per mask channel, then (learn_sigma) the variance value per channel."""
+        return self.mask_channels * (2 if self.learn_sigma else 1)
 
     @property
     def cond_channels(self) -> int:
-        return self.in_channels - 1
+        return self.in_channels - self.mask_channels
 
     @property
     def stem_channels(self) -> int:
-        """Input channels of the first layer: images, noisy mask, x0 estimate if self-conditioned,
-        then the marks' channels."""
-        return self.in_channels + int(self.self_condition) + self.hint_channels
+        """Input channels of the first layer: images, noisy mask, x0 estimate if self-conditioned
+        (one per mask channel), then the marks' channels."""
+        return self.in_channels + int(self.self_condition) * self.mask_channels + self.hint_channels
 
     @property
     def mults(self) -> tuple[float, ...]:
@@ -286,6 +295,9 @@ class UNet(nn.Module):
         widths = {int(m * ch0) for m in mults}
         if cfg.norm_groups < 1 or any(w % cfg.norm_groups for w in widths):
             raise ValueError(f"norm_groups {cfg.norm_groups} must divide every level's width {sorted(widths)}")
+        if not 1 <= cfg.mask_channels < cfg.in_channels:
+            raise ValueError(f"mask_channels {cfg.mask_channels} must be at least 1 and leave image channels "
+                             f"among the {cfg.in_channels} input channels")
 
         self.time_embed = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
@@ -339,10 +351,11 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None,
                 hints: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, in_channels, H, W), images then noisy mask; t: (B,) integer timesteps;
-        x0_prev: (B, 1, H, W) the previous x0 estimate of a self-conditioned model (None: zeros);
-        hints: (B, hint_channels, H, W) the user's marks (None: none)."""
+        x0_prev: (B, mask_channels, H, W) the previous x0 estimate of a self-conditioned model (None:
+        zeros); hints: (B, hint_channels, H, W) the user's marks (None: none)."""
         if self.config.self_condition:
-            x = torch.cat([x, torch.zeros_like(x[:, :1]) if x0_prev is None else x0_prev.to(x.dtype)], dim=1)
+            k = self.config.mask_channels
+            x = torch.cat([x, torch.zeros_like(x[:, :k]) if x0_prev is None else x0_prev.to(x.dtype)], dim=1)
         if self.config.hint_channels:
             extra = x.new_zeros((x.shape[0], self.config.hint_channels, *x.shape[2:])) if hints is None else hints
             x = torch.cat([x, extra.to(x.dtype)], dim=1)
@@ -371,15 +384,15 @@ class UNet(nn.Module):
     def forward_conditioned(
         self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, x0_prev: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x_t: (S*N, 1, H, W) noisy masks of N chains for each of S images;
-        condition: (S, C, H, W) from :meth:`encode_condition`; x0_prev: (S*N, 1, H, W) the
+        """x_t: (S*N, K, H, W) noisy masks (K = mask_channels) of N chains for each of S images;
+        condition: (S, C, H, W) from :meth:`encode_condition`; x0_prev: (S*N, K, H, W) the
         chains' previous x0 estimates (self-conditioned models; None: zeros). Same result as
         :meth:`forward`."""
         stem = self._stem
-        n = self.config.cond_channels
-        h = F.conv2d(x_t, stem.weight[:, n : n + 1], None, padding=1)
+        n, k = self.config.cond_channels, self.config.mask_channels
+        h = F.conv2d(x_t, stem.weight[:, n : n + k], None, padding=1)
         if self.config.self_condition and x0_prev is not None:  # zeros add nothing
-            h = h + F.conv2d(x0_prev.to(x_t.dtype), stem.weight[:, n + 1 : n + 2], None, padding=1)
+            h = h + F.conv2d(x0_prev.to(x_t.dtype), stem.weight[:, n + k : n + 2 * k], None, padding=1)
         s = condition.shape[0]
         h = (h.unflatten(0, (s, -1)) + condition[:, None]).flatten(0, 1)
         return self._body(h, t)

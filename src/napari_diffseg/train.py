@@ -40,6 +40,7 @@ from .geometry import Geometry
 from .inference import resolve_device
 from .losses import segmentation_losses, x0_dice_bce
 from .preprocess import InputSpec, normalise
+from .regions import region_count
 from .train_config import TrainConfig, build_parser
 from .train_log import LogRow, TrainingLog
 from .trainset import SliceSet, build_slice_set
@@ -131,10 +132,12 @@ class Trainer:
         c = self.config
         flags = dict(c.model_flags)
         if c.segmentation:
-            flags["learn_sigma"] = False  # one output channel: the mask logit
+            flags["learn_sigma"] = False  # one output channel per region: its logit
         self.segmentation = c.segmentation
         self.inputs = InputSpec(c.input_norm, c.context)
-        self.unet_config = UNetConfig.from_flags({**flags, "in_channels": self.inputs.channels + 1,
+        masks = region_count(c.regions)
+        self.unet_config = UNetConfig.from_flags({**flags, "in_channels": self.inputs.channels + masks,
+                                                  "mask_channels": masks,
                                                   "norm_groups": c.norm_groups, "self_condition": c.self_condition,
                                                   "hint_channels": HINT_CHANNELS if c.click_fraction else 0})
         self.diffusion_config = DiffusionConfig.from_flags(flags)
@@ -183,9 +186,10 @@ class Trainer:
     def _load_data(self) -> None:
         c = self.config
         multiple = self.unet_config.size_multiple
-        self.train_set = build_slice_set(c.data_dir, self.geometry, multiple, log=self.log, spec=self.inputs)
-        self.val_set = (build_slice_set(c.val_dir, self.geometry, multiple, log=self.log, spec=self.inputs)
-                        if c.val_dir else None)
+        self.train_set = build_slice_set(c.data_dir, self.geometry, multiple, log=self.log, spec=self.inputs,
+                                         regions=c.regions)
+        self.val_set = (build_slice_set(c.val_dir, self.geometry, multiple, log=self.log, spec=self.inputs,
+                                        regions=c.regions) if c.val_dir else None)
         self.log(
             f"model: {count_parameters(self.model):,} parameters, network input "
             f"{tuple(self.train_set.images.shape[-2:])}, device {self.device}, {self.world} process(es), "
@@ -206,6 +210,9 @@ class Trainer:
         if payload.get("objective", "diffusion") != self.config.objective:
             raise DiffSegError(f"{path}: was trained with --objective {payload.get('objective', 'diffusion')}; "
                                "give the same objective to resume")
+        if payload.get("regions", "wt") != self.config.regions:
+            raise DiffSegError(f"{path}: was trained with --regions {payload.get('regions', 'wt')}; give the same "
+                               "regions to resume")
         if (UNetConfig.from_flags(payload["unet_config"]) != self.unet_config
                 or InputSpec.from_dict(payload.get("inputs")) != self.inputs):
             raise DiffSegError(f"{path}: was trained with other model flags; give the same flags to resume")
@@ -250,7 +257,7 @@ class Trainer:
                    "ema": {k: v.cpu() for k, v in self.ema.shadow.items()}}
         common = dict(unet_config=self.unet_config, diffusion_config=self.diffusion_config,
                       geometry=self.geometry, sampling=self.sampling, objective=self.config.objective,
-                      inputs=self.inputs.to_dict())
+                      inputs=self.inputs.to_dict(), regions=self.config.regions)
         train_args = self.config.to_dict()
         atomic_save(make_payload(weights=weights, step=self.step, optimizer=self.optimizer.state_dict(),
                                  torch_rng=torch.get_rng_state(), train_args=train_args,

@@ -11,6 +11,7 @@ from .checkpoint import check_unsupported_flags
 from .cli import add_model_flags, make_parser, model_flags_from_args, positive_int
 from .errors import DiffSegError
 from .preprocess import INPUT_NORMS
+from .regions import REGION_SETS
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "in the model; a lone 2D slice repeats itself)")
     extra.add_argument("--objective", default="diffusion", choices=["diffusion", "segmentation"],
                        help="diffusion (the method) or segmentation (deterministic U-Net baseline, Dice + BCE)")
+    extra.add_argument("--regions", default="wt", choices=list(REGION_SETS),
+                       help="what the mask holds: wt (whole tumour, BraTS labels 1, 2, 4 as one mask) or brats "
+                       "(three nested masks at once: WT = 1, 2, 4; TC = 1, 4; ET = 4; the losses averaged over "
+                       "them). Stored in the model; sampling writes a label map and maps per region")
     recipe = parser.add_argument_group("training recipe (defaults: the reference's behaviour)")
     recipe.add_argument("--tumour_fraction", type=fraction, default=0.0,
                         help="share of each batch drawn from slices that hold tumour; the rest uniformly "
@@ -109,6 +114,7 @@ class TrainConfig:
     resume: str
     init_from: str
     objective: str  # "diffusion" (the method) or "segmentation" (the one-pass baseline)
+    regions: str  # "wt" (one whole-tumour mask) or "brats" (WT, TC, ET: regions.py)
     model_flags: dict  # the reference's model and diffusion flags
     # the network and what it sees
     norm_groups: int
@@ -162,6 +168,10 @@ class TrainConfig:
                 if getattr(self, name):
                     raise DiffSegError(f"--{name} is for the diffusion objective; leave it out with "
                                        "--objective segmentation")
+        if self.regions != "wt" and self.click_fraction:
+            # The simulated marks (and the widget's scribbles) say tumour or not: one mask's language.
+            raise DiffSegError(f"--click_fraction is for whole-tumour models; leave it out with --regions "
+                               f"{self.regions}")
         if self.lr_schedule == "cosine" and not (self.max_steps or self.max_minutes):
             raise DiffSegError("--lr_schedule cosine decays to zero at the end of the run: give --max_steps or "
                                "--max_minutes")

@@ -16,6 +16,7 @@ from . import data
 from .errors import DiffSegError
 from .geometry import Geometry
 from .preprocess import InputSpec, neighbour_slices, volume_statistics
+from .regions import labels_to_regions
 
 
 @dataclass
@@ -23,7 +24,7 @@ class SliceSet:
     """Every training slice preprocessed to the network's size, kept in memory (fp16)."""
 
     images: torch.Tensor  # (M, C, h, w): 4 modalities per slice offset (preprocess.InputSpec), [0, 1]
-    masks: torch.Tensor  # (M, 1, h, w) {0, 1}
+    masks: torch.Tensor  # (M, K, h, w) {0, 1}: whole tumour (K = 1), or WT, TC, ET (regions.py)
     names: list[str]
     # (M, 4, 2) mean and std per modality of each slice's volume, for --input_norm zscore; the
     # normalisation is applied per batch, after the augmentation, which works on [0, 1] images
@@ -34,7 +35,8 @@ class SliceSet:
 
     @functools.cached_property
     def tumour_indices(self) -> np.ndarray:
-        """Rows whose mask holds any tumour pixel (computed once: the set never changes)."""
+        """Rows whose mask holds any tumour pixel, of any region (computed once: the set never
+        changes)."""
         return np.flatnonzero(self.masks.flatten(1).amax(1).numpy() > 0)
 
     def draw(self, rng: np.random.Generator, size: int, tumour_fraction: float = 0.0) -> np.ndarray:
@@ -52,7 +54,10 @@ class SliceSet:
 
 
 def build_slice_set(path: str | Path, geometry: Geometry, multiple: int, require_labels: bool = True,
-                    log=print, spec: InputSpec = InputSpec()) -> SliceSet:
+                    log=print, spec: InputSpec = InputSpec(), regions: str = "wt") -> SliceSet:
+    """Every brain slice of the labelled cases under ``path``; the masks hold the whole tumour
+    (``regions`` "wt") or its three nested regions WT, TC, ET ("brats"; a case without labels
+    1, 2, 4 has empty regions)."""
     cases = data.find_cases(path)
     images, masks, names, stats = [], [], [], []
     for files in cases:
@@ -66,9 +71,18 @@ def build_slice_set(path: str | Path, geometry: Geometry, multiple: int, require
         case = data.load_case(files)
         zs = data.brain_slices(case.images)
         vol = case.images if case.is_volume else case.images[..., None]
-        lab = case.label if case.is_volume else case.label[..., None]
         batch = torch.from_numpy(neighbour_slices(vol, zs, spec))
-        label = torch.from_numpy(np.ascontiguousarray(np.moveaxis(lab[..., zs], -1, 0)))[:, None].float()
+        if regions == "wt":
+            lab = case.label if case.is_volume else case.label[..., None]
+            label = torch.from_numpy(np.ascontiguousarray(np.moveaxis(lab[..., zs], -1, 0)))[:, None].float()
+        else:
+            try:
+                parts = labels_to_regions(case.labels, regions)  # (K, *spatial)
+            except DiffSegError as exc:
+                raise DiffSegError(f"{files.seg}: {exc}") from None
+            parts = parts if case.is_volume else parts[..., None]
+            # (K, X, Y, Z) -> (slices, K, X, Y), as the images
+            label = torch.from_numpy(np.ascontiguousarray(np.moveaxis(parts[..., zs], -1, 0))).float()
         images.append(geometry.to_network(batch, multiple).half())
         stats.append(torch.from_numpy(volume_statistics(vol, spec))[None].expand(len(zs), -1, -1))
         masks.append(geometry.to_network(label, multiple, is_mask=True).to(torch.uint8))

@@ -32,6 +32,12 @@ false positives there are not seen and the figures are optimistic.
 ``--sweep`` repeats the evaluation (ensemble ``--sweep_ensemble``, default 5) for each step
 count of ``--sweep_steps`` on the first ``--sweep_cases`` cases.
 
+A region model (``diffseg-train --regions brats``) is scored per region: every figure above
+is reported as ``<figure>_wt``, ``_tc`` and ``_et``, on the masks of the label map the
+ensemble's per-region means give (:mod:`regions`: thresholded, then nested), against the
+regions of the truth's BraTS labels; a single member's masks are nested the same way. Its
+Dice-vs-ensemble-size curve is the mean of the three regions' Dice (per region beside it).
+
 The last line on stdout is one JSON object with the overall figures (nan written as null).
 """
 
@@ -55,11 +61,14 @@ from .cli import (add_model_flags, add_sampling_flags, guarded, json_safe, make_
 from .ensemble import THRESHOLD, ensemble_statistics
 from .errors import DiffSegError
 from .files import atomic_write, check_writable_folder
+from .regions import BRATS_REGIONS, labels_from_probability, labels_to_regions
 
 RADIUS = 10
 TUMOUR_SLICE_MARGIN = 2
 SUMMARY_KEYS = ("dice_ensemble", "dice_single_mean", "hd95", "auroc_variance_error", "auroc_variance_error_all",
                 "slice_variance_dice_pearson", "qubrats_variance", "qubrats_entropy")
+# A region model's: each figure per region, the regions side by side.
+REGION_SUMMARY_KEYS = tuple(f"{key}_{region}" for key in SUMMARY_KEYS for region in BRATS_REGIONS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,15 +89,18 @@ def per_slice_dice(pred: np.ndarray, truth: np.ndarray, slices: list[int]) -> np
 
 def score_case(members: np.ndarray, truth: np.ndarray, spacing=None, radius: float = RADIUS,
                threshold: float = THRESHOLD, uncertainty: np.ndarray | None = None,
-               brain: np.ndarray | None = None) -> dict:
+               brain: np.ndarray | None = None, mask: np.ndarray | None = None,
+               member_masks: np.ndarray | None = None) -> dict:
     """Score the probability members (N, *spatial) of one case against its truth mask.
 
     N = 1 (a deterministic model) is allowed: the ensemble is the single member, the
     variance is 0 and the variance figures are nan, unless the model brings its own
     ``uncertainty`` map (the baseline's Bernoulli variance p(1 - p)), which then stands in
     for the ensemble variance. ``brain`` (default: every voxel) bounds the true negatives of
-    the QU-BraTS score. Returns floats (nan where undefined) and a few counts; see the module
-    docstring for the meaning of each key.
+    the QU-BraTS score. ``mask`` and ``member_masks`` (N, *spatial), where given, are the
+    ensemble's and the members' masks to score instead of their own thresholds (a region
+    model's, nested: :func:`score_regions`). Returns floats (nan where undefined) and a few
+    counts; see the module docstring for the meaning of each key.
     """
     members = np.asarray(members, dtype=np.float32)
     truth = np.asarray(truth).astype(bool)
@@ -99,11 +111,15 @@ def score_case(members: np.ndarray, truth: np.ndarray, spacing=None, radius: flo
     n = members.shape[0]
     if n < 1:
         raise ValueError("no members to score")
-    probability, variance, mask = ensemble_masks(members, threshold)
+    probability, variance, own_mask = ensemble_masks(members, threshold)
+    mask = own_mask if mask is None else np.asarray(mask).astype(bool)
     if uncertainty is not None:
         variance = np.asarray(uncertainty, dtype=np.float32)
     ranked = n > 1 or uncertainty is not None
-    singles = [metrics.dice(member > threshold, truth) for member in members]
+    if member_masks is None:
+        singles = [metrics.dice(member > threshold, truth) for member in members]
+    else:
+        singles = [metrics.dice(member, truth) for member in member_masks]
     if ranked:
         auroc = metrics.variance_error_auroc(variance, mask, truth, radius=radius)
     else:
@@ -140,6 +156,46 @@ def score_case(members: np.ndarray, truth: np.ndarray, spacing=None, radius: flo
         "predicted_voxels": int(mask.sum()),
         "mean_variance_in_mask_or_truth": float(variance[mask | truth].mean()) if (mask | truth).any() else 0.0,
     }
+
+
+def _member_region_masks(members: np.ndarray, index: int, threshold: float) -> np.ndarray:
+    """(N, *spatial) bool: region ``index`` of each member's thresholded, nested masks. Under the
+    nesting rule a region holds where it and every region outside it are above the threshold
+    (regions.nest_regions), computed one region at a time to spare memory."""
+    return np.all(members[:, : index + 1] > threshold, axis=1)
+
+
+def score_regions(members: np.ndarray, labels: np.ndarray, spacing=None, radius: float = RADIUS,
+                  threshold: float = THRESHOLD, uncertainty: np.ndarray | None = None,
+                  brain: np.ndarray | None = None) -> dict:
+    """:func:`score_case` per region of a region model's members (N, 3, *spatial) against a
+    BraTS label map (*spatial): every key as ``<key>_wt``, ``_tc``, ``_et``. The ensemble's
+    masks are the regions of the label map of its per-region means; ``uncertainty`` (3, *spatial)
+    stands in for the variance per region (the one-pass baseline's p(1 - p))."""
+    members = np.asarray(members, dtype=np.float32)
+    truth = labels_to_regions(labels)
+    if members.ndim != truth.ndim + 1 or members.shape[1:] != truth.shape:
+        raise ValueError(f"members {members.shape} do not match the regions {truth.shape} (expected (N, 3, *spatial))")
+    masks = labels_to_regions(labels_from_probability(members.mean(axis=0), threshold))
+    row: dict = {}
+    for index, region in enumerate(BRATS_REGIONS):
+        scores = score_case(members[:, index], truth[index], spacing, radius, threshold,
+                            None if uncertainty is None else uncertainty[index], brain, mask=masks[index],
+                            member_masks=_member_region_masks(members, index, threshold))
+        row.update({f"{key}_{region}": value for key, value in scores.items()})
+    return row
+
+
+def dice_by_ensemble_size_regions(members: np.ndarray, labels: np.ndarray, sizes,
+                                  threshold: float = THRESHOLD) -> dict:
+    """{k: {region: Dice}} of the label map of the first k members' means, for every k <= N."""
+    members = np.asarray(members, dtype=np.float32)
+    truth = labels_to_regions(labels)
+    out = {}
+    for k in sorted({int(s) for s in sizes if 1 <= int(s) <= members.shape[0]}):
+        masks = labels_to_regions(labels_from_probability(members[:k].mean(axis=0), threshold))
+        out[k] = {region: float(metrics.dice(masks[i], truth[i])) for i, region in enumerate(BRATS_REGIONS)}
+    return out
 
 
 def empty_tumour_slices(mask: np.ndarray, truth: np.ndarray) -> int:
@@ -227,10 +283,12 @@ def plot_dice_vs_ensemble(rows: list[dict], path: Path) -> None:
         axes.plot(ks, [r["dice_by_ensemble_size"][k] for k in ks], color="0.75", lw=0.8)
     means = [np.mean([r["dice_by_ensemble_size"][k] for r in rows if k in r["dice_by_ensemble_size"]]) for k in sizes]
     axes.plot(sizes, means, "o-", color="C0", label="ensemble (mean over cases)")
-    single = np.mean([r["dice_single_mean"] for r in rows])
+    per_region = "dice_single_mean" not in rows[0]  # a region model's rows: the mean of its regions
+    single = np.mean([np.mean([r[f"dice_single_mean_{g}"] for g in BRATS_REGIONS]) if per_region
+                      else r["dice_single_mean"] for r in rows])
     axes.axhline(single, color="C1", ls="--", label="single sample (mean)")
     axes.set_xlabel("ensemble size")
-    axes.set_ylabel("Dice (whole tumour)")
+    axes.set_ylabel("Dice (mean of WT, TC, ET)" if per_region else "Dice (whole tumour)")
     axes.set_xticks(sizes)
     axes.set_ylim(0, 1.02)
     axes.legend(loc="lower right", fontsize=8)
@@ -238,17 +296,21 @@ def plot_dice_vs_ensemble(rows: list[dict], path: Path) -> None:
     _save_figure(figure, path)
 
 
-def plot_dice_vs_steps(sweep: list[dict], path: Path) -> None:
+def plot_dice_vs_steps(sweep: list[dict], path: Path, regions: bool = False) -> None:
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(5, 3.5))
     steps = [s["steps"] for s in sweep]
-    axes.plot(steps, [s["dice_ensemble"] for s in sweep], "o-", label="ensemble")
-    axes.plot(steps, [s["dice_single_mean"] for s in sweep], "s--", label="single sample (mean)")
+    if regions:  # each region's ensemble Dice
+        for g in BRATS_REGIONS:
+            axes.plot(steps, [s[f"dice_ensemble_{g}"] for s in sweep], "o-", label=f"ensemble, {g.upper()}")
+    else:
+        axes.plot(steps, [s["dice_ensemble"] for s in sweep], "o-", label="ensemble")
+        axes.plot(steps, [s["dice_single_mean"] for s in sweep], "s--", label="single sample (mean)")
     axes.set_xscale("log")
     axes.set_xticks(steps)
     axes.set_xticklabels([str(s) for s in steps])
     axes.set_xlabel("sampling steps")
-    axes.set_ylabel("Dice (whole tumour)")
+    axes.set_ylabel("Dice" if regions else "Dice (whole tumour)")
     axes.set_ylim(0, 1.02)
     axes.legend(loc="lower right", fontsize=8)
     axes.set_title("Dice vs sampling steps")
@@ -345,7 +407,8 @@ def restrict_case(case: data.Case, slab: str | slice) -> data.Case:
         return case
     slab_indices(slab, case.images.shape[-1], case.name)  # a slab with no slice is an error, not an empty score
     label = None if case.label is None else case.label[..., slab]
-    return dataclasses.replace(case, images=case.images[..., slab], label=label)
+    labels = None if case.labels is None else case.labels[..., slab]
+    return dataclasses.replace(case, images=case.images[..., slab], label=label, labels=labels)
 
 
 def tumour_slices(truth: np.ndarray, margin: int = TUMOUR_SLICE_MARGIN) -> list[int]:
@@ -360,13 +423,15 @@ def tumour_slices(truth: np.ndarray, margin: int = TUMOUR_SLICE_MARGIN) -> list[
 
 def _sample(segmenter, case: data.Case, options, args) -> tuple[np.ndarray, np.ndarray | None]:
     """The ensemble's members (options.num_ensemble, *spatial) on the case's grid, and the model's
-    own uncertainty map where it has one instead of an ensemble (the deterministic baseline)."""
+    own uncertainty map where it has one instead of an ensemble (the deterministic baseline). A
+    region model's have the region axis: (N, 3, *spatial), (3, *spatial)."""
     from .inference import run_to_end
 
     deterministic = segmenter.loaded.deterministic  # main() asks it for one member
     slices = tumour_slices(case.label) if args.slices == "tumour" and case.is_volume else None
     if slices is not None and not slices:  # no tumour in the truth: nothing to sample, all background
-        empty = np.zeros((options.num_ensemble, *case.spatial_shape), np.float32)
+        regions = (len(segmenter.loaded.region_names),) if segmenter.loaded.multi_region else ()
+        empty = np.zeros((options.num_ensemble, *regions, *case.spatial_shape), np.float32)
         return empty, (empty[0] if deterministic else None)
     result = run_to_end(segmenter.run(case.images, options, keep_samples=True, slices=slices, preview_interval=None))
     return result.samples, (result.variance if deterministic else None)
@@ -388,8 +453,34 @@ def _case_table(rows: list[dict], overall: dict) -> list[str]:
     return lines
 
 
+def _region_case_table(rows: list[dict], overall: dict) -> list[str]:
+    """A region model's per-case table: each figure for WT, TC and ET side by side."""
+    figures = (("Dice", "dice_ensemble", 3), ("HD95 (mm)", "hd95", 2), ("AUROC var-err (nbhd)", "auroc_variance_error", 3),
+               ("QU-BraTS var.", "qubrats_variance", 3))
+    names = [g.upper() for g in BRATS_REGIONS]
+    head = " | ".join(f"{title} {n}" for title, _, _ in figures for n in names)
+    lines = [f"| case | {head} | s |", "|---" * (len(figures) * len(names) + 2) + "|"]
+
+    def cells(r: dict) -> str:
+        return " | ".join(_fmt(r.get(f"{key}_{g}"), digits) for _, key, digits in figures for g in BRATS_REGIONS)
+
+    lines += [f"| {r['case']} | {cells(r)} | {_fmt(r['seconds'], 1)} |" for r in rows]
+    lines.append(f"| **mean** | {cells(overall)} | |")
+    return lines
+
+
+def _region_notes(overall: dict) -> list[str]:
+    per = ", ".join(f"{g.upper()} {overall[f'hd95_{g}_nan_cases']}" for g in BRATS_REGIONS)
+    empty = ", ".join(f"{g.upper()} {overall.get(f'empty_tumour_slices_{g}', 0)}" for g in BRATS_REGIONS)
+    return [f"HD95 undefined (one mask empty), cases per region: {per}; those are left out of the mean.",
+            f"Slices with the region in the truth and none in the mask: {empty}.",
+            "Every other figure of a region is in report.json as `<figure>_<region>`.", ""]
+
+
 def render_markdown(report: dict) -> str:
     s, overall, rows = report["settings"], report["overall"], report["cases"]
+    if s.get("regions", "wt") != "wt":
+        return _render_region_markdown(report)
     lines = ["# diffseg-eval report", "", f"Model: `{report['model']}`", "",
              f"## Per case (ensemble of {s['num_ensemble']}, {s['steps']} steps, {s['sampler']})", ""]
     lines += _case_table(rows, overall)
@@ -413,6 +504,40 @@ def render_markdown(report: dict) -> str:
                   "background, so false positives outside them are not seen."]
     lines += ["", f"Total time: {report['timing']['total_seconds']:.1f} s", ""]
     return "\n".join(lines)
+
+
+def _render_region_markdown(report: dict) -> str:
+    """:func:`render_markdown` for a region model."""
+    s, overall, rows = report["settings"], report["overall"], report["cases"]
+    lines = ["# diffseg-eval report", "", f"Model: `{report['model']}` (regions WT, TC, ET)", "",
+             f"## Per case (ensemble of {s['num_ensemble']}, {s['steps']} steps, {s['sampler']})", ""]
+    lines += _region_case_table(rows, overall) + [""] + _region_notes(overall)
+    sizes = report["dice_vs_ensemble_size"]
+    lines += ["## Dice vs ensemble size (first k members of one run; mean of WT, TC, ET)", "", "| k | mean Dice |",
+              "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sizes.items()]
+    if report.get("sweep"):
+        title = f"## Dice vs sampling steps (ensemble {s['sweep_ensemble']}, {report['sweep'][0]['cases']} cases)"
+        lines += ["", title, "", "| steps | Dice WT | Dice TC | Dice ET | s |", "|---|---|---|---|---|"]
+        for row in report["sweep"]:
+            dices = " | ".join(_fmt(row[f"dice_ensemble_{g}"]) for g in BRATS_REGIONS)
+            lines.append(f"| {row['steps']} | {dices} | {_fmt(row['seconds'], 1)} |")
+    lines += ["", "## Settings", ""]
+    lines += [f"- {k}: `{v}`" for k, v in s.items()]
+    if s["slices"] == "tumour":
+        lines += ["", ("Only slices with tumour in the truth (+-2) were sampled; the others count as predicted "
+                       "background, so false positives outside them are not seen.")]
+    lines += ["", f"Total time: {report['timing']['total_seconds']:.1f} s", ""]
+    return "\n".join(lines)
+
+
+def _score(members: np.ndarray, case: data.Case, radius: float, uncertainty: np.ndarray | None,
+           regions: bool) -> dict:
+    """A case's figures: :func:`score_case` on the whole tumour, or :func:`score_regions`."""
+    brain = case.images.any(axis=0)
+    if regions:
+        return score_regions(members, case.labels, case.voxel_size, radius, uncertainty=uncertainty, brain=brain)
+    return score_case(members, case.label.astype(bool), case.voxel_size, radius, uncertainty=uncertainty, brain=brain)
 
 
 @guarded
@@ -450,6 +575,8 @@ def main(argv=None) -> int:
     sizes = [1] if deterministic else sorted(set(args.ensemble_sizes))
     num_run = max(args.num_ensemble, max(sizes))
     total_steps = segmenter.loaded.diffusion_config.diffusion_steps
+    regions = segmenter.loaded.multi_region  # WT, TC, ET: every figure per region
+    keys = REGION_SUMMARY_KEYS if regions else SUMMARY_KEYS
 
     rows = []
     for index, case_files in enumerate(labelled):
@@ -458,10 +585,13 @@ def main(argv=None) -> int:
         members, uncertainty = _sample(segmenter, case, dataclasses.replace(options, num_ensemble=num_run), args)
         sampled = time.time() - t0
         truth = case.label.astype(bool)
-        brain = case.images.any(axis=0)
-        row = {"case": case.name, **score_case(members[: args.num_ensemble], truth, case.voxel_size, args.radius,
-                                               uncertainty=uncertainty, brain=brain)}
-        row["dice_by_ensemble_size"] = dice_by_ensemble_size(members, truth, sizes)
+        row = {"case": case.name, **_score(members[: args.num_ensemble], case, args.radius, uncertainty, regions)}
+        if regions:
+            per_region = dice_by_ensemble_size_regions(members, case.labels, sizes)
+            row["dice_by_ensemble_size"] = {k: float(np.mean(list(d.values()))) for k, d in per_region.items()}
+            row["dice_by_ensemble_size_regions"] = per_region
+        else:
+            row["dice_by_ensemble_size"] = dice_by_ensemble_size(members, truth, sizes)
         row["sampling_seconds"] = round(sampled, 3)
         row["seconds"] = round(time.time() - t0, 3)
         row["shape"] = list(case.spatial_shape)
@@ -470,15 +600,25 @@ def main(argv=None) -> int:
         probability, variance, mask = ensemble_masks(members[: args.num_ensemble])
         if uncertainty is not None:
             variance = uncertainty
-        if args.save_maps:
+        if args.save_maps:  # a region model's with the region axis first
             save_maps(out_dir / "maps" / f"{case.name}.npz", probability, variance)
+        if regions:  # the label maps, and the whole tumour's variance
+            plot_panel(case.images[3], case.labels, labels_from_probability(probability), variance[0], case.name,
+                       out_dir / f"panel_{case.name}.png")
+            figures = ", ".join(f"{g.upper()} {row[f'dice_ensemble_{g}']:.3f}" for g in BRATS_REGIONS)
+            print(f"[{index + 1}/{len(labelled)}] {case.name}: Dice {figures}, {row['seconds']:.1f} s", file=sys.stderr)
+            continue
         plot_panel(case.images[3], truth, mask, variance, case.name, out_dir / f"panel_{case.name}.png")
         print(f"[{index + 1}/{len(labelled)}] {case.name}: Dice {row['dice_ensemble']:.3f} "
               f"(single {row['dice_single_mean']:.3f}), HD95 {_fmt(row['hd95'], 2)}, {row['seconds']:.1f} s",
               file=sys.stderr)
 
-    overall = summarise(rows)
-    overall["empty_tumour_slices"] = int(sum(r["empty_tumour_slices"] for r in rows))
+    overall = summarise(rows, keys)
+    if regions:
+        for g in BRATS_REGIONS:
+            overall[f"empty_tumour_slices_{g}"] = int(sum(r[f"empty_tumour_slices_{g}"] for r in rows))
+    else:
+        overall["empty_tumour_slices"] = int(sum(r["empty_tumour_slices"] for r in rows))
     by_size = {k: float(np.mean([r["dice_by_ensemble_size"][k] for r in rows])) for k in sizes if k <= num_run}
     plot_dice_vs_ensemble(rows, out_dir / "dice_vs_ensemble.png")
 
@@ -493,14 +633,20 @@ def main(argv=None) -> int:
             for case_files in sweep_files:
                 case = data.load_case(case_files)
                 members, _ = _sample(segmenter, case, sweep_options, args)
+                if regions:
+                    sweep_rows.append({"case": case.name, **_score(members, case, args.radius, None, regions)})
+                    continue
                 sweep_rows.append({"case": case.name, **score_case(members, case.label, case.voxel_size, args.radius,
                                                                    brain=case.images.any(axis=0))})
+            per_case = ({r["case"]: {g: r[f"dice_ensemble_{g}"] for g in BRATS_REGIONS} for r in sweep_rows}
+                        if regions else {r["case"]: r["dice_ensemble"] for r in sweep_rows})
             entry = {"steps": steps, "timestep_respacing": spacing, "seconds": round(time.time() - t0, 3),
-                     **summarise(sweep_rows), "per_case": {r["case"]: r["dice_ensemble"] for r in sweep_rows}}
+                     **summarise(sweep_rows, keys), "per_case": per_case}
             sweep.append(entry)
-            print(f"sweep {steps} steps: Dice {entry['dice_ensemble']:.3f} ({entry['seconds']:.1f} s)",
-                  file=sys.stderr)
-        plot_dice_vs_steps(sweep, out_dir / "dice_vs_steps.png")
+            dice = (", ".join(f"{g.upper()} {entry[f'dice_ensemble_{g}']:.3f}" for g in BRATS_REGIONS) if regions
+                    else f"{entry['dice_ensemble']:.3f}")
+            print(f"sweep {steps} steps: Dice {dice} ({entry['seconds']:.1f} s)", file=sys.stderr)
+        plot_dice_vs_steps(sweep, out_dir / "dice_vs_steps.png", regions=regions)
 
     settings = {
         "data_dir": str(args.data_dir), "num_ensemble": args.num_ensemble, "members_sampled": num_run,
@@ -512,6 +658,8 @@ def main(argv=None) -> int:
         "sweep_ensemble": args.sweep_ensemble if args.sweep else None,
         "sweep_cases": args.sweep_cases if args.sweep else None,
     }
+    if regions:  # a whole-tumour report stays as it was
+        settings["regions"] = segmenter.loaded.regions
     report = {
         "model": segmenter.loaded.source,
         "settings": settings,
@@ -526,6 +674,16 @@ def main(argv=None) -> int:
     _write_text(out_dir / "report.json", json.dumps(json_safe(report), indent=2) + "\n")
     _write_text(out_dir / "report.md", render_markdown(report))
 
+    if regions:
+        print("\n".join(_region_case_table(rows, overall)))
+        final = {key: overall[key] for key in keys}
+        final.update(cases=len(rows), **{f"hd95_{g}_nan_cases": overall[f"hd95_{g}_nan_cases"] for g in BRATS_REGIONS},
+                     **{f"empty_tumour_slices_{g}": overall[f"empty_tumour_slices_{g}"] for g in BRATS_REGIONS},
+                     dice_vs_ensemble_size=by_size, report=str(out_dir / "report.json"))
+        if sweep:
+            final["dice_vs_steps"] = {s["steps"]: {g: s[f"dice_ensemble_{g}"] for g in BRATS_REGIONS} for s in sweep}
+        print(json.dumps(json_safe(final)))
+        return 0
     print("\n".join(_case_table(rows, overall)))
     final = {key: overall[key] for key in SUMMARY_KEYS}
     final.update(cases=len(rows), hd95_nan_cases=overall["hd95_nan_cases"],

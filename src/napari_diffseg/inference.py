@@ -31,6 +31,7 @@ from .ensemble import THRESHOLD, autocast_context, ensemble_statistics, sample_e
 from .errors import DiffSegError
 from .options import PRECISIONS, Guidance, SamplingOptions, parse_batching
 from .preprocess import MODALITY_COUNT, InputSpec, neighbour_slices, normalise, volume_statistics
+from .regions import labels_from_probability, labels_to_regions
 
 log = logging.getLogger(__name__)
 
@@ -147,16 +148,22 @@ def format_eta(seconds: float | None) -> str:
 
 @dataclass
 class Segmentation:
-    probability: np.ndarray  # ensemble mean, float32, the input's spatial shape
+    """A run's result on the input's grid. A region model (``regions`` "brats") puts a region
+    axis (WT, TC, ET) first in probability, variance and mask, and after the member axis in
+    samples, and adds the BraTS label map they give (:mod:`regions`)."""
+
+    probability: np.ndarray  # ensemble mean, float32, the input's spatial shape ((3, *spatial): regions)
     variance: np.ndarray  # ensemble variance, float32
-    mask: np.ndarray  # uint8, probability > threshold
-    samples: np.ndarray | None  # (N, *spatial) float32 member outputs, when kept
+    mask: np.ndarray  # uint8, probability > threshold (regions: those masks nested, the regions of labels)
+    samples: np.ndarray | None  # (N, *spatial) float32 member outputs, when kept ((N, 3, *spatial): regions)
     num_ensemble: int
     steps: int
     sampler: str
     seed: int
     threshold: float = THRESHOLD
     settings: dict = field(default_factory=dict)
+    regions: str = "wt"
+    labels: np.ndarray | None = None  # regions: uint8 BraTS labels 0/1/2/4, the spatial shape
 
 
 class Segmenter:
@@ -281,9 +288,11 @@ class Segmenter:
                          "channels_last" if self.channels_last else "contiguous"])
 
     def _one_pass(self, images: torch.Tensor, precision: str) -> torch.Tensor:
-        """The baseline's mask logits (S, 1, h, w): images with an all-zero mask channel, t = 0."""
+        """The baseline's mask logits (S, K, h, w), one per region: images with all-zero mask
+        channels, t = 0."""
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
-        zeros = torch.zeros((images.shape[0], 1, *images.shape[-2:]), device=images.device)
+        zeros = torch.zeros((images.shape[0], self.loaded.unet_config.mask_channels, *images.shape[-2:]),
+                            device=images.device)
         t = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
         with torch.inference_mode(), autocast_context(self.device, precision):
             condition = self.model.encode_condition(images.to(memory_format=layout))
@@ -322,19 +331,19 @@ class Segmenter:
         of the input's spatial shape; init (N, *spatial)).
         slices: the slices (last axis) of a volume to sample (default: every brain slice).
         preview_interval: seconds between previews (0 = every step, None = never).
-        sink: called as sink(z, {"probability", "variance", "mask"}) for each finished slice,
-        so a caller can stream a volume to disk.
+        sink: called as sink(z, {"probability", "variance", "mask"}) for each finished slice
+        (a region model's with "labels"), so a caller can stream a volume to disk.
         allocate: called as allocate(name, shape, dtype) for each whole-input result array
-        ("probability", "variance", "mask", "samples"); returning disk-backed arrays (e.g.
-        numpy memmaps) streams a volume's results to disk as its slices finish, so memory
-        does not grow with the volume. Default: zero-filled arrays in memory.
+        ("probability", "variance", "mask", "samples", a region model's "labels"); returning
+        disk-backed arrays (e.g. numpy memmaps) streams a volume's results to disk as its slices
+        finish, so memory does not grow with the volume. Default: zero-filled arrays in memory.
         source: (volume (4, H, W, Z), z) where a lone slice was cut from that volume: a model
         that reads neighbouring slices or volume statistics (``loaded.inputs``) takes them from
         there, as it would in a whole-volume run.
         """
         images = _checked_images(images)
         plan = self._plan(images, options, guidance or Guidance(), slices, source)
-        results = _Results.allocate(allocate or _zeros, plan, keep_samples)
+        results = _Results.allocate(allocate or _zeros, plan, keep_samples, self.loaded.unet_config.mask_channels)
         previews = _Throttle(preview_interval)
         began = time.monotonic()
         chains, done, b = plan.tuner.chains, 0, 0
@@ -369,6 +378,10 @@ class Segmenter:
             raise DiffSegError(f"timestep respacing {options.respacing!r} keeps only the step t = 0, which cannot "
                                "turn noise into a mask; use 2 steps or more", setting="timestep_respacing")
         volume = images if images.ndim == 4 else images[..., None]
+        if self.loaded.multi_region and (guidance.known or guidance.init is not None):
+            # Known pixels and members to refine are one mask each; which region would they hold?
+            raise DiffSegError(f"refinement (known pixels or members to refine) needs a whole-tumour model; this "
+                               f"one segments the regions {', '.join(self.loaded.region_names).upper()}")
         guidance = guidance.for_volume(images.shape[1:], options.num_ensemble, deterministic,
                                        reads_marks=bool(self.loaded.unet_config.hint_channels))
         todo = brain_slices(volume) if slices is None else [int(z) for z in slices]
@@ -409,14 +422,19 @@ class Segmenter:
     def _run_batch(self, plan: "_RunPlan", zs: list[int], chains: int, previews: "_Throttle",
                    progress: Callable[[int, int, np.ndarray | None], Progress]):
         """Sample one batch of slices, yielding a Progress per step; returns its members (N, S, H, W)
-        and their mean and variance (S, H, W), on the input's grid."""
+        and their mean and variance (S, H, W), on the input's grid (a region model: (N, S, K, H, W)
+        and (S, K, H, W); its previews show the whole tumour)."""
         clock = time.perf_counter()
         net_in = self._network_input(plan, zs)
         height, width = plan.shape[:2]
+        regions = self.loaded.unet_config.mask_channels
         if self.loaded.deterministic:
             logits = self._one_pass(net_in, plan.options.precision)
-            members = self.loaded.geometry.from_network(torch.sigmoid(logits), height, width)[None, :, 0]
-            preview = members[0].cpu().numpy() if previews.enabled else None
+            probabilities = self.loaded.geometry.from_network(torch.sigmoid(logits), height, width)
+            members = probabilities[None, :, 0] if regions == 1 else probabilities[None]
+            preview = None
+            if previews.enabled:
+                preview = (members[0] if regions == 1 else members[0, :, 0]).cpu().numpy()
             plan.tuner.step(time.perf_counter() - clock, len(zs))
             yield progress(1, 1, preview)
             mean = members[0]
@@ -431,12 +449,22 @@ class Segmenter:
             final = step
             preview = None
             if previews.due():
-                estimate = step.pred_x0.reshape(len(zs), num_ensemble, *step.pred_x0.shape[-2:]).mean(1)
+                if regions == 1:
+                    estimate = step.pred_x0.reshape(len(zs), num_ensemble, *step.pred_x0.shape[-2:]).mean(1)
+                else:  # the whole tumour's channel
+                    estimate = step.pred_x0[:, 0].reshape(len(zs), num_ensemble, *step.pred_x0.shape[-2:]).mean(1)
                 preview = self.loaded.geometry.from_network(estimate[:, None].clamp(0, 1), height,
                                                             width)[:, 0].cpu().numpy()
             plan.tuner.step(time.perf_counter() - clock, len(zs) * num_ensemble)  # not the consumer's time
             yield progress(step.index + 1, step.total, preview)
             clock = time.perf_counter()
+        if regions > 1:  # exact pixels are refused for these (_plan), so there is nothing more to do
+            members = final.x.reshape(len(zs), num_ensemble, regions, *final.x.shape[-2:]).transpose(0, 1)
+            back = self.loaded.geometry.from_network(members.reshape(-1, regions, *members.shape[-2:]).float(),
+                                                     height, width)
+            back = back.reshape(num_ensemble, len(zs), regions, height, width)
+            mean, var, _ = ensemble_statistics(back)
+            return back, mean, var
         members = final.x.reshape(len(zs), num_ensemble, *final.x.shape[-2:]).transpose(0, 1)
         # Back to the input geometry per member, then statistics there.
         back = self.loaded.geometry.from_network(members.reshape(-1, 1, *members.shape[-2:]).float(), height, width)
@@ -494,6 +522,8 @@ class Segmenter:
             variance=results.variance,
             mask=results.mask,
             samples=results.samples,
+            regions=self.loaded.regions,
+            labels=results.labels,
             num_ensemble=options.num_ensemble,
             steps=1 if deterministic else (plan.diffusion.num_timesteps if start_step is None else start_step + 1),
             sampler=ONE_PASS if deterministic else options.sampler,
@@ -540,17 +570,25 @@ class _RunPlan:
 
 @dataclass
 class _Results:
-    """The run's whole-input result arrays, (H, W, Z) (samples (N, H, W, Z)), filled per batch."""
+    """The run's whole-input result arrays, (H, W, Z) (samples (N, H, W, Z)), filled per batch; a
+    region model's with the region axis (K, H, W, Z) ((N, K, H, W, Z)) and its label map (H, W, Z)."""
 
     probability: np.ndarray
     variance: np.ndarray
     mask: np.ndarray
     samples: np.ndarray | None
+    labels: np.ndarray | None = None
 
     @classmethod
     def allocate(cls, allocate: Callable[[str, tuple, type], np.ndarray], plan: _RunPlan,
-                 keep_samples: bool) -> "_Results":
+                 keep_samples: bool, regions: int = 1) -> "_Results":
         shape = plan.shape
+        if regions > 1:
+            per_region = (regions, *shape)
+            samples = (allocate("samples", (plan.options.num_ensemble, *per_region), np.float32)
+                       if keep_samples else None)
+            return cls(allocate("probability", per_region, np.float32), allocate("variance", per_region, np.float32),
+                       allocate("mask", per_region, np.uint8), samples, allocate("labels", shape, np.uint8))
         samples = allocate("samples", (plan.options.num_ensemble, *shape), np.float32) if keep_samples else None
         return cls(allocate("probability", shape, np.float32), allocate("variance", shape, np.float32),
                    allocate("mask", shape, np.uint8), samples)
@@ -562,16 +600,24 @@ class _Results:
         for i, z in enumerate(zs):
             self.probability[..., z] = mean_np[i]
             self.variance[..., z] = var_np[i]
-            self.mask[..., z] = mean_np[i] > threshold
+            if self.labels is None:
+                self.mask[..., z] = mean_np[i] > threshold
+            else:  # one rule for the label map and the region masks: the masks are the map's regions
+                self.labels[..., z] = labels_from_probability(mean_np[i], threshold)
+                self.mask[..., z] = labels_to_regions(self.labels[..., z])
             if self.samples is not None:
                 self.samples[..., z] = members[:, i].cpu().numpy()
             if sink is not None:
-                sink(z, {"probability": mean_np[i], "variance": var_np[i], "mask": self.mask[..., z]})
+                out = {"probability": mean_np[i], "variance": var_np[i], "mask": self.mask[..., z]}
+                if self.labels is not None:
+                    out["labels"] = self.labels[..., z]
+                sink(z, out)
 
     def first_slice(self) -> "_Results":
         """The arrays of a 2D input: its one slice."""
         return _Results(self.probability[..., 0], self.variance[..., 0], self.mask[..., 0],
-                        None if self.samples is None else self.samples[..., 0])
+                        None if self.samples is None else self.samples[..., 0],
+                        None if self.labels is None else self.labels[..., 0])
 
 
 class _Throttle:

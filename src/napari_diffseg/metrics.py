@@ -204,3 +204,18 @@ def qubrats_score(uncertainty: np.ndarray, pred: np.ndarray, truth: np.ndarray,
     auc_dice, auc_ftp, auc_ftn = area(dice_curve), area(ftp), area(ftn)
     return {"score": (auc_dice + (1 - auc_ftp) + (1 - auc_ftn)) / 3, "auc_dice": auc_dice,
             "auc_ftp": auc_ftp, "auc_ftn": auc_ftn}
+
+
+def region_scores(mask: np.ndarray, truth: np.ndarray, variance: np.ndarray | None = None,
+                  spacing: Sequence[float] | float | None = None, brain: np.ndarray | None = None,
+                  radius: float = 10) -> dict[str, float]:
+    """One region's figures: Dice, HD95 (mm) and, given an uncertainty map (an ensemble's
+    variance, or a one-pass model's p(1 - p)), the QU-BraTS score of that map and the AUROC of
+    the variance as a detector of the mask's errors within ``radius`` voxels of mask or truth
+    (:func:`variance_error_auroc`); nan for those two without a map."""
+    row = {"dice": dice(mask, truth), "hd95": hd95(mask, truth, spacing=spacing),
+           "qubrats": float("nan"), "auroc": float("nan")}
+    if variance is not None:
+        row["qubrats"] = qubrats_score(variance_to_uncertainty(variance), mask, truth, brain)["score"]
+        row["auroc"] = variance_error_auroc(variance, mask, truth, radius)["neighbourhood"]
+    return row

@@ -3,7 +3,11 @@
 For each case: ``OUT/<case>/mask.nii.gz`` (uint8, ensemble mean > 0.5),
 ``probability.nii.gz`` (ensemble mean) and ``variance.nii.gz`` (float32), on the input's
 grid and affine; ``samples.nii.gz`` with ``--save_samples``; ``metrics.json`` where ground
-truth is present. Under ``torchrun`` the cases are shared out across the processes.
+truth is present. A region model (``diffseg-train --regions brats``) writes instead
+``labels.nii.gz`` (uint8 BraTS labels 0, 1, 2, 4: :mod:`regions`) and per region (wt, tc, et)
+``probability_<region>.nii.gz``, ``variance_<region>.nii.gz`` (``samples_<region>.nii.gz``),
+and its metrics.json holds every figure per region. Under ``torchrun`` the cases are shared
+out across the processes.
 """
 
 from __future__ import annotations
@@ -24,9 +28,16 @@ from .cli import (add_model_flags, add_sampling_flags, guarded, json_safe, make_
                   sampling_options_from_args, slab_indices, slice_range, slice_text)
 from .errors import DiffSegError
 from .files import atomic_write, check_writable_folder
+from .checkpoint import ONE_PASS
 from .inference import Segmentation, Segmenter, run_to_end
 from .options import SamplingOptions
 from .postprocess import remove_small_components
+from .regions import BRATS_REGIONS, clean_labels, labels_to_regions
+
+# What a run writes, by kind of model: the files of the other kind left by an earlier run are removed.
+BINARY_OUTPUTS = ("mask.nii.gz", "probability.nii.gz", "variance.nii.gz")
+REGION_OUTPUTS = ("labels.nii.gz", *(f"{kind}_{region}.nii.gz" for kind in ("probability", "variance")
+                                     for region in BRATS_REGIONS))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +103,9 @@ def disk_arrays(folder: Path):
 
 
 def write_results(case: data.Case, result: Segmentation, out: Path, save_samples: bool) -> None:
+    if result.labels is not None:
+        write_region_results(case, result, out, save_samples)
+        return
     save = data.save_nifti
     # np.asarray, not astype: no in-memory copy of (possibly disk-backed) results.
     save(out / "mask.nii.gz", np.asarray(result.mask, np.uint8), case.affine, case.header, dtype=np.uint8)
@@ -104,9 +118,35 @@ def write_results(case: data.Case, result: Segmentation, out: Path, save_samples
         save(out / "samples.nii.gz", members, case.affine, case.header, dtype=np.float32)
 
 
+def write_region_results(case: data.Case, result: Segmentation, out: Path, save_samples: bool) -> None:
+    """A region model's files: the label map, and each region's probability and variance (and members)."""
+    save = data.save_nifti
+    save(out / "labels.nii.gz", np.asarray(result.labels, np.uint8), case.affine, case.header, dtype=np.uint8)
+    for index, region in enumerate(BRATS_REGIONS):
+        for kind, values in (("probability", result.probability), ("variance", result.variance)):
+            save(out / f"{kind}_{region}.nii.gz", np.asarray(values[index], np.float32), case.affine, case.header,
+                 dtype=np.float32)
+        if save_samples and result.samples is not None:
+            members = np.moveaxis(result.samples[:, index], 0, -1)  # members on the last axis
+            save(out / f"samples_{region}.nii.gz", members, case.affine, case.header, dtype=np.float32)
+
+
+def _stale_outputs(result: Segmentation, save_samples: bool, has_truth: bool) -> list[str]:
+    """Files an earlier run may have left in the case's folder that this run does not write."""
+    regions = result.labels is not None
+    stale = list(BINARY_OUTPUTS if regions else REGION_OUTPUTS)
+    region_samples = [f"samples_{region}.nii.gz" for region in BRATS_REGIONS]
+    stale += ["samples.nii.gz"] if regions or not save_samples else []
+    stale += region_samples if not regions or not save_samples else []
+    return stale + ([] if has_truth else ["metrics.json"])
+
+
 def case_metrics(case: data.Case, result: Segmentation, slab: slice | None = None) -> dict:
     """Dice and HD95 against the case's truth; with --slices on a volume, over that slab only
-    (the slices outside it were not segmented)."""
+    (the slices outside it were not segmented). A region model's per region (wt, tc, et), with the
+    QU-BraTS score and the variance-vs-error AUROC of each region's variance."""
+    if result.labels is not None:
+        return region_case_metrics(case, result, slab)
     spacing = case.voxel_size
     mask, truth = np.asarray(result.mask), np.asarray(case.label)
     if slab is not None and case.is_volume:
@@ -121,6 +161,31 @@ def case_metrics(case: data.Case, result: Segmentation, slab: slice | None = Non
         "seed": result.seed,
     }
     if slab is not None and case.is_volume:
+        row["slices"] = slice_text(slab)
+    return row
+
+
+def region_case_metrics(case: data.Case, result: Segmentation, slab: slice | None = None) -> dict:
+    """Per region: ``dice_<region>``, ``hd95_<region>``, ``qubrats_<region>`` (the QU-BraTS score
+    of the variance, true negatives counted in the brain) and ``auroc_<region>`` (variance vs
+    error within 10 voxels: :func:`metrics.region_scores`); the last two are null for a single
+    diffusion member (no spread to rank by). The masks scored are the label map's regions."""
+    cut = slab is not None and case.is_volume
+
+    def part(array: np.ndarray) -> np.ndarray:
+        return array[..., slab] if cut else array
+
+    truth = labels_to_regions(part(np.asarray(case.labels)))
+    brain = part(case.images.any(axis=0))
+    ranked = result.num_ensemble > 1 or result.sampler == ONE_PASS  # a one-pass model's p(1 - p) ranks too
+    row: dict = {"case": case.name, "regions": list(BRATS_REGIONS)}
+    for index, region in enumerate(BRATS_REGIONS):
+        variance = part(np.asarray(result.variance[index])) if ranked else None
+        scores = metrics.region_scores(part(np.asarray(result.mask[index])), truth[index], variance,
+                                       spacing=case.voxel_size, brain=brain)
+        row.update({f"{name}_{region}": value for name, value in scores.items()})
+    row.update(num_ensemble=result.num_ensemble, steps=result.steps, sampler=result.sampler, seed=result.seed)
+    if cut:
         row["slices"] = slice_text(slab)
     return row
 
@@ -159,12 +224,14 @@ def main(argv=None) -> int:
         with spill as allocate:
             result = _segment_case(segmenter, case, args, options, allocate)
             if cleanup and case.is_volume:
-                result.mask[...] = remove_small_components(result.mask, cleanup)
+                if result.labels is not None:  # islands of the whole tumour go with their core
+                    result.labels[...] = clean_labels(result.labels, cleanup)
+                    result.mask[...] = labels_to_regions(result.labels)
+                else:
+                    result.mask[...] = remove_small_components(result.mask, cleanup)
             # An earlier run's files that this run does not write would sit beside the new ones.
-            rewritten = {"samples.nii.gz": args.save_samples, "metrics.json": case.label is not None}
-            for name, written in rewritten.items():
-                if not written:
-                    (out / name).unlink(missing_ok=True)
+            for name in _stale_outputs(result, args.save_samples, case.label is not None):
+                (out / name).unlink(missing_ok=True)
             write_results(case, result, out, args.save_samples)
             row = {"case": case.name, "seconds": round(time.time() - started, 2), "steps": result.steps,
                    "num_ensemble": result.num_ensemble}
@@ -213,6 +280,9 @@ def _segment_case(segmenter: Segmenter, case: data.Case, args: argparse.Namespac
 def _print_summary(rows: list[dict]) -> None:
     if not rows:
         return
+    if any("dice_wt" in r for r in rows):
+        _print_region_summary(rows)
+        return
     with_truth = [r for r in rows if "dice" in r]
     header = f"{'case':<28} {'dice':>6} {'hd95':>7} {'N':>3} {'steps':>6} {'s':>7}"
     print(header)
@@ -222,6 +292,27 @@ def _print_summary(rows: list[dict]) -> None:
         print(f"{r['case']:<28} {dice:>6} {hd:>7} {r['num_ensemble']:>3} {r['steps']:>6} {r['seconds']:>7}")
     if with_truth:
         print(f"{'mean':<28} {np.mean([r['dice'] for r in with_truth]):>6.3f}")
+
+
+
+def _print_region_summary(rows: list[dict]) -> None:
+    """A region model's table: Dice and HD95 per region."""
+    with_truth = [r for r in rows if "dice_wt" in r]
+    names = [region.upper() for region in BRATS_REGIONS]
+    print(f"{'case':<28} " + " ".join(f"{'dice ' + n:>8}" for n in names) + " "
+          + " ".join(f"{'hd95 ' + n:>8}" for n in names) + f" {'N':>3} {'steps':>6} {'s':>7}")
+
+    def cell(r: dict, key: str, digits: int) -> str:
+        value = r.get(key)
+        return f"{value:>8.{digits}f}" if value is not None and np.isfinite(value) else f"{'-':>8}"
+
+    for r in rows:
+        print(f"{r['case']:<28} " + " ".join(cell(r, f"dice_{g}", 3) for g in BRATS_REGIONS) + " "
+              + " ".join(cell(r, f"hd95_{g}", 1) for g in BRATS_REGIONS)
+              + f" {r['num_ensemble']:>3} {r['steps']:>6} {r['seconds']:>7}")
+    if with_truth:
+        print(f"{'mean':<28} " + " ".join(f"{np.mean([r[f'dice_{g}'] for r in with_truth]):>8.3f}"
+                                         for g in BRATS_REGIONS))
 
 
 if __name__ == "__main__":

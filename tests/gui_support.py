@@ -34,6 +34,20 @@ def save_tiny_checkpoint(path, resize_to=None):
     return path
 
 
+def save_tiny_region_checkpoint(path):
+    """A tiny untrained region model (WT, TC, ET: three mask channels), as diffseg-train --regions
+    brats stores one."""
+    torch.manual_seed(0)
+    config = UNetConfig(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="",
+                        learn_sigma=True, in_channels=7, mask_channels=3)
+    model = UNet(config)
+    torch.nn.init.normal_(model.out[2].weight, std=0.05)
+    sampling = {"timestep_respacing": "5", "sampler": "ddpm", "num_ensemble": 5}
+    atomic_save(make_payload(config, DiffusionConfig(), Geometry(crop_border=0), {"model": model.state_dict()},
+                             sampling=sampling, regions="brats"), path)
+    return path
+
+
 def case_layers(shape=(32, 32), case=CASE, seed=0, truth=True):
     rng = np.random.default_rng(seed)
     images = rng.random((4, *shape)).astype(np.float32)

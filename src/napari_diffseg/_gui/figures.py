@@ -45,7 +45,51 @@ def evaluate(mask: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | Non
     return out
 
 
+def evaluate_result(mask: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None,
+                    slices: Sequence[int] | None = None, regions: Sequence[str] = ("wt",)) -> dict | None:
+    """:func:`evaluate` of a proposal: a 0/1 mask, or a region model's BraTS label map, scored per
+    region (WT, TC, ET) against the truth's labels. The whole tumour's figures stay at the top
+    level (what the one-line summary and the coverage read); ``parts`` holds every region's, or
+    ``parts_error`` says why the truth cannot be split into regions."""
+    from ..errors import DiffSegError
+    from ..regions import labels_to_regions
+
+    whole = evaluate(mask, truth, spacing, slices)
+    if whole is None or len(regions) == 1:
+        return whole
+    try:
+        truths = labels_to_regions(truth, "brats")
+    except DiffSegError as exc:
+        return {**whole, "parts_error": str(exc)}
+    preds = labels_to_regions(mask, "brats")
+    whole["parts"] = {name: evaluate(pred, region_truth, spacing, slices)
+                      for name, pred, region_truth in zip(regions, preds, truths)}
+    return whole
+
+
+def _part_figures(name: str, metrics: dict) -> str:
+    hd = metrics.get("hd95", float("nan"))
+    if not metrics.get("tumour_slices"):
+        return f"{name.upper()}: none in the truth"
+    return f"{name.upper()} Dice {metrics['dice']:.3f}, HD95 {f'{hd:.1f} mm' if np.isfinite(hd) else 'n/a'}"
+
+
 def format_metrics(metrics: dict | None, threshold: float | None = None) -> str:
+    """:func:`_format_whole`, then a region model's figures per region (scored over the slices
+    with each region in the truth) or why the truth has none."""
+    text = _format_whole(metrics, threshold)
+    if metrics is None:
+        return text
+    if "parts_error" in metrics:
+        return f"{text}\nno figures per region: {metrics['parts_error']}"
+    if "parts" in metrics:
+        text = text.replace("Dice", "WT Dice", 1)
+        text += "\n" + "; ".join(_part_figures(name, part) for name, part in metrics["parts"].items()
+                                 if name != "wt")
+    return text
+
+
+def _format_whole(metrics: dict | None, threshold: float | None = None) -> str:
     """One or two lines for the review panel: what the figures cover, and what was left out."""
     if metrics is None:
         return "Dice/HD95: metrics module not available"

@@ -18,7 +18,8 @@ from ..options import Guidance, SamplingOptions
 from ..postprocess import remove_small_components
 from ..preprocess import InputSpec
 from ..refine import refine_chain
-from .figures import evaluate
+from ..regions import clean_labels, region_names
+from .figures import evaluate_result
 from .inputs import Inputs
 from .models import MODEL_CACHE, ModelCache
 from .settings import Settings
@@ -104,6 +105,7 @@ class Partial:
         self.probability: dict[int, np.ndarray] = {}
         self.variance: dict[int, np.ndarray] = {}
         self.num_ensemble = 0
+        self.regions: tuple[str, ...] = ("wt",)  # the model's (a region axis first when more than one)
 
     def add(self, z: int, result: dict) -> None:
         self.probability[int(z)] = np.array(result["probability"], np.float32)
@@ -140,6 +142,7 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
         todo = brain_slices(images)  # what run() would choose; known up front for "7/16 slices"
         partial.total = len(todo)
         partial.num_ensemble = settings.num_ensemble
+        partial.regions = segmenter.loaded.region_names
     generator = segmenter.run(
         images,
         # num_ensemble, sampler, eta, precision, seed: as the form has them
@@ -163,15 +166,21 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
     done = sorted(slices) if request.z is None else [request.z]
     cleanup_voxels = int(segmenter.defaults.get("cleanup_min_voxels", 0) or 0)
     cleaned = settings.cleanup and cleanup_voxels > 0 and request.z is None and images.ndim == 4
+    regions = region_names(segmentation.regions)
     metrics = None
     if request.inputs.truth is not None:
         truth = ld.to_core(request.inputs.truth)
+        # the proposal as the widget shows it: a region model's label map (threshold 0.5 per region)
+        mask = segmentation.mask if len(regions) == 1 else segmentation.labels
         if request.z is not None:
             truth = truth[..., request.z]
-            metrics = evaluate(segmentation.mask, truth, request.inputs.spacing[:2])
+            metrics = evaluate_result(mask, truth, request.inputs.spacing[:2], regions=regions)
         else:
-            mask = remove_small_components(segmentation.mask, cleanup_voxels) if cleaned else segmentation.mask
-            metrics = evaluate(mask, truth, request.inputs.spacing, done if truth.ndim == 3 else None)
+            if cleaned:
+                mask = remove_small_components(mask, cleanup_voxels) if len(regions) == 1 else clean_labels(
+                    mask, cleanup_voxels)
+            metrics = evaluate_result(mask, truth, request.inputs.spacing, done if truth.ndim == 3 else None,
+                                      regions=regions)
     return RunOutcome(segmentation, request.z, done, metrics, time.monotonic() - start, str(segmenter.device),
                       start_step, chain_steps, cleanup_voxels, cleaned)
 

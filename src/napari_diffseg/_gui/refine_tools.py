@@ -174,6 +174,11 @@ class RefineTools:
         """The request of a refine of the current slice, from that of a Run of it (DiffSegError for
         bad layers), or None (with a warning) when nothing is marked."""
         inputs, z = base.inputs, base.z
+        shown = self._cases.get(inputs.case)
+        if shown is not None and shown.result.multi_region:
+            raise DiffSegError("Refine needs a whole-tumour model: this result is of a region model (WT, TC, ET), "
+                               "and refining it with scribbles is not supported yet; correct its labels by hand "
+                               "in the segmentation layer, or choose a whole-tumour checkpoint")
         scribbles = self._checked_mark_layer("scribbles", inputs)
         region_layer = self._checked_mark_layer("region", inputs)
         segmentation = self._layers.find("segmentation", inputs.case)

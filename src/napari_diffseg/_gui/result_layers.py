@@ -19,6 +19,7 @@ from .style import (
     PROPOSAL_RGBA,
     SEGMENTATION_RGBA,
     UNCERTAINTY_LIMITS,
+    brats_colormap,
     fading_colormap,
     label_colormap,
     uncertainty_colormap,
@@ -69,21 +70,34 @@ def proposal_name(state: ResultState) -> str:
     return ld.result_name(state.case, "proposal")
 
 
+def uncertainty_name(state: ResultState) -> str:
+    """``<case> diffseg uncertainty``; a region model's names the region it shows."""
+    return ld.result_name(state.case, f"uncertainty {state.shown_region.upper()}" if state.multi_region
+                          else "uncertainty")
+
+
 def result_layer_tuples(state: ResultState, reference, keep_members: bool = True) -> list[tuple]:
     """The uncertainty heatmap (first, so that the proposal is drawn over it), the proposal and,
     when kept, the members, as (data, keyword arguments, layer type)."""
     case = state.case
-    variance = np.ascontiguousarray(ld.to_display(state.variance))
+    variance = np.ascontiguousarray(ld.to_display(state.variance_of(state.shown_region)))
     mask = np.ascontiguousarray(ld.to_display(state.mask()))
     tuples = [
-        (variance, {"name": ld.result_name(case, "uncertainty"), **placement("uncertainty", case, reference),
+        (variance, {"name": uncertainty_name(state), **placement("uncertainty", case, reference),
                     "colormap": uncertainty_colormap(), "blending": "translucent",
                     "contrast_limits": UNCERTAINTY_LIMITS}, "image"),
         (mask, {"name": proposal_name(state), **placement("proposal", case, reference), "opacity": 0.6,
-                "colormap": label_colormap(PROPOSAL_RGBA)}, "labels"),
+                "colormap": brats_colormap() if state.multi_region else label_colormap(PROPOSAL_RGBA)}, "labels"),
     ]
     spatial_ndim = len(state.spatial_shape)
-    if state.members is not None and keep_members:
+    if state.members is not None and keep_members and state.multi_region:
+        members = np.ascontiguousarray(ld.to_display(state.member_labels(), spatial_ndim))
+        axes = ("member", "z", "y", "x")[-(spatial_ndim + 1):] if spatial_ndim == 3 else ("member", "y", "x")
+        tuples.append((members, {"name": ld.result_name(case, "members"),
+                                 **placement("members", case, reference, leading=1, z=state.members_z),
+                                 "colormap": brats_colormap(), "opacity": 0.6, "visible": False,
+                                 "axis_labels": axes}, "labels"))
+    elif state.members is not None and keep_members:
         members = np.ascontiguousarray(ld.to_display(state.members, spatial_ndim))
         axes = ("member", "z", "y", "x")[-(spatial_ndim + 1):] if spatial_ndim == 3 else ("member", "y", "x")
         tuples.append((members, {"name": ld.result_name(case, "members"),
@@ -101,7 +115,7 @@ def segmentation_layer_tuple(state: ResultState, reference) -> tuple:
             {"name": ld.segmentation_name(state.case), "scale": tuple(reference.scale),
              "translate": tuple(reference.translate), "axis_labels": ld.axis_labels(len(shape)),
              "metadata": ld.derived_metadata(reference.metadata, "segmentation", state.case), "opacity": 0.7,
-             "colormap": label_colormap(SEGMENTATION_RGBA)}, "labels")
+             "colormap": brats_colormap() if state.multi_region else label_colormap(SEGMENTATION_RGBA)}, "labels")
 
 
 def hint_rectangles(state: ResultState) -> list[np.ndarray]:
@@ -133,7 +147,8 @@ class ResultLayers:
         name too), else make it anew."""
         data, kwargs, layer_type = layer_tuple
         layer = self.find(kind, case)
-        if layer is not None and layer.data.shape == data.shape and layer.ndim == data.ndim:
+        if (layer is not None and layer.data.shape == data.shape and layer.ndim == data.ndim
+                and type(layer).__name__.lower() == layer_type):
             layer.data = data
             for key in PLACEMENT:
                 setattr(layer, key, kwargs[key])
@@ -156,11 +171,20 @@ class ResultLayers:
         if layer is not None:
             layer.data = np.ascontiguousarray(ld.to_display(state.mask()))
 
+    def show_uncertainty(self, state: ResultState) -> None:
+        """The uncertainty of the region the state shows (the region selector changed)."""
+        layer = self.find("uncertainty", state.case)
+        if layer is not None:
+            layer.data = np.ascontiguousarray(ld.to_display(state.variance_of(state.shown_region)))
+            layer.name = uncertainty_name(state)
+
     def segmentation(self, state: ResultState, reference) -> tuple[object, bool]:
         """``<case> segmentation`` and whether it was made just now: made (empty) with the case's
         first result; then only Accept and the user change it."""
         layer = self.find("segmentation", state.case)
         if layer is not None and tuple(layer.data.shape) == tuple(reversed(state.spatial_shape)):
+            if state.multi_region and 4 not in layer.colormap.color_dict:
+                layer.colormap = brats_colormap()  # a region model's labels into a whole-tumour layer
             return layer, False
         data, kwargs, _ = segmentation_layer_tuple(state, reference)
         return self.viewer.add_labels(data, **kwargs), True

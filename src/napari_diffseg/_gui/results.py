@@ -1,5 +1,9 @@
 """A case's result as the widget keeps it: the ensemble statistics (re-thresholded, ranked,
-hinted) and what the user painted by hand into the segmentation (no Qt)."""
+hinted) and what the user painted by hand into the segmentation (no Qt).
+
+A region model's result (WT, TC, ET: :mod:`napari_diffseg.regions`) keeps a region axis first in
+probability and variance, a threshold per region, and its proposal is a BraTS label map; the
+hints and the ranking read the whole tumour's variance."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import numpy as np
 from .. import _layerdata as ld
 from ..postprocess import remove_small_components
 from ..refine import Hint, next_mark
+from ..regions import clean_labels, nest_regions, regions_to_labels
 
 if TYPE_CHECKING:
     from .inputs import Inputs
@@ -43,11 +48,44 @@ class ResultState:
     cleanup_voxels: int = 0
     stored_cleanup: int = 0  # the size the model stores (what the widget's box turns on)
     whole_volume: bool = False  # a whole-volume run was merged (later single-slice runs keep it so)
+    regions: tuple[str, ...] = ("wt",)  # the model's regions; more than one: a region axis first
+    region_thresholds: dict[str, float] = field(default_factory=dict)  # a region's own, else `threshold`
+    shown_region: str = "wt"  # whose variance the uncertainty layer shows
 
     @classmethod
-    def empty(cls, case: str, spatial_shape: Sequence[int], threshold: float = 0.5) -> "ResultState":
+    def empty(cls, case: str, spatial_shape: Sequence[int], threshold: float = 0.5,
+              regions: Sequence[str] = ("wt",)) -> "ResultState":
         shape = tuple(int(n) for n in spatial_shape)
-        return cls(case, shape, np.zeros(shape, np.float32), np.zeros(shape, np.float32), threshold)
+        full = shape if len(regions) == 1 else (len(regions), *shape)
+        return cls(case, shape, np.zeros(full, np.float32), np.zeros(full, np.float32), threshold,
+                   regions=tuple(regions))
+
+    @property
+    def multi_region(self) -> bool:
+        return len(self.regions) > 1
+
+    def threshold_of(self, region: str) -> float:
+        return self.region_thresholds.get(region, self.threshold)
+
+    def thresholded_at(self, threshold: float) -> bool:
+        """Whether every region's proposal is cut at ``threshold``."""
+        return all(abs(self.threshold_of(r) - threshold) < 1e-6 for r in self.regions)
+
+    def variance_of(self, region: str = "wt") -> np.ndarray:
+        """The spatial variance map of one region (the only one of a whole-tumour model)."""
+        return self.variance[self.regions.index(region)] if self.multi_region else self.variance
+
+    def member_labels(self) -> np.ndarray | None:
+        """A region model's members as BraTS label maps (N, *spatial) (each member's regions at
+        0.5, nested), or None when the members were not kept."""
+        if self.members is None:
+            return None
+        return np.stack([regions_to_labels(member > 0.5) for member in self.members])
+
+    def region_masks(self) -> np.ndarray:
+        """(R, *spatial) bool: each region's mean above its threshold, nested (TC in WT, ET in TC)."""
+        cut = np.array([self.threshold_of(r) for r in self.regions], np.float32)
+        return nest_regions(self.probability > cut.reshape(-1, *([1] * len(self.spatial_shape))))
 
     @property
     def is_volume(self) -> bool:
@@ -58,6 +96,11 @@ class ResultState:
         return self.cleanup_voxels > 0 and self.is_volume and self.whole_volume
 
     def mask(self, threshold: float | None = None) -> np.ndarray:
+        """The proposal: 0/1, or a region model's BraTS labels 0/1/2/4 (``threshold``: whole
+        tumour only)."""
+        if self.multi_region:
+            labels = regions_to_labels(self.region_masks())
+            return clean_labels(labels, self.cleanup_voxels) if self.cleans_up else labels
         t = self.threshold if threshold is None else threshold
         mask = self.probability > t
         if self.cleans_up:
@@ -112,8 +155,9 @@ class ResultState:
         self.partial = (len(partial.finished), partial.total)
 
     def variance_slice(self, z: int | None) -> np.ndarray:
-        """The (X, Y) variance of slice z (the whole map of a 2D input)."""
-        return self.variance[..., z] if self.is_volume else self.variance
+        """The (X, Y) whole-tumour variance of slice z (the whole map of a 2D input)."""
+        variance = self.variance_of("wt")
+        return variance[..., z] if self.is_volume else variance
 
     def members_for(self, z: int | None) -> np.ndarray | None:
         """The (N, X, Y) members of the last run of slice z (None for a 2D input), if kept."""
@@ -130,7 +174,7 @@ class ResultState:
                 self.hints[key] = hint
 
     def ranked_slices(self) -> list[tuple[int, float]]:
-        return rank_slices(self.variance, self.slices) if self.is_volume else []
+        return rank_slices(self.variance_of("wt"), self.slices) if self.is_volume else []
 
 
 def rank_slices(variance: np.ndarray, slices: Iterable[int] | None = None) -> list[tuple[int, float]]:
@@ -249,15 +293,22 @@ class CaseResults:
     def current(self) -> CaseResult | None:
         return self.get(self.current_name)
 
-    def state_for(self, name: str, display_shape: Sequence[int], threshold: float, whole: bool) -> ResultState:
+    def state_for(self, name: str, display_shape: Sequence[int], threshold: float, whole: bool,
+                  regions: Sequence[str] = ("wt",)) -> ResultState:
         """The result state a run of the case merges into: the case's, or a fresh one when the
-        input changed shape or the run covers it all (kept only once shown: ``show``)."""
+        input changed shape, the model segments other regions, or the run covers it all (kept
+        only once shown: ``show``)."""
         core_shape = tuple(reversed(tuple(display_shape)))
         case = self._cases.get(name)
         state = None if case is None else case.result
-        if state is None or state.spatial_shape != core_shape or whole:
-            state = ResultState.empty(name, core_shape, threshold)
-        state.threshold = threshold
+        if state is None or state.spatial_shape != core_shape or state.regions != tuple(regions) or whole:
+            old = state
+            state = ResultState.empty(name, core_shape, threshold, regions)
+            if old is not None and old.multi_region and old.regions == state.regions:
+                state.region_thresholds = dict(old.region_thresholds)  # the user's, kept over a re-run
+                state.shown_region = old.shown_region
+        if not state.multi_region:
+            state.threshold = threshold
         return state
 
     def show(self, inputs: Inputs, state: ResultState) -> CaseResult:

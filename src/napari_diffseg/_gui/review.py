@@ -24,14 +24,16 @@ from qtpy.QtWidgets import QListWidget, QListWidgetItem
 
 from .. import _layerdata as ld
 from . import tooltips
-from .figures import evaluate, format_metrics
+from .figures import evaluate_result, format_metrics
 from .inputs import go_to_slice, slice_index
 from .keys import ACCEPT_KEY
 from .result_layers import ResultLayers
 from .results import CaseResult, CaseResults, HandEdits, ResultState
+from .style import brats_legend
 from .workers import WorkerLinks
 
 METRICS_DELAY_MS = 250  # a threshold dragged across the slider is evaluated once it rests
+REGION_CHOICES = [("WT: whole tumour", "wt"), ("TC: tumour core", "tc"), ("ET: enhancing tumour", "et")]
 
 
 class ReviewPanel:
@@ -47,12 +49,17 @@ class ReviewPanel:
         self.threshold = FloatSlider(min=0.01, max=0.99, step=0.01, value=0.5, label="threshold",
                                      tooltip=tooltips.THRESHOLD)
         self.cleanup = CheckBox(text="3D clean-up", tooltip=tooltips.CLEANUP)
+        # A region model's: whose uncertainty is shown and whose threshold the slider sets.
+        self.region = ComboBox(choices=REGION_CHOICES, label="region", tooltip=tooltips.REGION)
+        self.legend = Label(value=brats_legend())
+        self.legend.native.setWordWrap(True)
         self.member = ComboBox(choices=[("mean", 0)], label="ensemble member", tooltip=tooltips.MEMBER)
         self.metrics_label = Label(value="")
         self.metrics_label.native.setWordWrap(True)
         self.metrics_label.native.setMinimumHeight(2 * self.metrics_label.native.fontMetrics().lineSpacing())
         self.ranking_label = Label(value="most uncertain slices")
-        self.box = Container(widgets=[self.accept_button, self.threshold, self.cleanup, self.member, self.metrics_label,
+        self.box = Container(widgets=[self.accept_button, self.region, self.legend, self.threshold, self.cleanup,
+                                      self.member, self.metrics_label,
                                       self.ranking_label])
         self.ranking = QListWidget()
         self.ranking.setToolTip(tooltips.RANKING)
@@ -64,6 +71,7 @@ class ReviewPanel:
         self.accept_button.changed.connect(self.accept)
         self.threshold.changed.connect(self._on_threshold)
         self.cleanup.changed.connect(self._on_cleanup)
+        self.region.changed.connect(self._on_region)
         self.member.changed.connect(self._on_member)
         self.ranking.itemClicked.connect(self.on_ranking_clicked)
         self.ranking.currentItemChanged.connect(lambda item, _prev: self.on_ranking_clicked(item))
@@ -79,6 +87,7 @@ class ReviewPanel:
         for widget in (self.accept_button, self.threshold, self.member, self.metrics_label):
             widget.enabled = volume is not None
         self._show_cleanup(None if volume is None else self._cases.current)
+        self._show_region(None if volume is None else self._cases.current)
         self.ranking.setVisible(bool(volume))
         self.ranking_label.visible = bool(volume)
 
@@ -97,7 +106,7 @@ class ReviewPanel:
             self.metrics_label.value = "choose a ground truth layer to see Dice and HD95"
         elif metrics is not None:
             self.metrics = metrics
-            self.metrics_label.value = format_metrics(metrics, state.threshold)
+            self.metrics_label.value = format_metrics(metrics, None if state.multi_region else state.threshold)
         else:
             self.recompute_metrics()
 
@@ -168,6 +177,27 @@ class ReviewPanel:
             self.cleanup.text = f"3D clean-up: islands < {size:,} voxels removed"
         self.cleanup.enabled = state is not None and size > 0 and state.is_volume and state.whole_volume
 
+    def _show_region(self, case: CaseResult | None) -> None:
+        """The region selector and the legend: shown for a region model's result only, at the
+        region on show, with the slider at that region's threshold."""
+        multi = case is not None and case.result.multi_region
+        self.region.visible = self.legend.visible = multi
+        if multi:
+            state = case.result
+            with self.region.changed.blocked(), self.threshold.changed.blocked():
+                self.region.value = state.shown_region
+                self.threshold.value = state.threshold_of(state.shown_region)
+
+    def _on_region(self, region: str) -> None:
+        case = self._cases.current
+        if case is None or not case.result.multi_region:
+            return
+        state = case.result
+        state.shown_region = region
+        self._layers.show_uncertainty(state)
+        with self.threshold.changed.blocked():
+            self.threshold.value = state.threshold_of(region)
+
     def _on_cleanup(self, on: bool) -> None:
         case = self._cases.current
         if case is None:
@@ -179,8 +209,12 @@ class ReviewPanel:
         case = self._cases.current
         if case is None:
             return
-        case.result.threshold = float(value)
-        self._layers.show_proposal(case.result)
+        state = case.result
+        if state.multi_region:  # the slider is the shown region's threshold
+            state.region_thresholds[state.shown_region] = float(value)
+        else:
+            state.threshold = float(value)
+        self._layers.show_proposal(state)
         if case.truth is not None:
             self._generation += 1  # a figure on its way is of the old threshold
             self.metrics = None
@@ -223,8 +257,8 @@ class ReviewPanel:
 
         state = case.result
         slices = state.slices if state.is_volume else None
-        worker = create_worker(evaluate, state.mask(), ld.to_core(case.truth), case.spacing, slices,
-                               _ignore_errors=True)
+        worker = create_worker(evaluate_result, state.mask(), ld.to_core(case.truth), case.spacing, slices,
+                               state.regions, _ignore_errors=True)
         self._generation += 1
         generation = self._generation
         label = self.metrics_label
@@ -247,7 +281,8 @@ class ReviewPanel:
                 self.metrics_worker = None
             self._workers.forget(worker)
 
-        self._workers.connect(worker, returned=lambda metrics, t=state.threshold: show(format_metrics(metrics, t), metrics),
+        at = None if state.multi_region else state.threshold  # a region model's thresholds are per region
+        self._workers.connect(worker, returned=lambda metrics, t=at: show(format_metrics(metrics, t), metrics),
                               errored=lambda exc: show(f"Dice/HD95 failed: {exc}"), finished=ended)
         self.metrics_worker = worker
         worker.start()

@@ -2,7 +2,9 @@
 
 napari's default label colours for the BraTS labels 1, 2, 4 are brown, light blue and purple; the
 proposal is yellow and the accepted segmentation green, so neither is mistaken for a
-ground-truth label (which is drawn as an outline besides).
+ground-truth label (which is drawn as an outline besides). A region model's proposal and
+segmentation are BraTS label maps in the colours BraTS figures use: necrotic core red, oedema
+green, enhancing tumour yellow.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ SCRIBBLE_RGBA = {SCRIBBLE_TUMOUR: (1.0, 0.12, 0.12, 1.0), SCRIBBLE_BACKGROUND: (
 SCRIBBLE_HEX = {label: "#%02x%02x%02x" % tuple(int(255 * c) for c in rgba[:3]) for label, rgba in SCRIBBLE_RGBA.items()}
 REGION_RGBA = (1.0, 0.45, 1.0, 1.0)  # magenta outline, faint fill
 HINT_RGBA = (1.0, 1.0, 1.0, 1.0)  # white: stands out on the heatmap and the yellow proposal
+BRATS_RGBA = {1: (1.0, 0.15, 0.15, 1.0), 2: (0.15, 0.85, 0.25, 1.0), 4: (1.0, 0.9, 0.0, 1.0)}
+BRATS_NAMES = {1: "necrotic / non-enhancing core", 2: "oedema", 4: "enhancing tumour"}
 # The variance of the mean of {0, 1} members is p(1 - p) <= 1/4: a fixed scale, comparable between runs.
 UNCERTAINTY_LIMITS = (0.0, 0.25)
 
@@ -26,6 +30,21 @@ def label_colormap(rgba):
     from napari.utils.colormaps import DirectLabelColormap
 
     return DirectLabelColormap(color_dict={None: OTHER_LABEL_RGBA, 0: (0, 0, 0, 0), 1: rgba})
+
+
+def brats_colormap():
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: OTHER_LABEL_RGBA, 0: (0, 0, 0, 0), **BRATS_RGBA})
+
+
+def brats_legend() -> str:
+    """The BraTS labels and their colours, as rich text for a label in the widget."""
+    def hex_of(rgba):
+        return "#%02x%02x%02x" % tuple(int(255 * c) for c in rgba[:3])
+
+    return " &nbsp; ".join(f'<span style="color:{hex_of(BRATS_RGBA[label])}">&#9632;</span> {label} {name}'
+                           for label, name in BRATS_NAMES.items())
 
 
 def fading_colormap(name: str, rgb, alpha: float = 0.9):

@@ -42,5 +42,7 @@ THRESHOLD = "proposal = ensemble mean above this; changes the proposal without s
 CLEANUP = ("whole-volume results: remove the parts of the proposal (3D connected components) smaller than the "
            "size the model stores, decided by cross-validation; the largest part always stays. Probability and "
            "uncertainty are left as sampled; diffseg-sample --cleanup does the same")
+REGION = ("a region model's result: the region whose uncertainty (ensemble variance) is shown and whose "
+          "threshold the slider sets; the proposal is the BraTS label map of all three")
 MEMBER = "flip through the individual ensemble members (shown in the members layer)"
 RANKING = "sampled slices, most uncertain (mean variance) first; click to go there"

@@ -24,6 +24,7 @@ from qtpy.QtWidgets import QWidget
 
 from .. import _layerdata as ld
 from ..errors import DiffSegError
+from ..regions import region_names
 from . import models
 from .form import InputPickers, ModelBox, SamplingControls, SettingsForm
 from .inputs import check_inputs, slice_index
@@ -252,20 +253,20 @@ class DiffSegWidget(ColumnsWidget):
     def _show_result(self, request: RunRequest, outcome: RunOutcome) -> None:
         inputs = request.inputs
         state = self.cases.state_for(inputs.case, inputs.display_shape, float(self.review.threshold.value),
-                                     whole=outcome.z is None)
+                                     whole=outcome.z is None, regions=region_names(outcome.segmentation.regions))
         state.merge(outcome)
         state.stored_cleanup = outcome.cleanup_voxels
         state.cleanup_voxels = outcome.cleanup_voxels if self.review.cleanup.value else 0
         # The job's figures cover what it sampled at its own threshold (cleaned up or not): they
         # are the result on screen only for a whole run shown that way.
-        same = (outcome.z is None and abs(state.threshold - outcome.segmentation.threshold) < 1e-6
+        same = (outcome.z is None and state.thresholded_at(outcome.segmentation.threshold)
                 and outcome.cleaned == state.cleans_up)
         self._present(request, state, keep_members=request.keep_members, metrics=outcome.metrics if same else None)
 
     def _show_partial(self, request: RunRequest, partial: Partial) -> None:
         inputs = request.inputs
         state = self.cases.state_for(inputs.case, inputs.display_shape, float(self.review.threshold.value),
-                                     whole=False)
+                                     whole=False, regions=partial.regions)
         state.merge_partial(partial)
         self._present(request, state, keep_members=False, metrics=None)
 

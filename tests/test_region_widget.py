@@ -1,0 +1,121 @@
+"""The widget with a region model (WT, TC, ET; issue 26): BraTS label maps for the proposal, the
+members and the segmentation, the region selector over the uncertainty and the threshold, the
+figures per region, Accept with hand edits, save and reload; a whole-tumour model's widget as
+before."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gui_support import CASE, RUN_TIMEOUT_MS, run_and_wait, save_tiny_region_checkpoint
+
+from napari_diffseg import _layerdata as ld
+from napari_diffseg.regions import nest_regions, regions_to_labels
+
+BRATS = {0, 1, 2, 4}
+
+
+@pytest.fixture(scope="module")
+def region_checkpoint(tmp_path_factory):
+    return save_tiny_region_checkpoint(tmp_path_factory.mktemp("region") / "regions.pt")
+
+
+def _brats_truth(viewer) -> None:
+    """The case's truth with the three parts: oedema around a core around an enhancing rim."""
+    layer = viewer.layers["ground truth"] if "ground truth" in viewer.layers else next(
+        layer for layer in viewer.layers if (layer.metadata or {}).get(ld.KIND) == ld.GROUND_TRUTH)
+    data = np.zeros_like(layer.data)
+    data[..., 6:26, 6:26] = 2
+    data[..., 10:22, 10:22] = 1
+    data[..., 13:19, 13:19] = 4
+    layer.data = data
+
+
+def _labels(state, thresholds=(0.5, 0.5, 0.5)) -> np.ndarray:
+    cut = np.asarray(thresholds, np.float32).reshape(3, 1, 1, 1)
+    return ld.to_display(regions_to_labels(nest_regions(state.probability > cut)))
+
+
+def test_a_region_model_shows_label_maps_with_a_region_selector(make_widget, qtbot, region_checkpoint, tmp_path):
+    viewer, widget = make_widget(shape=(32, 32, 4), truth=True, num_ensemble=3)
+    _brats_truth(viewer)
+    widget.configure(persist=False, model_path=str(region_checkpoint))
+    run_and_wait(qtbot, widget)
+    state = widget.cases[CASE].result
+    assert state.regions == ("wt", "tc", "et") and state.probability.shape == (3, 32, 32, 4)
+
+    proposal = viewer.layers[f"{CASE} diffseg proposal"]
+    assert set(np.unique(proposal.data)) <= BRATS
+    np.testing.assert_array_equal(proposal.data, _labels(state))
+    assert set(proposal.colormap.color_dict) >= {1, 2, 4}
+
+    # The selector: WT first; ET shows ET's variance, and the slider is ET's threshold.
+    assert not widget.review.region.native.isHidden() and not widget.review.legend.native.isHidden()
+    assert "oedema" in widget.review.legend.value
+    uncertainty = viewer.layers[f"{CASE} diffseg uncertainty WT"]
+    np.testing.assert_array_equal(uncertainty.data, ld.to_display(state.variance[0]))
+    widget.review.region.value = "et"
+    assert uncertainty.name == f"{CASE} diffseg uncertainty ET"
+    np.testing.assert_array_equal(uncertainty.data, ld.to_display(state.variance[2]))
+    widget.review.threshold.value = 0.3
+    assert state.threshold_of("et") == pytest.approx(0.3) and state.threshold_of("wt") == pytest.approx(0.5)
+    np.testing.assert_array_equal(proposal.data, _labels(state, (0.5, 0.5, 0.3)))
+    widget.review.region.value = "wt"
+    assert widget.review.threshold.value == pytest.approx(0.5)
+
+    # Figures per region, against the truth's labels.
+    qtbot.waitUntil(lambda: widget.review.metrics is not None, timeout=RUN_TIMEOUT_MS)
+    parts = widget.review.metrics["parts"]
+    assert set(parts) == {"wt", "tc", "et"}
+    assert all(0.0 <= part["dice"] <= 1.0 for part in parts.values())
+    assert "WT Dice" in widget.review.metrics_label.value and "ET Dice" in widget.review.metrics_label.value
+
+    # The members as label maps.
+    members = viewer.layers[f"{CASE} diffseg members"]
+    assert type(members).__name__ == "Labels" and members.data.shape == (3, 4, 32, 32)
+    assert set(np.unique(members.data)) <= BRATS
+
+    # Accept, a hand edit, Accept again: the edit stays; the layer saves and reloads as it is.
+    widget.review.accept()
+    segmentation = viewer.layers[f"{CASE} segmentation"]
+    np.testing.assert_array_equal(segmentation.data, proposal.data)
+    assert set(segmentation.colormap.color_dict) >= {1, 2, 4}
+    where = (1, 2, 2)
+    painted = 1 if segmentation.data[where] == 4 else 4
+    segmentation.paint(where, painted, refresh=True)
+    widget.review.threshold.value = 0.6  # a different proposal to accept over the edit
+    widget.review.accept()
+    assert segmentation.data[where] == painted
+    from napari_diffseg._reader import read_paths
+    from napari_diffseg._writer import write_labels
+
+    (path,) = write_labels(str(tmp_path / "seg.nii.gz"), segmentation.data, segmentation.as_layer_data_tuple()[1])
+    (back,) = read_paths(path)
+    np.testing.assert_array_equal(back[0], segmentation.data)
+    assert back[2] == "labels"
+
+    # Refine says plainly that a region model's result is not refined.
+    before = len(widget.messages)
+    widget.refine()
+    assert any("whole-tumour model" in text and level == "error" for level, text in widget.messages[before:])
+    assert not widget.running
+
+
+def test_the_binary_model_keeps_its_widget_and_a_region_run_replaces_its_result(make_widget, qtbot,
+                                                                                 region_checkpoint):
+    viewer, widget = make_widget(shape=(32, 32, 4), num_ensemble=2)
+    run_and_wait(qtbot, widget)
+    assert widget.review.region.native.isHidden() and widget.review.legend.native.isHidden()
+    proposal = viewer.layers[f"{CASE} diffseg proposal"]
+    assert set(np.unique(proposal.data)) <= {0, 1}
+    assert f"{CASE} diffseg uncertainty" in viewer.layers
+
+    # The same case with a region model: a fresh result with regions, one uncertainty layer.
+    widget.configure(persist=False, model_path=str(region_checkpoint), scope="slice")
+    viewer.dims.set_point(viewer.dims.ndim - 3, 12.0 + 3.0 * 1)
+    run_and_wait(qtbot, widget)
+    state = widget.cases[CASE].result
+    assert state.multi_region and state.slices == [1]
+    assert sum(1 for layer in viewer.layers if (layer.metadata or {}).get(ld.KIND) == "uncertainty") == 1
+    assert not widget.review.region.native.isHidden()
+    np.testing.assert_array_equal(viewer.layers[f"{CASE} diffseg proposal"].data, _labels(state))

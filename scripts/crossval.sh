@@ -15,6 +15,8 @@
 #   baseline   the same U-Net and recipe as a deterministic segmenter (Dice + BCE), one pass
 #   recipe     the bundled model's recipe: x0 prediction, Dice + BCE on the x0 estimate, 70 %
 #              tumour slices, cosine lr, flips, intensity and spatial augmentation
+#   regions, regions_baseline: `recipe` and `baseline` trained on WT, TC and ET (--regions brats);
+#              the table shows their whole tumour beside the other arms and every region apart
 #   zscore, context, strong: `recipe` plus one lever each (the case statement below); the 3D
 #              clean-up needs no training: scripts/crossval_cleanup.py ARM scores it on ARM's maps.
 # Budget: STEPS optimizer steps at batch 16 (default 300), by steps and not by minutes, so that a
@@ -62,7 +64,9 @@ case $ARM in
   zscore) FLAGS+=(--input_norm zscore) ;;   # per-modality z-score over the volume's brain
   context) FLAGS+=(--context 2) ;;          # 2.5D: slices z-2..z+2 of every modality as condition
   strong) FLAGS+=(--augment_strong) ;;      # elastic, brightness/contrast, noise, blur, low resolution
-  *) echo "unknown arm: $ARM (baseline, recipe, zscore, context, strong)" >&2; exit 2 ;;
+  regions) FLAGS+=(--regions brats) ;;      # the tumour's parts: WT, TC, ET as three nested masks
+  regions_baseline) OBJECTIVE=segmentation; FLAGS+=(--regions brats) ;;  # their same-budget U-Net
+  *) echo "unknown arm: $ARM (baseline, recipe, zscore, context, strong, regions, regions_baseline)" >&2; exit 2 ;;
 esac
 
 OUT=$RUNS/$ARM/fold$FOLD

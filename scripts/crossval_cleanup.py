@@ -48,6 +48,9 @@ def main() -> None:
         eval_dir = Path(args.runs) / args.arm / f"fold{fold}" / "eval"
         report = json.loads((eval_dir / "report.json").read_text())
         rows = {r["case"]: r for r in report["cases"]}
+        if any("dice_ensemble_wt" in r for r in rows.values()):
+            raise SystemExit(f"{args.arm}: a region model's arm; the clean-up is decided on whole-tumour arms "
+                             "(diffseg-sample --cleanup removes whole-tumour islands with their core)")
         for files in data.find_cases(Path(args.runs) / args.arm / f"fold{fold}" / "split" / "val"):
             cases.append((fold, files, rows[files.name], eval_dir / "maps" / f"{files.name}.npz"))
 

@@ -5,6 +5,8 @@
 Reads DOCS/<arm>/fold<k>/report.json (diffseg-eval's) and writes DOCS/table.md and
 DOCS/table.json: per arm the mean +- sd over the cases of every held-out fold (each case scored
 once, by the model that never saw it), and per case. An arm with fewer than 4 folds is marked so.
+A region model's arm (its report scores WT, TC and ET) shows its whole tumour in the main table,
+comparable with the whole-tumour arms, and every region in a table of its own.
 """
 
 from __future__ import annotations
@@ -33,6 +35,25 @@ COLUMNS = [
 ]
 
 
+REGIONS = ("wt", "tc", "et")
+# what the per-region table shows of each region
+REGION_COLUMNS = [("dice_ensemble", "3D Dice", 3), ("hd95", "HD95 mm", 1), ("empty_tumour_slices", "empty slices", 0),
+                  ("auroc_variance_error", "AUROC 10 px", 3), ("qubrats_variance", "QU-BraTS var.", 3),
+                  ("qubrats_entropy", "QU-BraTS entropy", 3)]
+
+
+def is_region_row(row: dict) -> bool:
+    return "dice_ensemble_wt" in row
+
+
+def region_view(row: dict, region: str) -> dict:
+    """A region model's case row as a whole-tumour row of one region (its ``<key>_<region>``
+    figures under the plain keys; the keys of no region as they are)."""
+    out = {k: v for k, v in row.items() if not k.endswith(tuple(f"_{r}" for r in REGIONS))}
+    out.update({k[: -len(region) - 1]: v for k, v in row.items() if k.endswith(f"_{region}")})
+    return out
+
+
 def arm_rows(arm_dir: Path) -> tuple[list[dict], list[int]]:
     rows, folds = [], []
     for fold in range(FOLDS):
@@ -43,6 +64,13 @@ def arm_rows(arm_dir: Path) -> tuple[list[dict], list[int]]:
         for case in json.loads(report.read_text())["cases"]:
             rows.append({"fold": fold, **case})
     return rows, folds
+
+
+def region_summaries(rows: list[dict]) -> dict | None:
+    """Per region, the summary of the arm's rows seen as that region's; None for a whole-tumour arm."""
+    if not rows or not is_region_row(rows[0]):
+        return None
+    return {region: summarise([region_view(r, region) for r in rows]) for region in REGIONS}
 
 
 def _stat(values: list) -> tuple[float, float, int]:
@@ -92,7 +120,17 @@ def render(arms: dict[str, dict]) -> str:
         cells = " | ".join(_cell(s, key, digits) for key, _, digits in COLUMNS)
         lowest = f"{s['worst_case']} {s['min_dice']:.3f}" if s["worst_case"] else "-"
         lines.append(f"| {name} | {folds} | {cells} | {lowest} |")
-    lines += ["", "## Per case (3D Dice / HD95 mm)", ""]
+    region_arms = {name: arm for name, arm in arms.items() if arm.get("regions")}
+    if region_arms:
+        lines += ["", "## Per region (region models: WT labels 1, 2, 4; TC 1, 4; ET 4)", "",
+                  "| arm | region | " + " | ".join(title for _, title, _ in REGION_COLUMNS) + " | lowest case |",
+                  "|---" * (len(REGION_COLUMNS) + 3) + "|"]
+        for name, arm in region_arms.items():
+            for region, s in arm["regions"].items():
+                cells = " | ".join(_cell(s, key, digits) for key, _, digits in REGION_COLUMNS)
+                lowest = f"{s['worst_case']} {s['min_dice']:.3f}" if s["worst_case"] else "-"
+                lines.append(f"| {name} | {region.upper()} | {cells} | {lowest} |")
+    lines += ["", "## Per case (3D Dice / HD95 mm; region models: whole tumour)", ""]
     cases = sorted({r["case"] for arm in arms.values() for r in arm["rows"]})
     names = list(arms)
     lines += ["| case | fold | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
@@ -100,6 +138,8 @@ def render(arms: dict[str, dict]) -> str:
         cells, fold = [], "-"
         for name in names:
             row = next((r for r in arms[name]["rows"] if r["case"] == case), None)
+            if row is not None and is_region_row(row):
+                row = region_view(row, "wt")
             if row is None:
                 cells.append("-")
                 continue
@@ -120,11 +160,16 @@ def main() -> None:
     for arm_dir in sorted(p for p in docs.iterdir() if p.is_dir()):
         rows, folds = arm_rows(arm_dir)
         if rows:
-            arms[arm_dir.name] = {"rows": rows, "folds": folds, "summary": summarise(rows)}
+            per_region = region_summaries(rows)
+            whole = [region_view(r, "wt") for r in rows] if per_region else rows
+            arms[arm_dir.name] = {"rows": rows, "folds": folds, "summary": summarise(whole), "regions": per_region}
     table = render(arms)
     data = json.dumps(json_safe(
-        {name: {"folds": a["folds"], "summary": a["summary"],
-                "cases": {r["case"]: {k: r.get(k) for k, _, _ in COLUMNS} for r in a["rows"]}}
+        {name: {"folds": a["folds"], "summary": a["summary"], "regions": a["regions"],
+                "cases": {r["case"]: ({k: r.get(k) for k, _, _ in COLUMNS} if not a["regions"] else
+                                      {region: {k: region_view(r, region).get(k) for k, _, _ in COLUMNS}
+                                       for region in REGIONS})
+                          for r in a["rows"]}}
          for name, a in arms.items()}), indent=2) + "\n"
     atomic_write(docs / "table.md", lambda handle: handle.write(table))
     atomic_write(docs / "table.json", lambda handle: handle.write(data))

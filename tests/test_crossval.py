@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -89,3 +90,32 @@ def test_cleanup_learns_its_size_on_other_folds_and_the_table_shows_both_arms(tm
     assert table["arm"]["folds"] == [0, 1, 2, 3] and table["arm"]["summary"]["cases"] == 8
     assert table["arm+cleanup"]["summary"]["dice_ensemble"]["mean"] > table["arm"]["summary"]["dice_ensemble"]["mean"]
     assert "| arm+cleanup | 0,1,2,3 |" in (tmp_path / "docs" / "table.md").read_text()
+
+
+def test_a_region_arm_shows_its_whole_tumour_beside_the_others_and_each_region_apart(tmp_path, monkeypatch):
+    from napari_diffseg.evaluate import score_regions
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((24, 24, 4), np.uint8)
+    labels[4:20, 4:20] = 2
+    labels[8:16, 8:16] = 1
+    labels[10:14, 10:14] = 4
+    truth = np.stack([np.isin(labels, (1, 2, 4)), np.isin(labels, (1, 4)), labels == 4]).astype(np.float32)
+    for fold in range(4):
+        rows = []
+        for i in range(2):
+            members = np.clip(truth[None] * 0.9 + rng.random((3, *truth.shape), np.float32) * 0.2, 0, 1)
+            if fold == 0 and i == 0:
+                members[:, 2] = 0.0  # one case misses its enhancing tumour
+            rows.append({"case": f"case{fold}{i}", "seconds": 2.0, **score_regions(members, labels)})
+        (tmp_path / "regions" / f"fold{fold}").mkdir(parents=True)
+        (tmp_path / "regions" / f"fold{fold}" / "report.json").write_text(json.dumps({"cases": rows}))
+    monkeypatch.setattr(sys, "argv", ["crossval_table.py", "--docs", str(tmp_path)])
+    crossval_table.main()
+    table = json.loads((tmp_path / "table.json").read_text())["regions"]
+    assert table["summary"]["dice_ensemble"]["mean"] == pytest.approx(table["regions"]["wt"]["dice_ensemble"]["mean"])
+    assert table["regions"]["wt"]["dice_ensemble"]["mean"] > 0.95
+    assert table["regions"]["et"]["worst_case"] == "case00" and table["regions"]["et"]["min_dice"] == 0.0
+    assert set(table["cases"]["case10"]) == {"wt", "tc", "et"}
+    text = (tmp_path / "table.md").read_text()
+    assert "| regions | ET |" in text and "## Per region" in text

@@ -22,6 +22,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import _common as common  # noqa: E402
 import bench_interactive  # noqa: E402
 import bench_reference  # noqa: E402
+import bench_regions  # noqa: E402
 import bench_sampler  # noqa: E402
 import bench_train  # noqa: E402
 
@@ -314,3 +315,11 @@ def test_reference_benchmark_quick(reference_dir, capsys):
     assert [row["seed"] for row in out["rows"]] == [0, 1]
     assert all(0 <= row["dice"] <= 1 and _positive(row["seconds"]) for row in out["rows"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == "2"
+
+
+def test_regions_benchmark_quick(capsys):
+    assert bench_regions.main(["--quick", "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["slice_s"]) == {"whole_tumour", "regions"}
+    assert result["slice_ratio"] > 0 and result["volume_ratio"] > 0
+    assert all(s > 0 for s in result["volume_s"].values())

@@ -85,6 +85,57 @@ def test_labels_outside_brats_are_refused_and_an_empty_map_gives_empty_regions()
         regions_to_labels(np.zeros((2, 4, 4)))
 
 
+def test_whole_tumour_marks_become_known_pixels_per_region():
+    """The rule of a refine with a region model (refine.region_known_pixels): a tumour mark holds
+    WT = 1 and leaves the parts free; a not-tumour mark holds every region at 0; outside a drawn
+    region the label map holds every region, a tumour mark there keeping the map's parts where
+    the map is tumour too."""
+    from napari_diffseg.refine import known_pixels, region_known_pixels
+
+    scribbles = np.zeros((8, 10), np.uint8)
+    scribbles[1, 1:4] = 1  # tumour, inside the region
+    scribbles[2, 6] = 2  # not tumour, inside the region
+    scribbles[6, 1] = 1  # tumour, outside the region, where the map says oedema
+    scribbles[6, 8] = 1  # tumour, outside the region, where the map says nothing
+    scribbles[7, 5] = 2  # not tumour, outside, where the map says enhancing
+    labels = np.zeros((8, 10), np.uint8)
+    labels[5:8, 0:7] = 2
+    labels[6:8, 2:6] = 1
+    labels[7, 4:6] = 4
+    region = np.zeros((8, 10), bool)
+    region[0:4, :] = True
+
+    alone = region_known_pixels(scribbles)  # no region: the scribbles only
+    assert alone.mask.shape == alone.values.shape == (3, 8, 10)
+    tumour, background = scribbles == 1, scribbles == 2
+    np.testing.assert_array_equal(alone.mask[0], tumour | background)
+    np.testing.assert_array_equal(alone.mask[1], background)
+    np.testing.assert_array_equal(alone.mask[2], background)
+    np.testing.assert_array_equal(alone.values[0], tumour.astype(np.float32))
+    assert not alone.values[1:].any()
+    assert alone.count == known_pixels(scribbles).count == int((tumour | background).sum())
+
+    known = region_known_pixels(scribbles, labels, region, "proposal")
+    outside = ~region
+    held = labels_to_regions(labels)
+    for k in range(3):  # outside the region: the map's regions, but where a mark says otherwise
+        rest = outside & ~tumour & ~background
+        assert known.mask[k][rest].all()
+        np.testing.assert_array_equal(known.values[k][rest], held[k][rest])
+    assert known.mask[:, 6, 1].all() and list(known.values[:, 6, 1]) == [1, 0, 0]  # the map's oedema kept
+    assert list(known.mask[:, 6, 8]) == [True, False, False] and known.values[0, 6, 8] == 1  # parts free
+    assert known.mask[:, 7, 5].all() and not known.values[:, 7, 5].any()  # not tumour wins over enhancing
+    assert list(known.mask[:, 1, 2]) == [True, False, False] and known.values[0, 1, 2] == 1  # inside: parts free
+    assert known.mask[:, 2, 6].all() and not known.values[:, 2, 6].any()
+    assert not known.mask[:, region & ~tumour & ~background].any()  # inside: only the marks
+    # What the held values say is nested, so the label map keeps them.
+    where = known.mask.all(axis=0)
+    np.testing.assert_array_equal(nest_regions(known.values)[:, where], known.values[:, where])
+    assert known.summary() == known_pixels(scribbles, labels, region, "proposal").summary()
+    with pytest.raises(DiffSegError, match="BraTS labels"):
+        region_known_pixels(scribbles, np.where(labels == 4, 3, labels), region)
+
+
 def test_cleaning_a_label_map_removes_islands_with_their_core():
     labels = np.zeros((20, 20, 5), np.uint8)
     labels[2:10, 2:10, 1:4] = 2

@@ -1,5 +1,6 @@
 """Refining a proposal with the user's marks, without Qt or napari: the scribble labels, the
-known pixels a refine holds (scribbles, and the accepted segmentation outside a drawn region),
+known pixels a refine holds (scribbles, and the accepted segmentation outside a drawn region;
+per region for a region model: :func:`region_known_pixels`),
 the chain a refine runs on and where it starts, the "next mark" hint of where a mark would help
 most, and the scribbles a simulated user draws.
 
@@ -50,7 +51,8 @@ def refine_chain(segmenter, respacing: str | None = None) -> tuple[str, int, int
 
 @dataclass
 class KnownPixels:
-    """Pixels of one slice whose mask value the user gave (display order, (rows, cols))."""
+    """Pixels of one slice whose mask value the user gave (display order, (rows, cols); a region
+    model's mask and values (R, rows, cols): :func:`region_known_pixels`)."""
 
     mask: np.ndarray  # bool
     values: np.ndarray  # float32, 0 or 1 where mask
@@ -63,7 +65,9 @@ class KnownPixels:
 
     @property
     def count(self) -> int:
-        return int(np.count_nonzero(self.mask))
+        """Pixels known (in any region)."""
+        mask = self.mask if self.mask.ndim == 2 else np.any(self.mask, axis=0)
+        return int(np.count_nonzero(mask))
 
     def summary(self) -> str:
         parts = []
@@ -105,6 +109,52 @@ def known_pixels(scribbles: np.ndarray, segmentation: np.ndarray | None = None,
     marks = np.where(tumour | background, scribbles, 0).astype(np.uint8)
     return KnownPixels(known, values, int(tumour.sum()), int(background.sum()), from_segmentation, source,
                        tuple(int(v) for v in other), marks)
+
+
+def region_known_pixels(scribbles: np.ndarray, segmentation: np.ndarray | None = None,
+                        region: np.ndarray | None = None, source: str = "accepted",
+                        regions: str = "brats") -> KnownPixels:
+    """The known pixels of a refine with a region model: :func:`known_pixels` with a region axis
+    first in ``mask`` and ``values``, (R, rows, cols) in the channel order of ``regions``
+    (WT, TC, ET), each region known or not on its own. The scribbles are whole-tumour marks:
+
+    - tumour (1): WT = 1 only. The mark says nothing about the parts, so TC and ET stay free
+      for the model - except outside a drawn region where the segmentation is tumour too: there
+      the mark agrees with it and the segmentation's parts stay (it holds them fixed).
+    - not tumour (2): WT = TC = ET = 0 (no tumour means no part of it).
+    - outside a drawn region (as :func:`known_pixels`): every region as in ``segmentation``, a
+      BraTS label map (0, 1, 2, 4; :func:`regions.labels_to_regions`, which refuses other labels);
+      no segmentation holds all of them at 0.
+
+    Marks for the parts themselves (core, enhancing) do not exist yet. The counts, marks and
+    summary are those of :func:`known_pixels`.
+    """
+    from .regions import labels_to_regions, region_names
+
+    flat = known_pixels(scribbles, segmentation, region, source)
+    scribbles = np.asarray(scribbles)
+    count = len(region_names(regions))
+    mask = np.zeros((count, *scribbles.shape), bool)
+    values = np.zeros((count, *scribbles.shape), np.float32)
+    if region is not None and np.any(region):
+        outside = ~np.asarray(region, bool)
+        parts = (np.zeros((count, *scribbles.shape), np.uint8) if segmentation is None
+                 else labels_to_regions(segmentation, regions))
+        mask[:, outside] = True
+        values[:, outside] = parts[:, outside]
+    tumour = scribbles == SCRIBBLE_TUMOUR
+    background = scribbles == SCRIBBLE_BACKGROUND
+    # A tumour mark frees the parts unless a held segmentation already calls the pixel tumour.
+    held_tumour = mask[0] & (values[0] > 0)
+    free_parts = tumour & ~held_tumour
+    mask[1:, free_parts] = False
+    values[1:, free_parts] = 0.0
+    mask[0, tumour] = True
+    values[0, tumour] = 1.0
+    mask[:, background] = True
+    values[:, background] = 0.0
+    flat.mask, flat.values = mask, values
+    return flat
 
 
 @dataclass

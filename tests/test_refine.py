@@ -254,3 +254,97 @@ def test_what_unknown_pixels_hold_does_not_reach_the_known_values():
             for values in (zeros_outside, ones_outside)]
     assert np.array_equal(runs[0].samples, runs[1].samples)
     assert np.array_equal(runs[0].samples[:, known], np.broadcast_to(inside[known], (3, known.sum())))
+
+
+# -- a region model (WT, TC, ET): known pixels per region -----------------------------------------
+
+def _region_segmenter(seed: int = 0) -> Segmenter:
+    config = UNetConfig(**{**TINY, "in_channels": 7, "mask_channels": 3})
+    loaded = LoadedModel(model=tiny_model(seed, in_channels=7, mask_channels=3), unet_config=config,
+                         diffusion_config=DiffusionConfig(), geometry=Geometry(crop_border=0, resize_to=32),
+                         sampling={"timestep_respacing": "10", "sampler": "ddpm", "num_ensemble": 3,
+                                   "clip_range": [0.0, 1.0]}, regions="brats")
+    return Segmenter(loaded, device="cpu")
+
+
+def test_a_region_model_refines_with_known_pixels_per_region_exact_in_every_member():
+    """The whole-tumour marks become per-region known pixels (refine.region_known_pixels); each
+    region holds exactly where it is known, in every member and at the input's resolution
+    (45x37, resampled to 32x32 and back), and a refine from the members starts half-way."""
+    from napari_diffseg.refine import region_known_pixels
+    from napari_diffseg.regions import labels_to_regions
+
+    segmenter = _region_segmenter()
+    images = np.random.default_rng(0).random((4, 45, 37)).astype(np.float32)
+    first = run_to_end(segmenter.run(images, SamplingOptions(seed=1)))
+    assert first.samples.shape == (3, 3, 45, 37)
+    scribbles = np.zeros((45, 37), np.uint8)
+    scribbles[5:9, 3:12] = 1  # tumour, inside the drawn region
+    scribbles[30:33, 10:12] = 2  # not tumour, a thin stroke
+    region = np.zeros((45, 37), bool)
+    region[2:36, 2:30] = True
+    accepted = np.zeros((45, 37), np.uint8)  # a label map outside the region: oedema, core, enhancing
+    accepted[38:44, 5:35] = 2
+    accepted[39:43, 8:20] = 1
+    accepted[40:42, 10:14] = 4
+    known = region_known_pixels(scribbles, accepted, region)
+    assert known.mask.shape == known.values.shape == (3, 45, 37)
+    guidance = Guidance(known_mask=known.mask, known_values=known.values, init=first.samples, start_step=4)
+    refined = run_to_end(segmenter.run(images, SamplingOptions(seed=1), guidance))
+    assert refined.steps == 5 and refined.samples.shape == (3, 3, 45, 37)
+    tumour, background, outside = scribbles == 1, scribbles == 2, ~region
+    assert (refined.samples[:, 0][:, tumour] == 1).all()  # WT = 1 at a tumour mark, in every member
+    assert (refined.samples[:, :, background] == 0).all()  # no tumour, no part
+    outside_regions = labels_to_regions(accepted)
+    for k in range(3):
+        assert np.array_equal(refined.samples[:, k][:, outside],
+                              np.broadcast_to(outside_regions[k][outside], (3, outside.sum())))
+    # The label map: the accepted labels kept outside, nothing at the not-tumour marks, tumour
+    # (some label) at the tumour marks.
+    assert np.array_equal(refined.labels[outside], accepted[outside])
+    assert (refined.labels[background] == 0).all() and (refined.labels[tumour] > 0).all()
+    assert np.all(refined.variance[:, background] == 0) and np.all(refined.variance[0][tumour] == 0)
+    # The parts at a tumour mark are free: the members may differ there (they are not held).
+    assert not known.mask[1:, tumour].any()
+    again = run_to_end(segmenter.run(images, SamplingOptions(seed=1), guidance))
+    assert np.array_equal(again.samples, refined.samples)
+
+
+def test_a_region_model_refines_a_volume_slice_from_whole_chains():
+    """Known pixels per region on a volume (3, H, W, Z), no members: whole chains, marks held."""
+    segmenter = _region_segmenter()
+    images = np.random.default_rng(1).random((4, 32, 32, 3)).astype(np.float32)
+    mask = np.zeros((3, 32, 32, 3), bool)
+    values = np.zeros((3, 32, 32, 3), np.float32)
+    mask[0, 4:10, 4:10, 1] = True
+    values[0, 4:10, 4:10, 1] = 1.0
+    mask[:, 20:24, 20:24, 1] = True
+    result = run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=2, seed=0),
+                                      Guidance(known_mask=mask, known_values=values), slices=[1]))
+    assert result.samples.shape == (2, 3, 32, 32, 3)
+    assert (result.samples[:, 0, 4:10, 4:10, 1] == 1).all() and (result.samples[:, :, 20:24, 20:24, 1] == 0).all()
+    assert (result.labels[4:10, 4:10, 1] > 0).all() and (result.labels[20:24, 20:24, 1] == 0).all()
+
+
+def test_a_region_model_asks_for_the_region_axis():
+    segmenter = _region_segmenter()
+    images = np.zeros((4, 20, 20), np.float32)
+    flat = np.zeros((20, 20), bool)
+    flat[3, 3] = True
+    with pytest.raises(DiffSegError, match="region axis first, shape \\(3, 20, 20\\)"):
+        run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=2), Guidance(flat, flat.astype(np.float32))))
+    with pytest.raises(DiffSegError, match="region axis"):
+        run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=2),
+                                 Guidance(np.zeros((2, 20, 20), bool), np.zeros((2, 20, 20)))))
+    with pytest.raises(DiffSegError, match=r"members to refine must have shape \(2, 3, 20, 20\)"):
+        run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=2),
+                                 Guidance(init=np.zeros((2, 20, 20)), start_step=3)))
+    # The network's grid: one channel must not broadcast over three.
+    with pytest.raises(DiffSegError, match="3 mask channel"):
+        next(sample_ensemble(segmenter.model, segmenter.diffusion("10"), _images(), SamplingOptions(2),
+                             Guidance(known_mask=torch.ones(2, 1, 16, 16, dtype=torch.bool),
+                                      known_values=torch.ones(2, 1, 16, 16))))
+    # A whole-tumour model is as before: no region axis.
+    with pytest.raises(DiffSegError, match="image's shape"):
+        run_to_end(_segmenter().run(images, SamplingOptions(num_ensemble=2),
+                                    Guidance(np.zeros((3, 20, 20), bool), np.zeros((3, 20, 20)))))

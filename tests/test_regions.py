@@ -284,14 +284,18 @@ def test_the_regions_are_stored_in_the_model_and_honoured_at_sampling(region_mod
     assert lone.labels.shape == (30, 26) and lone.probability.shape == (3, 30, 26)
 
 
-def test_a_region_model_refuses_known_pixels_and_keeps_its_regions_on_resume(region_model, cases_dir, tmp_path,
-                                                                             capsys):
+def test_a_region_model_takes_known_pixels_per_region_and_keeps_its_regions_on_resume(region_model, cases_dir,
+                                                                                      tmp_path, capsys):
     segmenter = Segmenter.load(region_model / "model.pt", device="cpu")
     images = np.random.default_rng(0).random((4, 16, 16)).astype(np.float32)
     known = np.zeros((16, 16), bool)
     known[3, 3] = True
-    with pytest.raises(DiffSegError, match="whole-tumour model"):
+    with pytest.raises(DiffSegError, match="region axis"):  # one mask for three regions: which?
         run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=2), Guidance(known, known.astype(np.float32))))
+    per_region = np.stack([known, known, np.zeros_like(known)])  # WT and TC held at 1, ET free
+    result = run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=2),
+                                      Guidance(per_region, per_region.astype(np.float32))))
+    assert (result.samples[:, :2, 3, 3] == 1).all() and result.labels[3, 3] in (1, 4)
     code = train.main(["--data_dir", str(cases_dir), "--out_dir", str(tmp_path), "--max_steps", "5",
                        "--resume", str(region_model), *RECIPE, *TINY_FLAGS])
     assert code == 2 and "--regions brats" in capsys.readouterr().err

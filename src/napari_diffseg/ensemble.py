@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .diffusion import Diffusion, SamplerStep
+from .errors import DiffSegError
 from .options import Guidance, SamplingOptions
 from .unet import UNet
 
@@ -57,8 +58,9 @@ def sample_ensemble(
     options: the ensemble size, seed, sampler, eta and precision (a None sampler or precision
     means ddpm or fp32; :meth:`inference.Segmenter.run` fills in the model's own).
     guidance: on the network's grid (:class:`options.Guidance`): known pixels shared by a slice's
-    chains, mark channels (ignored by a model without), and members to start from at an earlier
-    step, so that a refinement costs start_step + 1 steps instead of the whole chain.
+    chains ((S, K, h, w): each region known or not on its own), mark channels (ignored by a model
+    without), and members to start from at an earlier step ((S * N, K, h, w)), so that a
+    refinement costs start_step + 1 steps instead of the whole chain.
 
     chains_per_call: at most this many chains go through the network together (None: all
     S * N). Every chain's noise comes from its slice's generator whatever the split, so only
@@ -76,6 +78,12 @@ def sample_ensemble(
     generators = [slice_generator(options.seed or 0, k, device) for k in keys]
     mask_channels = int(getattr(getattr(model, "config", None), "mask_channels", 1))
     mask_shape = (num_ensemble, mask_channels, *images.shape[-2:])
+    for what, given in (("known pixels", guidance.known_mask), ("known values", guidance.known_values),
+                        ("members to refine", guidance.init)):
+        # One channel would broadcast over a region model's three without a word: say so instead.
+        if given is not None and (given.ndim != 4 or given.shape[1] != mask_channels):
+            raise DiffSegError(f"the {what} must have the model's {mask_channels} mask channel(s) second, "
+                               f"(rows, {mask_channels}, h, w); got shape {tuple(given.shape)}")
 
     def draw() -> torch.Tensor:
         return torch.cat([torch.randn(mask_shape, generator=g, device=device) for g in generators])

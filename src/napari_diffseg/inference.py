@@ -307,8 +307,10 @@ class Segmenter:
 
     @staticmethod
     def _slices(array: np.ndarray, zs: list[int]) -> torch.Tensor:
-        """(H, W, Z) -> (len(zs), 1, H, W) float, the layout the geometry works on."""
-        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(array[..., zs], -1, 0)))[:, None].float()
+        """(H, W, Z) -> (len(zs), 1, H, W) float, the layout the geometry works on; a region
+        model's (K, H, W, Z) -> (len(zs), K, H, W)."""
+        slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(array[..., zs], -1, 0)))
+        return (slices[:, None] if array.ndim == 3 else slices).float()
 
     def run(
         self,
@@ -328,7 +330,8 @@ class Segmenter:
 
         options: how to sample (:class:`options.SamplingOptions`; None settings: the model's).
         guidance: known pixels, marks, members to refine from (:class:`options.Guidance`, arrays
-        of the input's spatial shape; init (N, *spatial)).
+        of the input's spatial shape; init (N, *spatial); a region model's with a region axis,
+        (K, *spatial) and (N, K, *spatial): :func:`refine.region_known_pixels`).
         slices: the slices (last axis) of a volume to sample (default: every brain slice).
         preview_interval: seconds between previews (0 = every step, None = never).
         sink: called as sink(z, {"probability", "variance", "mask"}) for each finished slice
@@ -378,12 +381,10 @@ class Segmenter:
             raise DiffSegError(f"timestep respacing {options.respacing!r} keeps only the step t = 0, which cannot "
                                "turn noise into a mask; use 2 steps or more", setting="timestep_respacing")
         volume = images if images.ndim == 4 else images[..., None]
-        if self.loaded.multi_region and (guidance.known or guidance.init is not None):
-            # Known pixels and members to refine are one mask each; which region would they hold?
-            raise DiffSegError(f"refinement (known pixels or members to refine) needs a whole-tumour model; this "
-                               f"one segments the regions {', '.join(self.loaded.region_names).upper()}")
+        # A region model's known pixels and members carry a region axis (checked there).
         guidance = guidance.for_volume(images.shape[1:], options.num_ensemble, deterministic,
-                                       reads_marks=bool(self.loaded.unet_config.hint_channels))
+                                       reads_marks=bool(self.loaded.unet_config.hint_channels),
+                                       regions=self.loaded.unet_config.mask_channels)
         todo = brain_slices(volume) if slices is None else [int(z) for z in slices]
         context_volume, context_z = self._condition_source(images, volume, source)
         stats = torch.from_numpy(volume_statistics(context_volume, self.loaded.inputs))  # of the whole input, once
@@ -458,11 +459,16 @@ class Segmenter:
             plan.tuner.step(time.perf_counter() - clock, len(zs) * num_ensemble)  # not the consumer's time
             yield progress(step.index + 1, step.total, preview)
             clock = time.perf_counter()
-        if regions > 1:  # exact pixels are refused for these (_plan), so there is nothing more to do
+        if regions > 1:
             members = final.x.reshape(len(zs), num_ensemble, regions, *final.x.shape[-2:]).transpose(0, 1)
             back = self.loaded.geometry.from_network(members.reshape(-1, regions, *members.shape[-2:]).float(),
                                                      height, width)
             back = back.reshape(num_ensemble, len(zs), regions, height, width)
+            if exact is not None:
+                # Each region exact where it is known, on the input's grid (mask (S, K, H, W)); the
+                # label map is nested after the mean (_Results.write), whatever was known.
+                known_in, values_in = exact
+                back = torch.where(known_in.to(back.device)[None], values_in.to(back.device, back.dtype)[None], back)
             mean, var, _ = ensemble_statistics(back)
             return back, mean, var
         members = final.x.reshape(len(zs), num_ensemble, *final.x.shape[-2:]).transpose(0, 1)
@@ -488,7 +494,8 @@ class Segmenter:
 
     def _batch_guidance(self, plan: "_RunPlan", zs: list[int]) -> tuple[Guidance, tuple | None]:
         """The batch's guidance on the network's grid, and its known pixels on the input's grid
-        ((S, 1, H, W) mask and values, None without) to make them exact in the result."""
+        ((S, K, H, W) mask and values, K the mask channels; None without) to make them exact in
+        the result."""
         given, geometry = plan.guidance, self.loaded.geometry
         multiple = self.loaded.unet_config.size_multiple
         known_mask = known_values = init = marks = exact = None
@@ -505,7 +512,8 @@ class Segmenter:
             exact = (known_in, values_in)
         if given.init is not None:
             members_in = torch.from_numpy(np.ascontiguousarray(np.moveaxis(given.init[..., zs], -1, 0)))
-            members_in = members_in.reshape(-1, 1, *plan.shape[:2]).float()  # (S*N, 1, H, W)
+            channels = self.loaded.unet_config.mask_channels
+            members_in = members_in.reshape(-1, channels, *plan.shape[:2]).float()  # (S*N, K, H, W)
             init = geometry.to_network(members_in, multiple).to(self.device)
         if given.marks is not None:
             marks = self._hints(given.marks, zs)

@@ -102,6 +102,10 @@ class Guidance:
 
     On the input's grid the arrays have the image's spatial shape (init: (N, *spatial)); on the
     network's grid they are tensors of one batch of S slices: (S, 1, h, w), init (S * N, 1, h, w).
+    A region model (K mask channels: WT, TC, ET) holds each region known or not on its own: the
+    known pixels carry a region axis first, (K, *spatial), and init (N, K, *spatial); on the
+    network's grid (S, K, h, w) and (S * N, K, h, w). Its label map is nested after sampling
+    (:mod:`regions`), so a known inner region outside a known-empty outer one is dropped there.
     """
 
     known_mask: Any = None
@@ -138,25 +142,39 @@ class Guidance:
         return first
 
     def for_volume(self, spatial: tuple[int, ...], num_ensemble: int, deterministic: bool,
-                   reads_marks: bool) -> "Guidance":
+                   reads_marks: bool, regions: int = 1) -> "Guidance":
         """Checked against an input of ``spatial`` shape, as (H, W, Z) arrays (init (N, H, W, Z)):
-        a 2D input is one slice. Marks are dropped for a model that does not read them."""
+        a 2D input is one slice. Marks are dropped for a model that does not read them.
+        ``regions``: the model's mask channels; more than one puts the region axis first in the
+        known pixels ((K, H, W, Z)) and after the member axis in init ((N, K, H, W, Z))."""
         depth = (1,) if len(spatial) == 2 else ()
         volume = (*spatial, *depth)
+        # A whole-tumour model's arrays have no region axis (as before regions existed).
+        per_region = (int(regions),) if regions > 1 else ()
         known_mask = known_values = init = marks = None
         if self.known:
             if deterministic:
                 raise DiffSegError("refinement with known pixels needs a diffusion model; this one is a one-pass U-Net")
-            if np.shape(self.known_mask) != spatial or np.shape(self.known_values) != spatial:
-                raise DiffSegError(f"the known pixels must have the image's shape {spatial}; got "
-                                   f"{np.shape(self.known_mask)} and {np.shape(self.known_values)}")
-            known_mask = np.asarray(self.known_mask, bool).reshape(volume)
-            known_values = np.asarray(self.known_values, np.float32).reshape(volume)
+            shapes = np.shape(self.known_mask), np.shape(self.known_values)
+            if per_region and spatial in shapes:
+                # One mask for three regions: which would it hold? The caller must say per region.
+                raise DiffSegError(f"this model segments {regions} regions (WT, TC, ET): its known pixels need the "
+                                   f"region axis first, shape {(*per_region, *spatial)}, each region known or not "
+                                   f"on its own (refine.region_known_pixels turns tumour / not-tumour marks into "
+                                   f"them); got {shapes[0]} and {shapes[1]}")
+            if shapes[0] != (*per_region, *spatial) or shapes[1] != (*per_region, *spatial):
+                what = f"the region axis and the image's shape {(*per_region, *spatial)}" if per_region else \
+                    f"the image's shape {spatial}"
+                raise DiffSegError(f"the known pixels must have {what}; got {shapes[0]} and {shapes[1]}")
+            known_mask = np.asarray(self.known_mask, bool).reshape(*per_region, *volume)
+            known_values = np.asarray(self.known_values, np.float32).reshape(*per_region, *volume)
         if self.init is not None:
-            if np.shape(self.init) != (num_ensemble, *spatial):
-                raise DiffSegError(f"the members to refine must have shape {(num_ensemble, *spatial)}; "
+            wanted = (num_ensemble, *per_region, *spatial)
+            if np.shape(self.init) != wanted:
+                region_note = " (members, regions, then the image's axes)" if per_region else ""
+                raise DiffSegError(f"the members to refine must have shape {wanted}{region_note}; "
                                    f"got {np.shape(self.init)}")
-            init = np.asarray(self.init, np.float32).reshape(num_ensemble, *volume)
+            init = np.asarray(self.init, np.float32).reshape(num_ensemble, *per_region, *volume)
         if self.marks is not None:
             if np.shape(self.marks) != spatial:
                 raise DiffSegError(f"the marks must have the image's shape {spatial}; got {np.shape(self.marks)}")

@@ -1,7 +1,7 @@
 """The widget with a region model (WT, TC, ET; issue 26): BraTS label maps for the proposal, the
 members and the segmentation, the region selector over the uncertainty and the threshold, the
-figures per region, Accept with hand edits, save and reload; a whole-tumour model's widget as
-before."""
+figures per region, Accept with hand edits, save and reload, Refine with whole-tumour scribbles
+(the parts have no marks yet); a whole-tumour model's widget as before."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from gui_support import CASE, RUN_TIMEOUT_MS, run_and_wait, save_tiny_region_checkpoint
 
 from napari_diffseg import _layerdata as ld
-from napari_diffseg.regions import nest_regions, regions_to_labels
+from napari_diffseg.refine import SCRIBBLE_BACKGROUND, SCRIBBLE_TUMOUR
+from napari_diffseg.regions import labels_to_regions, nest_regions, regions_to_labels
 
 BRATS = {0, 1, 2, 4}
 
@@ -29,6 +30,16 @@ def _brats_truth(viewer) -> None:
     data[..., 10:22, 10:22] = 1
     data[..., 13:19, 13:19] = 4
     layer.data = data
+
+
+def _refine(qtbot, widget) -> None:
+    widget.refine()
+    qtbot.waitUntil(lambda: not widget.running, timeout=RUN_TIMEOUT_MS)
+
+
+def _rectangle(layer, rows, cols) -> None:
+    corners = np.array([[rows[0], cols[0]], [rows[0], cols[1]], [rows[1], cols[1]], [rows[1], cols[0]]], float)
+    layer.add_rectangles(corners)
 
 
 def _labels(state, thresholds=(0.5, 0.5, 0.5)) -> np.ndarray:
@@ -94,11 +105,64 @@ def test_a_region_model_shows_label_maps_with_a_region_selector(make_widget, qtb
     np.testing.assert_array_equal(back[0], segmentation.data)
     assert back[2] == "labels"
 
-    # Refine says plainly that a region model's result is not refined.
+    # Refine with scribbles: they act on the whole tumour (and it says that the parts have no
+    # marks yet); it starts from the slice's kept members, half-way down the 5-step chain.
+    viewer.dims.set_point(viewer.dims.ndim - 3, 12.0 + 3.0 * 1)  # slice 1
+    widget.refine_tools.scribble()
+    scribbles = viewer.layers[f"{CASE} scribbles"]
+    scribbles.data[1, 4:8, 4:8] = SCRIBBLE_TUMOUR
+    scribbles.data[1, 20:24, 20:24] = SCRIBBLE_BACKGROUND
     before = len(widget.messages)
-    widget.refine()
-    assert any("whole-tumour model" in text and level == "error" for level, text in widget.messages[before:])
-    assert not widget.running
+    _refine(qtbot, widget)
+    said = widget.messages[before:]
+    assert not [text for level, text in said if level == "error"], said
+    assert any(level == "info" and "whole tumour" in text and "not supported yet" in text for level, text in said)
+    assert widget.runner.progress_steps == 3 and "from the kept members" in widget.runner.status.value
+    assert state is widget.cases[CASE].result and state.last_z == 1
+    members = state.members_for(1)
+    assert members.shape == (3, 3, 32, 32)
+    assert (ld.to_display(members[:, 0], 2)[:, 4:8, 4:8] == 1).all()  # WT held at the tumour mark
+    assert (ld.to_display(members, 2)[:, :, 20:24, 20:24] == 0).all()  # no part where there is no tumour
+    assert (proposal.data[1, 20:24, 20:24] == 0).all() and (proposal.data[1, 4:8, 4:8] > 0).all()
+    assert set(np.unique(proposal.data)) <= BRATS
+    np.testing.assert_array_equal(proposal.data, _labels(state, (0.6, 0.5, 0.3)))
+
+
+def test_a_region_refine_holds_the_label_map_outside_a_drawn_region(make_widget, qtbot, region_checkpoint,
+                                                                    tiny_checkpoint):
+    """Outside a drawn region the proposal's label map is held, every region of it, in every
+    member; a refine with a model of other regions than the result's says to run it first."""
+    viewer, widget = make_widget(num_ensemble=2, model_path=str(region_checkpoint))
+    run_and_wait(qtbot, widget)
+    for region in ("wt", "tc", "et"):  # a random network: low thresholds give a label map with parts
+        widget.review.region.value = region
+        widget.review.threshold.value = 0.2
+    proposal = viewer.layers[f"{CASE} diffseg proposal"]
+    before = proposal.data.copy()
+    assert len(set(np.unique(before)) - {0}) >= 2, np.unique(before)
+    widget.refine_tools.draw_region()
+    _rectangle(viewer.layers[f"{CASE} refine region"], (8, 20), (6, 22))
+    region = np.zeros((32, 32), bool)  # the rectangle, one pixel more for its rasterised edge
+    region[7:22, 5:24] = True
+    widget.refine_tools.scribble()
+    scribbles = viewer.layers[f"{CASE} scribbles"]
+    scribbles.data[10:13, 8:11] = SCRIBBLE_TUMOUR
+    before_messages = len(widget.messages)
+    _refine(qtbot, widget)
+    assert not [text for level, text in widget.messages[before_messages:] if level == "error"]
+    assert "proposal pixels outside the region" in widget.runner.status.value
+    np.testing.assert_array_equal(proposal.data[~region], before[~region])
+    state = widget.cases[CASE].result
+    members = ld.to_display(state.members_for(0), 2)  # (N, 3, rows, cols)
+    held = labels_to_regions(before).astype(np.float32)
+    assert np.array_equal(members[:, :, ~region], np.broadcast_to(held[:, ~region], (2, 3, int((~region).sum()))))
+    assert (members[:, 0, 10:13, 8:11] == 1).all() and (proposal.data[10:13, 8:11] > 0).all()
+
+    widget.configure(persist=False, model_path=str(tiny_checkpoint))  # a whole-tumour model now
+    before_messages = len(widget.messages)
+    _refine(qtbot, widget)
+    errors = [text for level, text in widget.messages[before_messages:] if level == "error"]
+    assert len(errors) == 1 and "Run the slice with this model first" in errors[0], errors
 
 
 def test_the_binary_model_keeps_its_widget_and_a_region_run_replaces_its_result(make_widget, qtbot,

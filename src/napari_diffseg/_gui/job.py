@@ -38,7 +38,8 @@ class RunRequest:
     keep_members: bool = False  # show the members as a layer
     keep_samples: bool = True  # keep the members in the result (what a later Refine starts from)
     # A refine (one slice): the known pixels (core order, the slice's (X, Y)) and, when the slice
-    # has members from an earlier run, those members (N, X, Y) to start from half-way.
+    # has members from an earlier run, those members (N, X, Y) to start from half-way; a region
+    # model's with the region axis, (3, X, Y) and (N, 3, X, Y).
     known_mask: np.ndarray | None = None
     known_values: np.ndarray | None = None
     init: np.ndarray | None = None
@@ -116,6 +117,20 @@ class Partial:
         return sorted(self.probability)
 
 
+def check_refine_fits(request: RunRequest, regions: tuple[str, ...], spatial_ndim: int) -> None:
+    """A refine's known pixels are built for the result on screen (a region axis for a region
+    model's); the model chosen now must segment the same regions (DiffSegError otherwise)."""
+    if not request.is_refine:
+        return
+    per_region = np.ndim(request.known_mask) > spatial_ndim
+    if per_region == (len(regions) > 1):
+        return
+    chosen = ", ".join(name.upper() for name in regions) if len(regions) > 1 else "the whole tumour"
+    made = "a region model (WT, TC, ET)" if per_region else "a whole-tumour model (or no run yet)"
+    raise DiffSegError(f"the chosen model segments {chosen}, but this slice's result is of {made}: Run the slice "
+                       "with this model first, then Refine")
+
+
 def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Partial | None = None) -> Generator:
     """Load (or reuse) the model, sample, evaluate: yields inference.Progress, returns RunOutcome.
 
@@ -126,6 +141,7 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
     settings = request.settings
     segmenter = cache.get(settings.model_path or None, settings.flags_path or None, settings.device)
     images = prepare_images(request.inputs, request.z)
+    check_refine_fits(request, segmenter.loaded.region_names, images.ndim - 1)
     source = None
     if request.z is not None and segmenter.loaded.inputs != InputSpec():
         # a model that reads neighbouring slices or volume statistics takes them from the volume

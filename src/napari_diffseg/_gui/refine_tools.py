@@ -6,7 +6,9 @@ Refine resamples the slice with known pixels: the user's scribbles (``<case> scr
 ``<case> refine region``, the accepted segmentation outside that region (the proposal on a slice
 with nothing accepted or painted). It starts from the slice's members of the last run noised to
 half the chain (a full run when there are none) and updates the proposal like a Run; it never
-writes into the segmentation.
+writes into the segmentation. With a region model's result (WT, TC, ET) the scribbles are
+whole-tumour marks and the rest is held per region (``refine.region_known_pixels``); marks for
+the parts do not exist yet, and the user is told so.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from qtpy.QtCore import Qt
 
 from .. import _layerdata as ld
 from ..errors import DiffSegError
-from ..refine import SCRIBBLE_BACKGROUND, SCRIBBLE_NAMES, SCRIBBLE_TUMOUR, known_pixels
+from ..refine import SCRIBBLE_BACKGROUND, SCRIBBLE_NAMES, SCRIBBLE_TUMOUR, known_pixels, region_known_pixels
 from . import tooltips
 from .inputs import Inputs, check_inputs
 from .job import RunRequest
@@ -175,10 +177,8 @@ class RefineTools:
         bad layers), or None (with a warning) when nothing is marked."""
         inputs, z = base.inputs, base.z
         shown = self._cases.get(inputs.case)
-        if shown is not None and shown.result.multi_region:
-            raise DiffSegError("Refine needs a whole-tumour model: this result is of a region model (WT, TC, ET), "
-                               "and refining it with scribbles is not supported yet; correct its labels by hand "
-                               "in the segmentation layer, or choose a whole-tumour checkpoint")
+        # The result on screen tells the model's regions (a region model's: WT, TC, ET).
+        multi_region = shown is not None and shown.result.multi_region
         scribbles = self._checked_mark_layer("scribbles", inputs)
         region_layer = self._checked_mark_layer("region", inputs)
         segmentation = self._layers.find("segmentation", inputs.case)
@@ -193,7 +193,10 @@ class RefineTools:
             marks = np.asarray(scribbles.data if z is None else scribbles.data[z])
         region = self._region_mask(region_layer, inputs, z)
         outside, source = self._outside_region(inputs, segmentation, z) if region is not None else (None, "accepted")
-        known = known_pixels(marks, outside, region, source)
+        if multi_region:  # the scribbles as whole-tumour marks, the rest per region (refine.region_known_pixels)
+            known = region_known_pixels(marks, outside, region, source, regions="brats")
+        else:
+            known = known_pixels(marks, outside, region, source)
         if known.count == 0:
             where = "this slice" if z is None else f"slice {z}"
             name = ld.layer_name(inputs.case, "scribbles", True)
@@ -203,8 +206,12 @@ class RefineTools:
         if known.ignored_labels:
             inputs.warnings.append(f"scribble labels {', '.join(map(str, known.ignored_labels))} mean nothing "
                                    "(1 = tumour, 2 = not tumour): ignored")
-        request = replace(base, known_mask=np.ascontiguousarray(ld.to_core(known.mask)),
-                          known_values=np.ascontiguousarray(ld.to_core(known.values)),
+        if multi_region:
+            self._notify("with a region model the scribbles act on the whole tumour (1 = tumour, 2 = not tumour: "
+                         "no tumour and no part there); marks for the parts (core, enhancing) are not supported "
+                         "yet", "info")
+        request = replace(base, known_mask=np.ascontiguousarray(ld.to_core(known.mask, 2)),
+                          known_values=np.ascontiguousarray(ld.to_core(known.values, 2)),
                           marks=np.ascontiguousarray(ld.to_core(known.marks)), note=known.summary(),
                           keep_samples=True)  # one slice: small, and the next refine starts from them
         case = self._cases.get(inputs.case)

@@ -43,8 +43,8 @@ def brats_legend() -> str:
     def hex_of(rgba):
         return "#%02x%02x%02x" % tuple(int(255 * c) for c in rgba[:3])
 
-    return " &nbsp; ".join(f'<span style="color:{hex_of(BRATS_RGBA[label])}">&#9632;</span> {label} {name}'
-                           for label, name in BRATS_NAMES.items())
+    return "<br>".join(f'<span style="color:{hex_of(BRATS_RGBA[label])}">&#9632;</span> {label} {name}'
+                       for label, name in BRATS_NAMES.items())
 
 
 def fading_colormap(name: str, rgb, alpha: float = 0.9):

@@ -178,12 +178,15 @@ def test_training_flags_are_stored_and_resume_refuses_other_inputs(phantom_dir, 
              "--no_progress", "--device", "cpu", "--norm_groups", "8", "--predict_xstart", "True",
              "--input_norm", "zscore", "--context", "1", "--augment_intensity"]
     out = tmp_path / "run"
-    assert train.main([*flags, "--out_dir", str(out), "--max_steps", "2"]) == 0
+    assert train.main([*flags, "--out_dir", str(out), "--max_steps", "2", "--cleanup_min_voxels", "700"]) == 0
     payload = torch.load(out / "model.pt", weights_only=True)
     assert payload["inputs"] == {"input_norm": "zscore", "context": 1}
+    assert payload["sampling"]["cleanup_min_voxels"] == 700  # what diffseg-sample and the widget then use
     assert payload["unet_config"]["in_channels"] == 13
     loaded = checkpoint.load_model(out / "model.pt")
     assert loaded.inputs == InputSpec("zscore", 1)
+    assert train.main([*flags, "--out_dir", str(tmp_path / "bad"), "--max_steps", "1",
+                       "--cleanup_min_voxels", "-1"]) == 2
     other = [f if f != "zscore" else "percentile" for f in flags]
     assert train.main([*other, "--out_dir", str(out), "--max_steps", "3", "--resume", str(out)]) == 2
 

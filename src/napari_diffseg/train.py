@@ -151,6 +151,8 @@ class Trainer:
                          "clip_range": list(MASK_CLIP_RANGE), "clamp_variance": True}
         if self.segmentation:
             self.sampling["num_ensemble"] = 1
+        if c.cleanup_min_voxels:  # only when given: a model without it stores what it always did
+            self.sampling["cleanup_min_voxels"] = int(c.cleanup_min_voxels)
         self.loss_terms = ("bce", "dice_loss") if self.segmentation else ("mse", "vb")
         if not self.segmentation and c.x0_loss_weight > 0:
             self.loss_terms += ("x0_loss",)

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "inside the brain, per modality")
     extra.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     extra.add_argument("--sample_respacing", default="", help="default sampling steps stored in model.pt (e.g. 50)")
+    extra.add_argument("--cleanup_min_voxels", type=int, default=0, metavar="VOXELS",
+                       help="the 3D clean-up size stored in model.pt (decide it by cross-validation: "
+                       "scripts/crossval_cleanup.py); diffseg-sample and the widget then remove islands of a "
+                       "whole-volume mask below it (0: none stored, no clean-up)")
     extra.add_argument("--no_progress", action="store_true", help="no progress bar")
     extra.add_argument("--norm_groups", type=positive_int, default=32,
                        help="GroupNorm groups (the reference: 32). At num_channels 32 that is one channel per "
@@ -125,6 +129,7 @@ class TrainConfig:
     crop_border: int
     resize_to: int
     sample_respacing: str
+    cleanup_min_voxels: int
     # optimisation
     lr: float
     weight_decay: float
@@ -158,7 +163,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("lr", "threads", "max_steps", "max_minutes", "crop_border", "resize_to", "warmup_steps",
-                     "context"):
+                     "context", "cleanup_min_voxels"):
             value = getattr(self, name)
             if value < 0:
                 raise DiffSegError(f"--{name} {value}: give a number of at least 0")

@@ -602,6 +602,7 @@ def time_volume(volume: str, device: torch.device, num_ensemble: int, quick: boo
            "num_ensemble": result.num_ensemble, "steps": result.steps, "sampler": result.sampler,
            "precision": result.settings["precision"], "chains_per_call": result.settings["chains_per_call"],
            "slices_per_batch": result.settings["slices_per_batch"], "probe": segmenter.probe_report,
+           "batching": result.settings["batching"],  # "tuned": the volume's own pace moved it off the probe's
            "load_s": load_s, "seconds": timer.seconds, "s_per_slice": timer.seconds / max(1, brain)}
     if label is not None:
         out["dice"] = metrics.dice(result.mask, label)

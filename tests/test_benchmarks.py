@@ -100,7 +100,9 @@ def test_sampler_benchmark_quick(tmp_path, capsys):
     assert volume["status"] == "ok" and volume["brain_slices"] == 3 and volume["shape"][-1] == 3
     assert _positive(volume["seconds"]) and 0 <= volume["dice"] <= 1
     assert volume["steps"] == results["configs"]["demo"]["modes"]["c"]["steps"]
-    assert volume["chains_per_call"] == volume["probe"]["chosen"] in (1, 5, 10, 15)
+    assert volume["probe"]["chosen"] in (1, 5, 10, 15) and volume["chains_per_call"] in (1, 5, 10, 15)
+    # the probe's choice, unless the volume's own first steps (a busy CPU) tuned it further
+    assert volume["chains_per_call"] == volume["probe"]["chosen"] or volume["batching"] == "tuned"
     assert volume["slices_per_batch"] == max(1, volume["chains_per_call"] // 5)
     assert "whole volume" in printed and "batching probe" in printed
 

@@ -117,3 +117,16 @@ def phantom_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms")
     synthetic.write_phantoms(root, n=3, seed=5, size=64)
     return root
+
+
+@pytest.fixture()
+def fake_timer(monkeypatch):
+    """The batching probe's network calls timed from a table (fill it: {batch: seconds}) instead
+    of the clock, so that a busy CPU cannot change what the probe decides; the sampling stays real."""
+    from support import table_timer
+
+    from napari_diffseg import batching
+
+    table = {}
+    monkeypatch.setattr(batching, "_call_timer", lambda *args, **kwargs: table_timer(table))
+    return table

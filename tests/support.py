@@ -103,3 +103,16 @@ BAD_KINDS = {
     "nested": ["not a model checkpoint", "state_dict"],
     "ours_without_weights": ["without model weights"],
 }
+
+
+def table_timer(per_call: dict, calls: list | None = None, spikes: dict | None = None):
+    """A batching probe's measure(batch) -> seconds from a table instead of the clock; ``spikes``
+    {batch: [seconds, ...]} are handed out first, as a busy machine would."""
+    spikes = {b: list(v) for b, v in (spikes or {}).items()}
+
+    def measure(batch):
+        if calls is not None:
+            calls.append(batch)
+        return spikes[batch].pop(0) if spikes.get(batch) else per_call[batch]
+
+    return measure

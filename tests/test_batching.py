@@ -17,7 +17,7 @@ from napari_diffseg.batching import batch_candidates
 from napari_diffseg.inference import Segmenter, format_eta, run_to_end
 from napari_diffseg.options import SamplingOptions
 
-from support import final_members, random_images, save_tiny_checkpoint, tiny_model
+from support import final_members, random_images, save_tiny_checkpoint, table_timer, tiny_model
 from napari_diffseg.diffusion import Diffusion, DiffusionConfig
 
 
@@ -91,19 +91,6 @@ def test_auto_batching_probes_once_and_keeps_the_results(segmenter_path, monkeyp
         np.testing.assert_allclose(other.variance, first.variance, rtol=1e-3, atol=1e-5)
 
 
-def _fake(per_call: dict, calls: list | None = None, spikes: dict | None = None):
-    """measure(batch) -> seconds from a table; ``spikes`` {batch: [seconds, ...]} are handed out
-    first, as a busy machine would."""
-    spikes = {b: list(v) for b, v in (spikes or {}).items()}
-
-    def measure(batch):
-        if calls is not None:
-            calls.append(batch)
-        return spikes[batch].pop(0) if spikes.get(batch) else per_call[batch]
-
-    return measure
-
-
 def _probe(measure, sizes=(1, 5, 10)):
     return inference.probe_batching(tiny_model(0), torch.device("cpu"), list(sizes), (16, 16), "fp32",
                                     measure=measure)
@@ -114,24 +101,24 @@ def test_the_larger_batch_wins_unless_a_smaller_is_clearly_cheaper():
                                ({1: 1.0, 5: 2.0, 10: 3.0}, 10),
                                ({1: 1.0, 5: 3.0, 10: 9.0}, 5),  # 10 is 50 % dearer per chain than 5
                                ({1: 1.0, 5: 4.0, 10: 8.5}, 10)):  # 6 % dearer per chain: the larger wins
-        chosen, report = _probe(_fake(per_call))
+        chosen, report = _probe(table_timer(per_call))
         assert chosen == expected and report["settled"], report
         assert report["ms_per_chain"][1] == 1000.0 and report["rounds"] == 2
     # Slow calls (>= 0.2 s) are timed once after a warm-up, then again in a second round (in
     # reverse order); a size twice DEAR x dearer than the best is not timed a third time.
     calls = []
-    chosen, report = _probe(_fake({1: 1.0, 5: 9.0, 10: 30.0}, calls))
+    chosen, report = _probe(table_timer({1: 1.0, 5: 9.0, 10: 30.0}, calls))
     assert chosen == 1 and report["settled"] and report["capped"]
     assert calls == [1, 1, 5, 5, 5, 1]  # 5 cost 1.8x per chain: 10 is never tried
     calls.clear()
-    _probe(_fake({1: 0.01, 5: 0.05, 10: 0.1}, calls))
+    _probe(table_timer({1: 0.01, 5: 0.05, 10: 0.1}, calls))
     assert calls[:4] == [1, 1, 1, 1]  # cheap calls: a warm-up, then the best of three
 
 
 def test_a_spike_under_load_neither_stops_the_probe_nor_decides():
     """Issue 24: one slow timing of 5 chains (another job took the CPU) made the old probe stop
     and store "1 chain per call". Now the spiked size is timed again, and growth resumes."""
-    chosen, report = _probe(_fake({1: 1.0, 5: 2.0, 10: 3.0}, spikes={5: [9.0]}))
+    chosen, report = _probe(table_timer({1: 1.0, 5: 2.0, 10: 3.0}, spikes={5: [9.0]}))
     assert chosen == 10 and report["settled"], report
     assert report["ms_per_chain"] == {1: 1000.0, 5: 400.0, 10: 300.0}
 
@@ -142,14 +129,6 @@ def test_timings_that_keep_disagreeing_are_not_settled():
     load = itertools.count(2, 1)
     chosen, report = _probe(lambda batch: batch * 0.5 * next(load))
     assert not report["settled"] and report["rounds"] == inference_batching.ROUNDS
-
-
-@pytest.fixture()
-def fake_timer(monkeypatch):
-    """The probe's network calls timed from a table instead of the clock (the sampling stays real)."""
-    table = {}
-    monkeypatch.setattr(inference_batching, "_call_timer", lambda *args, **kwargs: _fake(table))
-    return table
 
 
 def test_an_unsettled_probe_serves_the_run_but_is_not_stored(segmenter_path, monkeypatch):

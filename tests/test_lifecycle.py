@@ -30,13 +30,13 @@ def _start_volume(qtbot, widget, steps_before: int = 2):
 
 def _slow_metrics(monkeypatch, seconds: float) -> None:
     """HD95 of a whole BraTS volume takes seconds on a busy CPU: so long the metrics worker runs."""
-    real = review.evaluate
+    real = review.evaluate_result
 
     def slow(*args, **kwargs):
         time.sleep(seconds)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(review, "evaluate", slow)
+    monkeypatch.setattr(review, "evaluate_result", slow)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,8 +93,8 @@ EXIT_SCRIPT = textwrap.dedent("""
     viewer.window.add_dock_widget(widget)
     widget.configure(persist=False, model_path=model, steps="20" if mode == "cancel" else "400",
                      num_ensemble=2, scope="volume", keep_members=False)
-    real = review.evaluate
-    review.evaluate = lambda *a, **k: (time.sleep(3), real(*a, **k))[1]  # HD95 of a big volume
+    real = review.evaluate_result
+    review.evaluate_result = lambda *a, **k: (time.sleep(3), real(*a, **k))[1]  # HD95 of a big volume
     app = QApplication.instance()
 
     def wait_for(done):
@@ -180,7 +180,7 @@ def test_figures_follow_the_threshold_of_the_result_on_screen(make_widget, qtbot
     qtbot.waitUntil(lambda: widget.review.metrics is not None, timeout=RUN_TIMEOUT_MS)
     assert "at threshold 0.30" in widget.review.metrics_label.value
     state = widget.cases[CASE].result
-    expected = review.evaluate(state.mask(0.3), ld.to_core(viewer.layers["ground truth"].data),
+    expected = review.evaluate_result(state.mask(0.3), ld.to_core(viewer.layers["ground truth"].data),
                                 None, state.slices)
     assert widget.review.metrics["dice"] == pytest.approx(expected["dice"])
 
@@ -190,8 +190,10 @@ def test_figures_follow_the_threshold_of_the_result_on_screen(make_widget, qtbot
 # ---------------------------------------------------------------------------------------------
 
 
-def test_the_status_line_shows_the_batching_and_re_time_forgets_it(make_widget, qtbot, monkeypatch):
+def test_the_status_line_shows_the_batching_and_re_time_forgets_it(make_widget, qtbot, monkeypatch, fake_timer):
     monkeypatch.delenv("NAPARI_DIFFSEG_BATCHING")  # auto, as a user has it
+    # timings that agree, so that the choice is stored however busy the CPU is
+    fake_timer.update({n: 0.001 * (4 + n) for n in range(1, 41)})
     viewer, widget = make_widget(shape=(32, 32, 6), steps="4", num_ensemble=2)
     widget.runner.cache = models.ModelCache()  # models loaded by earlier tests keep the fixed batching
     assert "auto" in widget.sampling.batching_label.value

@@ -523,6 +523,7 @@ def test_cleanup_box_removes_islands_of_a_whole_volume_result_at_every_threshold
     run_and_wait(qtbot, widget2)
     state2 = widget2.cases[CASE].result
     assert not state2.cleans_up and not widget2.review.cleanup.enabled
+    assert "whole-volume results only" in widget2.review.cleanup.text
     np.testing.assert_array_equal(viewer2.layers[f"{CASE} diffseg proposal"].data,
                                   ld.to_display((state2.probability > 0.5).astype(np.uint8)))
     # A whole-volume run of a model that stores no size: the box is off and says so.

@@ -171,11 +171,13 @@ class ReviewPanel:
         """The clean-up box: what it would do to the result on screen, enabled where it acts."""
         state = None if case is None else case.result
         size = 0 if state is None else state.stored_cleanup
+        acts = state is not None and size > 0 and state.is_volume and state.whole_volume
         if size <= 0:
             self.cleanup.text = "3D clean-up (the model stores no size)"
         else:
-            self.cleanup.text = f"3D clean-up: islands < {size:,} voxels removed"
-        self.cleanup.enabled = state is not None and size > 0 and state.is_volume and state.whole_volume
+            self.cleanup.text = f"3D clean-up: islands < {size:,} voxels removed" + (
+                "" if acts else " (whole-volume results only)")
+        self.cleanup.enabled = acts
 
     def _show_region(self, case: CaseResult | None) -> None:
         """The region selector and the legend: shown for a region model's result only, at the

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -80,8 +81,6 @@ def main(argv=None) -> int:
     parser.add_argument("--no_volume", action="store_true", help="skip the whole-volume runs")
     parser.add_argument("--quick", action="store_true", help="tiny models on a random volume: checks the script")
     args = parser.parse_args(argv)
-
-    import os
 
     os.environ.setdefault("NAPARI_DIFFSEG_BATCHING", "20")  # fixed: a probe would time one model only
     from napari_diffseg import data

@@ -15,7 +15,6 @@ from .. import _layerdata as ld
 from ..data import normalise_intensity
 from ..errors import DiffSegError
 from ..options import Guidance, SamplingOptions
-from ..postprocess import remove_small_components
 from ..preprocess import InputSpec
 from ..refine import refine_chain
 from ..regions import clean_labels, region_names
@@ -192,9 +191,8 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
             truth = truth[..., request.z]
             metrics = evaluate_result(mask, truth, request.inputs.spacing[:2], regions=regions)
         else:
-            if cleaned:
-                mask = remove_small_components(mask, cleanup_voxels) if len(regions) == 1 else clean_labels(
-                    mask, cleanup_voxels)
+            if cleaned:  # a 0/1 mask is a label map of one label
+                mask = clean_labels(mask, cleanup_voxels)
             metrics = evaluate_result(mask, truth, request.inputs.spacing, done if truth.ndim == 3 else None,
                                       regions=regions)
     return RunOutcome(segmentation, request.z, done, metrics, time.monotonic() - start, str(segmenter.device),

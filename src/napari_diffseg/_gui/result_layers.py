@@ -90,21 +90,19 @@ def result_layer_tuples(state: ResultState, reference, keep_members: bool = True
                 "colormap": brats_colormap() if state.multi_region else label_colormap(PROPOSAL_RGBA)}, "labels"),
     ]
     spatial_ndim = len(state.spatial_shape)
-    if state.members is not None and keep_members and state.multi_region:
-        members = np.ascontiguousarray(ld.to_display(state.member_labels(), spatial_ndim))
+    if state.members is not None and keep_members:
+        if state.multi_region:  # each member's label map
+            data, layer_type = state.member_labels(), "labels"
+            style = {"colormap": brats_colormap(), "opacity": 0.6}
+        else:
+            data, layer_type = state.members, "image"
+            style = {"colormap": fading_colormap("diffseg members", PROPOSAL_RGBA[:3]), "blending": "translucent",
+                     "contrast_limits": (0.0, 1.0)}
         axes = ("member", "z", "y", "x")[-(spatial_ndim + 1):] if spatial_ndim == 3 else ("member", "y", "x")
-        tuples.append((members, {"name": ld.result_name(case, "members"),
-                                 **placement("members", case, reference, leading=1, z=state.members_z),
-                                 "colormap": brats_colormap(), "opacity": 0.6, "visible": False,
-                                 "axis_labels": axes}, "labels"))
-    elif state.members is not None and keep_members:
-        members = np.ascontiguousarray(ld.to_display(state.members, spatial_ndim))
-        axes = ("member", "z", "y", "x")[-(spatial_ndim + 1):] if spatial_ndim == 3 else ("member", "y", "x")
-        tuples.append((members, {"name": ld.result_name(case, "members"),
-                                 **placement("members", case, reference, leading=1, z=state.members_z),
-                                 "colormap": fading_colormap("diffseg members", PROPOSAL_RGBA[:3]),
-                                 "blending": "translucent", "contrast_limits": (0.0, 1.0), "visible": False,
-                                 "axis_labels": axes}, "image"))
+        tuples.append((np.ascontiguousarray(ld.to_display(data, spatial_ndim)),
+                       {"name": ld.result_name(case, "members"),
+                        **placement("members", case, reference, leading=1, z=state.members_z),
+                        **style, "visible": False, "axis_labels": axes}, layer_type))
     return tuples
 
 

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import _layerdata as ld
-from ..postprocess import remove_small_components
 from ..refine import Hint, next_mark
 from ..regions import clean_labels, nest_regions, regions_to_labels
 
@@ -43,7 +42,7 @@ class ResultState:
     # Refine starts from, and the "next mark" hint of its variance.
     slice_members: dict[int, np.ndarray] = field(default_factory=dict)
     hints: dict[int, "Hint"] = field(default_factory=dict)
-    # 3D clean-up (postprocess.remove_small_components) of the proposal: the size in voxels, 0 = off.
+    # 3D clean-up (regions.clean_labels) of the proposal: the size in voxels, 0 = off.
     # It acts only on a whole-volume result, as cross-validated; a lone slice's islands are kept.
     cleanup_voxels: int = 0
     stored_cleanup: int = 0  # the size the model stores (what the widget's box turns on)
@@ -99,13 +98,11 @@ class ResultState:
         """The proposal: 0/1, or a region model's BraTS labels 0/1/2/4 (``threshold``: whole
         tumour only)."""
         if self.multi_region:
-            labels = regions_to_labels(self.region_masks())
-            return clean_labels(labels, self.cleanup_voxels) if self.cleans_up else labels
-        t = self.threshold if threshold is None else threshold
-        mask = self.probability > t
-        if self.cleans_up:
-            mask = remove_small_components(mask, self.cleanup_voxels)
-        return mask.astype(np.uint8)
+            mask = regions_to_labels(self.region_masks())
+        else:
+            mask = (self.probability > (self.threshold if threshold is None else threshold)).astype(np.uint8)
+        # clean_labels takes a 0/1 mask as a label map of one label
+        return clean_labels(mask, self.cleanup_voxels) if self.cleans_up else mask
 
     def merge(self, outcome: RunOutcome) -> None:
         """Put a run's result in: the whole case, or one slice of a volume (others are kept)."""

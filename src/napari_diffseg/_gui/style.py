@@ -17,7 +17,14 @@ OTHER_LABEL_RGBA = (1.0, 0.3, 1.0, 1.0)  # labels other than 1 painted into the 
 # Scribbles: red "tumour" and blue "not tumour", unlike every other colour on the canvas (the
 # inferno heatmap has no blue; the BraTS truth is an outline); other labels grey (ignored).
 SCRIBBLE_RGBA = {SCRIBBLE_TUMOUR: (1.0, 0.12, 0.12, 1.0), SCRIBBLE_BACKGROUND: (0.2, 0.5, 1.0, 1.0)}
-SCRIBBLE_HEX = {label: "#%02x%02x%02x" % tuple(int(255 * c) for c in rgba[:3]) for label, rgba in SCRIBBLE_RGBA.items()}
+
+
+def hex_colour(rgba) -> str:
+    """The "#rrggbb" of an (r, g, b[, a]) colour in 0..1, for rich text."""
+    return "#%02x%02x%02x" % tuple(int(255 * c) for c in rgba[:3])
+
+
+SCRIBBLE_HEX = {label: hex_colour(rgba) for label, rgba in SCRIBBLE_RGBA.items()}
 REGION_RGBA = (1.0, 0.45, 1.0, 1.0)  # magenta outline, faint fill
 HINT_RGBA = (1.0, 1.0, 1.0, 1.0)  # white: stands out on the heatmap and the yellow proposal
 BRATS_RGBA = {1: (1.0, 0.15, 0.15, 1.0), 2: (0.15, 0.85, 0.25, 1.0), 4: (1.0, 0.9, 0.0, 1.0)}
@@ -40,10 +47,7 @@ def brats_colormap():
 
 def brats_legend() -> str:
     """The BraTS labels and their colours, as rich text for a label in the widget."""
-    def hex_of(rgba):
-        return "#%02x%02x%02x" % tuple(int(255 * c) for c in rgba[:3])
-
-    return "<br>".join(f'<span style="color:{hex_of(BRATS_RGBA[label])}">&#9632;</span> {label} {name}'
+    return "<br>".join(f'<span style="color:{hex_colour(BRATS_RGBA[label])}">&#9632;</span> {label} {name}'
                        for label, name in BRATS_NAMES.items())
 
 

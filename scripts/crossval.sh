@@ -17,7 +17,8 @@
 #              tumour slices, cosine lr, flips, intensity and spatial augmentation
 #   regions, regions_baseline: `recipe` and `baseline` trained on WT, TC and ET (--regions brats);
 #              the table shows their whole tumour beside the other arms and every region apart
-#   zscore, context, strong: `recipe` plus one lever each (the case statement below); the 3D
+#   zscore, context, strong: `recipe` plus one lever each (the case statement below);
+#   zscore_context, zscore_strong: the next lever on top of the kept zscore; the 3D
 #              clean-up needs no training: scripts/crossval_cleanup.py ARM scores it on ARM's maps.
 # Budget: STEPS optimizer steps at batch 16 (default 300), by steps and not by minutes, so that a
 # busy CPU costs time but never changes a result.
@@ -64,9 +65,12 @@ case $ARM in
   zscore) FLAGS+=(--input_norm zscore) ;;   # per-modality z-score over the volume's brain
   context) FLAGS+=(--context 2) ;;          # 2.5D: slices z-2..z+2 of every modality as condition
   strong) FLAGS+=(--augment_strong) ;;      # elastic, brightness/contrast, noise, blur, low resolution
+  # Levers are added one at a time on top of the kept ones (zscore was kept: see the findings)
+  zscore_context) FLAGS+=(--input_norm zscore --context 2) ;;
+  zscore_strong) FLAGS+=(--input_norm zscore --augment_strong) ;;
   regions) FLAGS+=(--regions brats) ;;      # the tumour's parts: WT, TC, ET as three nested masks
   regions_baseline) OBJECTIVE=segmentation; FLAGS+=(--regions brats) ;;  # their same-budget U-Net
-  *) echo "unknown arm: $ARM (baseline, recipe, zscore, context, strong, regions, regions_baseline)" >&2; exit 2 ;;
+  *) echo "unknown arm: $ARM (baseline, recipe, zscore, context, strong, zscore_context, zscore_strong, regions, regions_baseline)" >&2; exit 2 ;;
 esac
 
 OUT=$RUNS/$ARM/fold$FOLD

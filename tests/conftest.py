@@ -73,6 +73,18 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread_in_viewer_tests(request):
+    """Every test with a viewer runs torch on one thread. Its workers run in Qt's pool threads,
+    which outlive the test, and torch fixes a thread's count when that thread first computes:
+    a pool thread first used at the default count would later compute with it in a test that
+    asked for one thread (other kernel blocking, results off in the last bits; the behaviour
+    record saw 1.8e-5 after a region widget test)."""
+    if "make_napari_viewer" in request.fixturenames:
+        request.getfixturevalue("one_torch_thread")
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     from gui_support import save_tiny_checkpoint

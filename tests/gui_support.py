@@ -34,7 +34,7 @@ def save_tiny_checkpoint(path, resize_to=None):
     return path
 
 
-def save_tiny_region_checkpoint(path):
+def save_tiny_region_checkpoint(path, resize_to=None):
     """A tiny untrained region model (WT, TC, ET: three mask channels), as diffseg-train --regions
     brats stores one."""
     torch.manual_seed(0)
@@ -43,8 +43,8 @@ def save_tiny_region_checkpoint(path):
     model = UNet(config)
     torch.nn.init.normal_(model.out[2].weight, std=0.05)
     sampling = {"timestep_respacing": "5", "sampler": "ddpm", "num_ensemble": 5}
-    atomic_save(make_payload(config, DiffusionConfig(), Geometry(crop_border=0), {"model": model.state_dict()},
-                             sampling=sampling, regions="brats"), path)
+    atomic_save(make_payload(config, DiffusionConfig(), Geometry(crop_border=0, resize_to=resize_to),
+                             {"model": model.state_dict()}, sampling=sampling, regions="brats"), path)
     return path
 
 

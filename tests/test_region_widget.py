@@ -183,3 +183,50 @@ def test_the_binary_model_keeps_its_widget_and_a_region_run_replaces_its_result(
     assert sum(1 for layer in viewer.layers if (layer.metadata or {}).get(ld.KIND) == "uncertainty") == 1
     assert not widget.review.region.native.isHidden()
     np.testing.assert_array_equal(viewer.layers[f"{CASE} diffseg proposal"].data, _labels(state))
+
+
+def test_the_demo_with_a_region_model_shows_a_region_and_writes_a_label_map(tmp_path):
+    """``python -m napari_diffseg.demo --model REGION_MODEL --region et``: the ET uncertainty on show
+    in the screenshot, and the files diffseg-sample writes for a region model (a label map, and a
+    probability and uncertainty map per region) on the source grid. In a subprocess: napari
+    registers the plugin once per process, and tests/test_widget.py runs the other demo."""
+    import os
+    import subprocess
+    import sys
+
+    import nibabel as nib
+
+    from napari_diffseg._sample_data import BRATS_CASE, BRATS_SLICE, SAMPLE_DIR
+
+    model = save_tiny_region_checkpoint(tmp_path / "regions32.pt", resize_to=32)
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "napari_diffseg.demo", "--headless", "--model", str(model),
+                           "--region", "et", "--steps", "4", "--ensemble", "2", "--out", str(out)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "screenshot.png").is_file()
+    source = nib.load(SAMPLE_DIR / f"{BRATS_SLICE}_t1.nii.gz")
+    stem = out / f"{BRATS_CASE}_diffseg_"
+    labels = nib.load(f"{stem}labels.nii.gz")
+    assert labels.shape == source.shape and np.array_equal(labels.affine, source.affine)
+    assert set(np.unique(np.asarray(labels.dataobj))) <= BRATS
+    for region in ("wt", "tc", "et"):
+        for what in ("probability", "uncertainty"):
+            image = nib.load(f"{stem}{what}_{region}.nii.gz")
+            assert image.shape == source.shape, (what, region)
+    assert not (out / f"{BRATS_CASE}_diffseg_mask.nii.gz").exists()
+    assert f"screenshot shows {BRATS_CASE} diffseg uncertainty ET" in proc.stdout
+
+
+def test_the_demo_refuses_a_region_for_a_whole_tumour_model(tmp_path, capsys):
+    """--region with a whole-tumour model: a plain error naming the model and the fix, before any
+    viewer opens."""
+    from gui_support import save_tiny_checkpoint
+
+    from napari_diffseg import demo
+
+    model = save_tiny_checkpoint(tmp_path / "tiny32.pt", resize_to=32)
+    assert demo.main(["--headless", "--model", str(model), "--region", "et", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--region et" in err and str(model) in err and "--regions brats" in err
+    assert not (tmp_path / "o").exists()

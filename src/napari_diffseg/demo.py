@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampler", choices=["", "ddpm", "ddim"], default="")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--region", choices=["wt", "tc", "et"], default=None,
+                        help="a region model's region whose uncertainty is shown (default: WT)")
     parser.add_argument("--refine", action="store_true",
                         help="after the run, scribble where the proposal is most wrong (from the ground truth) "
                              "and refine; headless: save refine.png mid-refine")
@@ -104,8 +106,15 @@ def _save_results(widget, out: Path) -> list[Path]:
         return []
     stem = (state.case or "case").replace(" ", "_")
     written = []
-    for what, array, dtype in (("mask", state.mask(), "uint8"), ("probability", state.probability, "float32"),
-                               ("uncertainty", state.variance, "float32")):
+    if state.multi_region:  # as diffseg-sample writes a region model's result: a label map, maps per region
+        files = [("labels", state.mask(), "uint8")]
+        for i, region in enumerate(state.regions):
+            files += [(f"probability_{region}", state.probability[i], "float32"),
+                      (f"uncertainty_{region}", state.variance[i], "float32")]
+    else:
+        files = [("mask", state.mask(), "uint8"), ("probability", state.probability, "float32"),
+                 ("uncertainty", state.variance, "float32")]
+    for what, array, dtype in files:
         path = out / f"{stem}_diffseg_{what}.nii.gz"
         save_nifti(path, array, affine, header=header, dtype=dtype)
         written.append(path)
@@ -114,7 +123,10 @@ def _save_results(widget, out: Path) -> list[Path]:
 
 def show_overlay(viewer, widget) -> None:
     """The view a reader of MR knows: FLAIR, the proposal as an outline, the uncertainty heatmap
-    (with its colour scale) and the ground truth as a thin outline; the other layers hidden."""
+    (with its colour scale) and the ground truth as a thin outline (white beside a region model's
+    BraTS-coloured proposal); the other layers hidden."""
+    from napari.utils.colormaps import DirectLabelColormap
+
     from . import _layerdata as ld
 
     case = widget.cases.current_name
@@ -127,6 +139,8 @@ def show_overlay(viewer, widget) -> None:
             layer.opacity = 1.0
         if kind == "seg":
             layer.contour = 1
+            if widget.cases.current.result.multi_region:  # the proposal's BraTS colours alone: the expert's in white
+                layer.colormap = DirectLabelColormap(color_dict={None: (1.0, 1.0, 1.0, 1.0), 0: (0, 0, 0, 0)})
     viewer.reset_view()
     # The groups scroll in a side dock: bring the Review group's Dice into view.
     widget._scroll.ensureWidgetVisible(widget.review.metrics_label.native)
@@ -213,10 +227,14 @@ def _run(args) -> int:
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
-    from .checkpoint import DEMO_MODEL
+    from . import _layerdata as ld
+    from .checkpoint import DEMO_MODEL, read_checkpoint
 
     if not args.model and not DEMO_MODEL.is_file():
         raise DiffSegError("the bundled demo model is not installed; give a checkpoint with --model PATH")
+    if args.region is not None and read_checkpoint(args.model or DEMO_MODEL).get("regions", "wt") == "wt":
+        raise DiffSegError(f"--region {args.region}: {args.model or 'the bundled model'} segments the whole tumour "
+                           "only; leave --region out or give a region model (diffseg-train --regions brats)")
     out = Path(args.out)
     viewer = napari.Viewer(title="napari-diffseg demo", show=True)
     if args.headless:
@@ -251,6 +269,8 @@ def _run(args) -> int:
     errors = [text for severity, text in widget.messages if severity == "error"]
     if errors or widget.cases.current is None:
         raise DiffSegError(errors[-1] if errors else "the segmentation did not finish")
+    if args.region is not None:
+        widget.review.region.value = args.region
     out.mkdir(parents=True, exist_ok=True)
     written = _save_results(widget, out)
     show_overlay(viewer, widget)
@@ -260,6 +280,9 @@ def _run(args) -> int:
     screenshot = out / "screenshot.png"
     viewer.screenshot(str(screenshot), canvas_only=False)
     written.append(screenshot)
+    uncertainty = [layer.name for layer in viewer.layers
+                   if layer.visible and (layer.metadata or {}).get(ld.KIND) == "uncertainty"]
+    print("screenshot shows " + (", ".join(uncertainty) or "no uncertainty layer"))
     print(f"{widget.runner.status.value} ({time.monotonic() - started:.1f} s including the model load)")
     if widget.review.metrics_label.value:
         print(widget.review.metrics_label.value)

@@ -18,7 +18,8 @@
 #   regions, regions_baseline: `recipe` and `baseline` trained on WT, TC and ET (--regions brats);
 #              the table shows their whole tumour beside the other arms and every region apart
 #   zscore, context, strong: `recipe` plus one lever each (the case statement below);
-#   zscore_context, zscore_strong: the next lever on top of the kept zscore; the 3D
+#   zscore_context, zscore_strong: the next lever on top of the kept zscore;
+#   zscore_flips: test-time flips (diffseg-eval --flip_members) on zscore's fold models; the 3D
 #              clean-up needs no training: scripts/crossval_cleanup.py ARM scores it on ARM's maps.
 # Budget: STEPS optimizer steps at batch 16 (default 300), by steps and not by minutes, so that a
 # busy CPU costs time but never changes a result.
@@ -59,6 +60,8 @@ done
 
 OBJECTIVE=diffusion
 FLAGS=(--augment_intensity --augment_spatial)
+TRAINED_AS=$ARM   # a sampling lever scores another arm's fold models: no training of its own
+EVAL_FLAGS=()
 case $ARM in
   baseline) OBJECTIVE=segmentation ;;
   recipe) ;;
@@ -68,27 +71,33 @@ case $ARM in
   # Levers are added one at a time on top of the kept ones (zscore was kept: see the findings)
   zscore_context) FLAGS+=(--input_norm zscore --context 2) ;;
   zscore_strong) FLAGS+=(--input_norm zscore --augment_strong) ;;
+  zscore_flips) TRAINED_AS=zscore; EVAL_FLAGS=(--flip_members) ;;  # test-time flips on zscore's models
   regions) FLAGS+=(--regions brats) ;;      # the tumour's parts: WT, TC, ET as three nested masks
   regions_baseline) OBJECTIVE=segmentation; FLAGS+=(--regions brats) ;;  # their same-budget U-Net
-  *) echo "unknown arm: $ARM (baseline, recipe, zscore, context, strong, zscore_context, zscore_strong, regions, regions_baseline)" >&2; exit 2 ;;
+  *) echo "unknown arm: $ARM (baseline, recipe, zscore, context, strong, zscore_context, zscore_strong, zscore_flips, regions, regions_baseline)" >&2; exit 2 ;;
 esac
 
 OUT=$RUNS/$ARM/fold$FOLD
 DEST=$DOCS/$ARM/fold$FOLD
+MODEL=$RUNS/$TRAINED_AS/fold$FOLD
 mkdir -p "$OUT" "$DEST"
-if [ ! -f "$OUT/trained" ]; then
+if [ "$TRAINED_AS" != "$ARM" ]; then
+  [ -f "$MODEL/trained" ] || { echo "$ARM scores $TRAINED_AS's fold models: run crossval.sh $TRAINED_AS $FOLD first" >&2; exit 2; }
+elif [ ! -f "$OUT/trained" ]; then
   VAL_CASES="${VAL[*]}" OUT=$OUT MINUTES=0 MARK_MINUTES=0 THREADS=$THREADS OBJECTIVE=$OBJECTIVE PY=$PY \
     bash scripts/train_demo.sh --max_steps "$STEPS" --no_progress "${FLAGS[@]}" "$@" 2>&1 | tee -a "$OUT/train.log"
   touch "$OUT/trained"
 fi
-cp "$OUT/progress.csv" "$DEST/training_progress.csv"
-grep -v '^\s*$' "$OUT/train.log" | tail -n 20 > "$DEST/train_log_tail.txt"
+if [ "$TRAINED_AS" = "$ARM" ]; then
+  cp "$OUT/progress.csv" "$DEST/training_progress.csv"
+  grep -v '^\s*$' "$OUT/train.log" | tail -n 20 > "$DEST/train_log_tail.txt"
+fi
 if [ ! -f "$OUT/eval/report.json" ]; then
   # diffseg-eval refuses nothing here: a half-written eval folder from an interrupted run is redone.
   rm -rf "$OUT/eval"
-  "$PY" -m napari_diffseg.evaluate --model_path "$OUT/model.pt" --data_dir "$OUT/split/val" --out_dir "$OUT/eval" \
+  "$PY" -m napari_diffseg.evaluate --model_path "$MODEL/model.pt" --data_dir "$MODEL/split/val" --out_dir "$OUT/eval" \
     --slices brain --precision bf16 --num_ensemble 5 --ensemble_sizes 1,5 --timestep_respacing 2 --seed 0 \
-    --batching "$BATCHING" --save_maps 2>&1 | tee "$OUT/eval.log"
+    --batching "$BATCHING" --save_maps "${EVAL_FLAGS[@]}" 2>&1 | tee "$OUT/eval.log"
 fi
 cp "$OUT/eval/report.json" "$OUT/eval/report.md" "$DEST/"
 echo "$ARM fold $FOLD: done (${VAL[*]})"

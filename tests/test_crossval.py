@@ -45,6 +45,37 @@ def test_the_folds_are_four_of_four_and_mix_sites(tmp_path):
     assert folds[1] == ["Brats18_2013_20_1", "Brats18_CBICA_ALU_1", "Brats18_TCIA01_425_1", "Brats18_TCIA03_265_1"]
 
 
+def test_a_sampling_arm_scores_another_arms_fold_models_with_its_flags(tmp_path):
+    """zscore_flips trains nothing: it scores zscore's fold model on that fold's held-out cases
+    with --flip_members, and says which fold to run first where that model is missing."""
+    brats = tmp_path / "brats"
+    for i in range(16):
+        (brats / f"Brats18_case_{i:02d}").mkdir(parents=True)
+    runs, docs = tmp_path / "runs", tmp_path / "docs"
+    trained = runs / "zscore" / "fold0"
+    (trained / "split" / "val").mkdir(parents=True)
+    (trained / "trained").touch()
+    (trained / "model.pt").touch()
+    fake = tmp_path / "fake_python"  # stands for diffseg-eval: records its arguments, writes a report
+    fake.write_text("#!/usr/bin/env bash\n" f"echo \"$@\" > {tmp_path / 'args'}\n"
+                    'while [ $# -gt 0 ]; do [ "$1" = --out_dir ] && out=$2; shift; done\n'
+                    'mkdir -p "$out"; echo "{}" > "$out/report.json"; echo report > "$out/report.md"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "BRATS_DIR": str(brats), "RUNS": str(runs), "DOCS": str(docs), "PY": str(fake)}
+    script = str(ROOT / "scripts" / "crossval.sh")
+    done = subprocess.run(["bash", script, "zscore_flips", "0"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    args = (tmp_path / "args").read_text().split()
+    assert "--flip_members" in args
+    assert args[args.index("--model_path") + 1] == str(trained / "model.pt")
+    assert args[args.index("--data_dir") + 1] == str(trained / "split" / "val")
+    assert args[args.index("--out_dir") + 1] == str(runs / "zscore_flips" / "fold0" / "eval")
+    assert (docs / "zscore_flips" / "fold0" / "report.json").is_file()
+    assert not (runs / "zscore_flips" / "fold0" / "model.pt").exists()  # nothing trained
+    missing = subprocess.run(["bash", script, "zscore_flips", "1"], env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "run crossval.sh zscore 1 first" in missing.stderr
+
+
 def test_best_size_takes_the_highest_mean_and_the_smaller_on_a_tie():
     assert crossval_cleanup.best_size({0: [0.8, 0.9], 100: [0.85, 0.9], 500: [0.85, 0.9]}) == 100
     assert crossval_cleanup.best_size({0: [0.9], 100: [0.8]}) == 0

@@ -182,6 +182,7 @@ def test_training_flags_are_stored_and_resume_refuses_other_inputs(phantom_dir, 
     payload = torch.load(out / "model.pt", weights_only=True)
     assert payload["inputs"] == {"input_norm": "zscore", "context": 1}
     assert payload["sampling"]["cleanup_min_voxels"] == 700  # what diffseg-sample and the widget then use
+    assert "flip_members" not in payload["sampling"]  # stored only when asked for (below)
     assert payload["unet_config"]["in_channels"] == 13
     loaded = checkpoint.load_model(out / "model.pt")
     assert loaded.inputs == InputSpec("zscore", 1)
@@ -336,3 +337,101 @@ def test_sample_cleanup_flag_removes_islands_and_defaults_to_the_models_size(tmp
     payload["sampling"]["cleanup_min_voxels"] = 10**6
     torch.save(payload, model)
     assert np.array_equal(mask_of(), cleaned)
+
+
+# -- test-time flips ---------------------------------------------------------------------------
+
+def _flip_model():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(**TINY, image_size=16, in_channels=5))
+    with torch.no_grad():  # the output layer starts at zero: give the network something to say
+        model.out[2].weight.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def _last(model, diffusion, images, options, **kwargs):
+    from napari_diffseg.ensemble import sample_ensemble
+
+    steps = list(sample_ensemble(model, diffusion, images, options, **kwargs))
+    return steps[-1]
+
+
+def test_a_flipped_member_is_the_mirrored_slice_segmented_and_mirrored_back():
+    """Members 1, 3, ... of each slice run on the left-right mirrored slice, from the same noise,
+    and come back in the slice's frame; members 0, 2, ... are unchanged."""
+    from napari_diffseg.diffusion import Diffusion
+    from napari_diffseg.ensemble import LEFT_RIGHT, mirrored_chains
+
+    model, diffusion = _flip_model(), Diffusion.from_config(DiffusionConfig(), "4")
+    images = torch.rand((2, 4, 16, 16), generator=torch.Generator().manual_seed(1))
+    assert mirrored_chains(6, 3).tolist() == [False, True, False, False, True, False]
+    assert not mirrored_chains(2, 1).any()  # a lone member is never mirrored
+    flipped = _last(model, diffusion, images, SamplingOptions(3, seed=2, flip_members=True))
+    plain = _last(model, diffusion, images, SamplingOptions(3, seed=2))
+    mirror = _last(model, diffusion, images.flip(LEFT_RIGHT), SamplingOptions(3, seed=2))
+    for row in range(6):
+        expected = mirror.x[row].flip(LEFT_RIGHT) if row % 3 == 1 else plain.x[row]
+        torch.testing.assert_close(flipped.x[row], expected, rtol=1e-4, atol=1e-5)
+        estimate = mirror.pred_x0[row].flip(LEFT_RIGHT) if row % 3 == 1 else plain.pred_x0[row]
+        torch.testing.assert_close(flipped.pred_x0[row], estimate, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(flipped.x[1], plain.x[1])  # the tiny net is not mirror-symmetric
+
+
+def test_flipped_members_hold_known_pixels_and_refine_from_members_in_the_slices_frame():
+    """Known pixels and the members a refine starts from are given in the slice's frame: a
+    mirrored chain gets them mirrored, so its result holds them where they were given."""
+    from napari_diffseg.diffusion import Diffusion
+    from napari_diffseg.ensemble import LEFT_RIGHT
+    from napari_diffseg.options import Guidance
+
+    model, diffusion = _flip_model(), Diffusion.from_config(DiffusionConfig(), "6")
+    images = torch.rand((1, 4, 16, 16), generator=torch.Generator().manual_seed(3))
+    known = torch.zeros((1, 1, 16, 16), dtype=torch.bool)
+    known[..., 2:6, 3:9] = True  # off the mirror axis: a mirrored chain would hold it elsewhere
+    values = torch.zeros((1, 1, 16, 16))
+    values[..., 2:6, 3:9] = 1.0
+    members = torch.zeros((2, 1, 16, 16))
+    members[1, :, 10:14, 1:5] = 1.0  # member 1 (a mirrored chain) had tumour here
+    guidance = Guidance(known_mask=known, known_values=values, init=members, start_step=2)
+    out = _last(model, diffusion, images, SamplingOptions(2, seed=0, flip_members=True), guidance=guidance,
+                clip_range=(0.0, 1.0)).x
+    assert torch.equal(out[:, known[0]], torch.ones_like(out[:, known[0]]))
+    # Member 1 is what a plain run on the mirrored slice, given everything mirrored, makes of it
+    mirrored = Guidance(known_mask=known.flip(LEFT_RIGHT), known_values=values.flip(LEFT_RIGHT),
+                        init=members.flip(LEFT_RIGHT), start_step=2)
+    mirror = _last(model, diffusion, images.flip(LEFT_RIGHT), SamplingOptions(2, seed=0), guidance=mirrored,
+                   clip_range=(0.0, 1.0)).x
+    torch.testing.assert_close(out[1], mirror[1].flip(LEFT_RIGHT), rtol=1e-4, atol=1e-5)
+    plain = _last(model, diffusion, images, SamplingOptions(2, seed=0), guidance=guidance, clip_range=(0.0, 1.0)).x
+    torch.testing.assert_close(out[0], plain[0], rtol=1e-4, atol=1e-5)
+
+
+def test_flips_are_stored_by_training_honoured_at_sampling_and_overridable(phantom_dir, tmp_path):
+    """diffseg-train --flip_members stores the default; a run follows it unless told otherwise;
+    the one-pass U-Net averages its pass on the slice and on the mirrored slice."""
+    flags = ["--data_dir", str(phantom_dir), "--num_channels", "16", "--channel_mult", "1,2", "--num_res_blocks", "1",
+             "--attention_resolutions", "", "--crop_border", "0", "--resize_to", "32", "--batch_size", "2",
+             "--no_progress", "--device", "cpu", "--norm_groups", "8", "--max_steps", "2", "--flip_members",
+             "--sample_respacing", "2"]
+    assert train.main([*flags, "--out_dir", str(tmp_path / "diffusion"), "--predict_xstart", "True"]) == 0
+    assert torch.load(tmp_path / "diffusion" / "model.pt", weights_only=True)["sampling"]["flip_members"] is True
+    volume = _volume()
+    segmenter = Segmenter.load(tmp_path / "diffusion" / "model.pt", device="cpu", batching="3")
+    stored = run_to_end(segmenter.run(volume, SamplingOptions(3, seed=1), slices=[2], preview_interval=None))
+    on = run_to_end(segmenter.run(volume, SamplingOptions(3, seed=1, flip_members=True), slices=[2],
+                                  preview_interval=None))
+    off = run_to_end(segmenter.run(volume, SamplingOptions(3, seed=1, flip_members=False), slices=[2],
+                                   preview_interval=None))
+    assert stored.settings["flip_members"] and not off.settings["flip_members"]
+    assert np.array_equal(stored.probability, on.probability)
+    assert not np.array_equal(stored.probability, off.probability)
+
+    assert train.main([*flags, "--out_dir", str(tmp_path / "unet"), "--objective", "segmentation"]) == 0
+    unet = Segmenter.load(tmp_path / "unet" / "model.pt", device="cpu")
+    both = run_to_end(unet.run(volume, SamplingOptions(), slices=[2], preview_interval=None)).probability[..., 2]
+    one = run_to_end(unet.run(volume, SamplingOptions(flip_members=False), slices=[2],
+                              preview_interval=None)).probability[..., 2]
+    mirrored = run_to_end(unet.run(volume[:, ::-1].copy(), SamplingOptions(flip_members=False), slices=[2],
+                                   preview_interval=None)).probability[..., 2]
+    np.testing.assert_allclose(both, (one + mirrored[::-1]) / 2, atol=1e-5)
+    assert not np.allclose(both, one, atol=1e-4)

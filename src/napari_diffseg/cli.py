@@ -108,6 +108,10 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                         help="deterministic DDIM steps instead of ancestral DDPM (default: the model's "
                         "stored sampler)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    parser.add_argument("--flip_members", type=str2bool, nargs="?", const=True, default=None,
+                        help="test-time flips: every second member segments the left-right mirrored slice "
+                        "(a U-Net baseline averages both passes); same cost (default: the model's stored "
+                        "choice, off unless trained with --flip_members)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling noise")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
@@ -127,7 +131,8 @@ def sampling_options_from_args(args: argparse.Namespace, **given) -> SamplingOpt
     ``given`` (e.g. the ensemble size); the sampler is the model's unless --use_ddim was given."""
     sampler = None if args.use_ddim is None else ("ddim" if args.use_ddim else "ddpm")
     return SamplingOptions(**{"respacing": args.timestep_respacing, "sampler": sampler, "eta": args.eta,
-                              "precision": args.precision, "batching": args.batching, "seed": args.seed, **given})
+                              "precision": args.precision, "batching": args.batching, "seed": args.seed,
+                              "flip_members": args.flip_members, **given})
 
 
 def model_flags_from_args(args: argparse.Namespace) -> dict:

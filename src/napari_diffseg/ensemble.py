@@ -10,6 +10,7 @@ batch: the widget's current-slice run and a whole-volume run agree.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Iterator, Sequence
 
 import torch
@@ -20,6 +21,8 @@ from .options import Guidance, SamplingOptions
 from .unet import UNet
 
 THRESHOLD = 0.5  # the authors' rule: tumour where the ensemble mean exceeds one half
+# The slice's first axis (X: left-right in BraTS' grid), the axis training flips (augment.py)
+LEFT_RIGHT = -2
 
 
 def slice_generator(seed: int, key: int, device: torch.device) -> torch.Generator:
@@ -91,13 +94,23 @@ def sample_ensemble(
     def per_chain(per_slice: torch.Tensor) -> torch.Tensor:
         return per_slice.to(device).repeat_interleave(num_ensemble, dim=0)
 
+    rows = s * num_ensemble
+    # Test-time flips: a mirrored chain lives in the mirrored frame from start to end, so what
+    # comes in (members, known pixels) is mirrored for it and what it yields mirrored back.
+    mirror = mirrored_chains(rows, num_ensemble, device) if options.flip_members else None
+
+    def frame(chains: torch.Tensor) -> torch.Tensor:
+        if mirror is None:
+            return chains
+        return torch.where(mirror.view(-1, *[1] * (chains.ndim - 1)), chains.flip(LEFT_RIGHT), chains)
+
     if guidance.init is not None:
-        x_start = diffusion.q_sample(guidance.init.to(device).float(), first, draw())
+        x_start = diffusion.q_sample(frame(guidance.init.to(device).float()), first, draw())
     else:
         x_start = draw()
     known_mask = known_values = None
     if guidance.known:
-        known_mask, known_values = per_chain(guidance.known_mask), per_chain(guidance.known_values).float()
+        known_mask, known_values = frame(per_chain(guidance.known_mask)), frame(per_chain(guidance.known_values).float())
 
     precision = options.precision or "fp32"
     channels_last = images.ndim == 4 and next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
@@ -108,10 +121,12 @@ def sample_ensemble(
             conditioning.append(guidance.marks.to(device).to(memory_format=layout))
         condition = model.encode_condition(*conditioning)
 
-        rows = s * num_ensemble
         chunk = rows if chains_per_call is None else max(1, min(int(chains_per_call), rows))
         # A split that cuts through a slice's chains needs the condition per chain, not per slice.
-        per_row = condition.repeat_interleave(num_ensemble, dim=0) if chunk < rows else None
+        per_row = condition.repeat_interleave(num_ensemble, dim=0) if chunk < rows or mirror is not None else None
+        if mirror is not None:  # so do mirrored chains: theirs is the mirrored slice's
+            mirrored = model.encode_condition(*[c.flip(LEFT_RIGHT) for c in conditioning])
+            per_row = torch.where(mirror.view(-1, 1, 1, 1), mirrored.repeat_interleave(num_ensemble, dim=0), per_row)
 
         def denoise(x: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
             x = x.to(memory_format=layout)
@@ -126,11 +141,19 @@ def sample_ensemble(
             ])
 
         self_condition = bool(getattr(getattr(model, "config", None), "self_condition", False))
-        yield from diffusion.sample(denoise, x_start, draw_noise=draw, sampler=options.sampler or "ddpm",
-                                     eta=options.eta, clip=clip, clip_range=clip_range,
-                                     clamp_variance=clamp_variance, start_step=guidance.start_step,
-                                     known_mask=known_mask, known_values=known_values,
-                                     self_condition=self_condition, resample=int(guidance.resample))
+        steps = diffusion.sample(denoise, x_start, draw_noise=draw, sampler=options.sampler or "ddpm",
+                                 eta=options.eta, clip=clip, clip_range=clip_range,
+                                 clamp_variance=clamp_variance, start_step=guidance.start_step,
+                                 known_mask=known_mask, known_values=known_values,
+                                 self_condition=self_condition, resample=int(guidance.resample))
+        for step in steps:
+            yield step if mirror is None else replace(step, x=frame(step.x), pred_x0=frame(step.pred_x0))
+
+
+def mirrored_chains(rows: int, num_ensemble: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(rows,) bool: which chains run on the mirrored slice under test-time flips, every second
+    member of each slice (members 1, 3, ...: a lone member is never mirrored)."""
+    return (torch.arange(rows, device=device) % num_ensemble) % 2 == 1
 
 
 def ensemble_statistics(samples: torch.Tensor, threshold: float = THRESHOLD):

@@ -660,6 +660,8 @@ def main(argv=None) -> int:
     }
     if regions:  # a whole-tumour report stays as it was
         settings["regions"] = segmenter.loaded.regions
+    if (segmenter.defaults.get("flip_members", False) if options.flip_members is None else options.flip_members):
+        settings["flip_members"] = True  # likewise: named only when on
     report = {
         "model": segmenter.loaded.source,
         "settings": settings,

@@ -27,7 +27,7 @@ from .checkpoint import ONE_PASS, LoadedModel, load_model
 from .clicks import marks_to_hints
 from .data import brain_slices
 from .diffusion import Diffusion, space_timesteps
-from .ensemble import THRESHOLD, autocast_context, ensemble_statistics, sample_ensemble
+from .ensemble import LEFT_RIGHT, THRESHOLD, autocast_context, ensemble_statistics, sample_ensemble
 from .errors import DiffSegError
 from .options import PRECISIONS, Guidance, SamplingOptions, parse_batching
 from .preprocess import MODALITY_COUNT, InputSpec, neighbour_slices, normalise, volume_statistics
@@ -430,8 +430,11 @@ class Segmenter:
         height, width = plan.shape[:2]
         regions = self.loaded.unet_config.mask_channels
         if self.loaded.deterministic:
-            logits = self._one_pass(net_in, plan.options.precision)
-            probabilities = self.loaded.geometry.from_network(torch.sigmoid(logits), height, width)
+            network = torch.sigmoid(self._one_pass(net_in, plan.options.precision))
+            if plan.options.flip_members:  # test-time flips: the mirrored slice's pass, mirrored back, averaged
+                mirrored = torch.sigmoid(self._one_pass(net_in.flip(LEFT_RIGHT), plan.options.precision))
+                network = (network + mirrored.flip(LEFT_RIGHT)) / 2
+            probabilities = self.loaded.geometry.from_network(network, height, width)
             members = probabilities[None, :, 0] if regions == 1 else probabilities[None]
             preview = None
             if previews.enabled:
@@ -541,7 +544,7 @@ class Segmenter:
                       "device": str(self.device), "model": self.loaded.source, "chains_per_call": chains,
                       "slices_per_batch": options.batch_slices or max(1, chains // options.num_ensemble),
                       "batching": plan.tuner.choice.source, "batching_settled": plan.tuner.choice.settled,
-                      "resample": int(plan.guidance.resample)},
+                      "resample": int(plan.guidance.resample), "flip_members": bool(options.flip_members)},
         )
 
 

@@ -54,6 +54,9 @@ class SamplingOptions:
     batching: str | int | None = None  # chains per network call, "auto" or a number; None: the loaded model's
     batch_slices: int | None = None  # slices per batch, fixed; None: as many as the chains per call hold
     seed: int | None = 0  # of the chains' noise; None: a fresh random seed
+    # Test-time flips: every second chain of a slice runs on the left-right mirrored slice (the
+    # one-pass U-Net averages both passes); None: the model's stored choice (off if it stores none)
+    flip_members: bool | None = None
 
     def __post_init__(self):
         if self.num_ensemble is not None and int(self.num_ensemble) < 1:
@@ -83,7 +86,9 @@ class SamplingOptions:
         return replace(self, num_ensemble=num_ensemble,
                        respacing=stored["timestep_respacing"] if self.respacing is None else self.respacing,
                        sampler=self.sampler or stored["sampler"], precision=precision,
-                       batching=parse_batching(batching if self.batching is None else self.batching), seed=seed)
+                       batching=parse_batching(batching if self.batching is None else self.batching), seed=seed,
+                       flip_members=bool(stored.get("flip_members", False) if self.flip_members is None
+                                         else self.flip_members))
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,8 @@ class Trainer:
             self.sampling["num_ensemble"] = 1
         if c.cleanup_min_voxels:  # only when given: a model without it stores what it always did
             self.sampling["cleanup_min_voxels"] = int(c.cleanup_min_voxels)
+        if c.flip_members:  # likewise
+            self.sampling["flip_members"] = True
         self.loss_terms = ("bce", "dice_loss") if self.segmentation else ("mse", "vb")
         if not self.segmentation and c.x0_loss_weight > 0:
             self.loss_terms += ("x0_loss",)

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the 3D clean-up size stored in model.pt (decide it by cross-validation: "
                        "scripts/crossval_cleanup.py); diffseg-sample and the widget then remove islands of a "
                        "whole-volume mask below it (0: none stored, no clean-up)")
+    extra.add_argument("--flip_members", action="store_true",
+                       help="store test-time flips as the model's sampling default: every second member "
+                       "segments the left-right mirrored slice (the U-Net baseline averages both passes)")
     extra.add_argument("--no_progress", action="store_true", help="no progress bar")
     extra.add_argument("--norm_groups", type=positive_int, default=32,
                        help="GroupNorm groups (the reference: 32). At num_channels 32 that is one channel per "
@@ -130,6 +133,7 @@ class TrainConfig:
     resize_to: int
     sample_respacing: str
     cleanup_min_voxels: int
+    flip_members: bool
     # optimisation
     lr: float
     weight_decay: float

@@ -19,7 +19,8 @@
 #              the table shows their whole tumour beside the other arms and every region apart
 #   zscore, context, strong: `recipe` plus one lever each (the case statement below);
 #   zscore_context, zscore_strong: the next lever on top of the kept zscore;
-#   zscore_flips: test-time flips (diffseg-eval --flip_members) on zscore's fold models; the 3D
+#   zscore_flips, baseline_flips: test-time flips (diffseg-eval --flip_members) on zscore's and
+#   baseline's fold models (no training); the 3D
 #              clean-up needs no training: scripts/crossval_cleanup.py ARM scores it on ARM's maps.
 # Budget: STEPS optimizer steps at batch 16 (default 300), by steps and not by minutes, so that a
 # busy CPU costs time but never changes a result.
@@ -72,9 +73,10 @@ case $ARM in
   zscore_context) FLAGS+=(--input_norm zscore --context 2) ;;
   zscore_strong) FLAGS+=(--input_norm zscore --augment_strong) ;;
   zscore_flips) TRAINED_AS=zscore; EVAL_FLAGS=(--flip_members) ;;  # test-time flips on zscore's models
+  baseline_flips) TRAINED_AS=baseline; EVAL_FLAGS=(--flip_members) ;;  # the U-Net's: two passes averaged
   regions) FLAGS+=(--regions brats) ;;      # the tumour's parts: WT, TC, ET as three nested masks
   regions_baseline) OBJECTIVE=segmentation; FLAGS+=(--regions brats) ;;  # their same-budget U-Net
-  *) echo "unknown arm: $ARM (baseline, recipe, zscore, context, strong, zscore_context, zscore_strong, zscore_flips, regions, regions_baseline)" >&2; exit 2 ;;
+  *) echo "unknown arm: $ARM (baseline, recipe, zscore, context, strong, zscore_context, zscore_strong, zscore_flips, baseline_flips, regions, regions_baseline)" >&2; exit 2 ;;
 esac
 
 OUT=$RUNS/$ARM/fold$FOLD

@@ -531,3 +531,22 @@ def test_cleanup_box_removes_islands_of_a_whole_volume_result_at_every_threshold
     run_and_wait(qtbot, widget2)
     assert not widget2.cases[CASE].result.cleans_up and not widget2.review.cleanup.enabled
     assert "stores no size" in widget2.review.cleanup.text
+
+
+def test_a_model_that_stores_flips_runs_them_and_says_so(make_widget, qtbot, tmp_path):
+    """A model trained with --flip_members: the widget's run mirrors every second member (other
+    numbers than the same model without it, same seed) and its status line says so."""
+    from napari_diffseg.checkpoint import read_checkpoint
+
+    viewer, widget = make_widget(num_ensemble=3, keep_members=False, scope="slice")
+    run_and_wait(qtbot, widget)
+    plain = np.array(widget.cases[CASE].result.probability)
+    assert "mirrored" not in widget.runner.status.value
+    payload = read_checkpoint(widget.settings.model_path)
+    payload["sampling"]["flip_members"] = True
+    model = tmp_path / "flips.pt"
+    atomic_save(payload, model)
+    widget.configure(persist=False, model_path=str(model))
+    run_and_wait(qtbot, widget)
+    assert "every second on the mirrored slice" in widget.runner.status.value
+    assert not np.array_equal(widget.cases[CASE].result.probability, plain)

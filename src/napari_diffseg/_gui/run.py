@@ -50,7 +50,8 @@ def _batching_of(segmentation) -> str:
 def _sampled_message(outcome: RunOutcome, batching: str) -> str:
     seg = outcome.segmentation
     scope = "" if outcome.z is None else f" (slice {outcome.z})"
-    return (f"diffseg: {seg.num_ensemble} chains x {seg.steps} {seg.sampler.upper()} steps{scope} "
+    flips = ", every second on the mirrored slice" if seg.settings.get("flip_members") and seg.num_ensemble > 1 else ""
+    return (f"diffseg: {seg.num_ensemble} chains x {seg.steps} {seg.sampler.upper()} steps{scope}{flips} "
             f"in {outcome.seconds:.1f} s on {outcome.device}" + (f"; {batching}" if batching else ""))
 
 

@@ -3,7 +3,8 @@
 # on the CPU; the 3 validation cases are held out. Re-runnable; resumes if interrupted (the
 # wall-time budget and the cosine schedule continue where they stopped).
 #   bash scripts/train_demo.sh            # 100 + 60 min on both CPU threads, then 75 min on one: the bundled model
-# Environment: BRATS_DIR, OUT (default runs/demo), MINUTES (training wall time, default 100),
+# Environment: BRATS_DIR, VAL_CASES (held-out case names, space-separated; "" trains on every case),
+# OUT (default runs/demo), MINUTES (training wall time, default 100),
 # OBJECTIVE (diffusion, or segmentation for the U-Net baseline: scripts/train_baseline.sh),
 # THREADS (CPU threads, default 2: the fourth bundled model had the whole 2-core CPU; the third
 # and its baseline trained side by side with THREADS=1), NORM_GROUPS (GroupNorm groups,
@@ -37,13 +38,16 @@ NORM_GROUPS=${NORM_GROUPS:-8}
 PY=${PY:-.venv/bin/python}
 # Held out: every fourth case in name order of the first 12; no training step sees them.
 # scripts/crossval.sh gives each fold's held-out cases here (VAL_CASES, space-separated).
-VAL_CASES=${VAL_CASES:-"Brats18_CBICA_ABM_1 Brats18_TCIA02_135_1 Brats18_TCIA10_637_1"}
+VAL_CASES=${VAL_CASES-"Brats18_CBICA_ABM_1 Brats18_TCIA02_135_1 Brats18_TCIA10_637_1"}
 mkdir -p "$OUT/split/train" "$OUT/split/val"
 for case in "$BRATS_DIR"/*/; do
   name=$(basename "$case")
   if [[ " $VAL_CASES " == *" $name "* ]]; then dest="$OUT/split/val"; else dest="$OUT/split/train"; fi
   ln -sfn "$(cd "$case" && pwd)" "$dest/$name"
 done
+# VAL_CASES="" trains on every case (the final model): no validation loss then
+VAL=()
+[ -n "$(ls -A "$OUT/split/val")" ] && VAL=(--val_dir "$OUT/split/val")
 RESUME=()
 X0_LOSS=()
 [ "$OBJECTIVE" = diffusion ] && X0_LOSS=(--x0_loss_weight 1)
@@ -52,7 +56,7 @@ X0_LOSS=()
 # --predict_xstart is a model flag: it is stored in model.pt, and sampling follows it.
 train() {
 "$PY" -m napari_diffseg.train \
-  --data_dir "$OUT/split/train" --val_dir "$OUT/split/val" \
+  --data_dir "$OUT/split/train" "${VAL[@]}" \
   --image_size 128 --channel_mult 1,2,3,4 --num_channels 32 --num_res_blocks 1 --num_heads 1 \
   --attention_resolutions 16 --learn_sigma True --use_scale_shift_norm False \
   --diffusion_steps 1000 --noise_schedule linear --rescale_learned_sigmas False --rescale_timesteps False \

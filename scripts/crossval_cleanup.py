@@ -51,7 +51,8 @@ def main() -> None:
         if any("dice_ensemble_wt" in r for r in rows.values()):
             raise SystemExit(f"{args.arm}: a region model's arm; the clean-up is decided on whole-tumour arms "
                              "(diffseg-sample --cleanup removes whole-tumour islands with their core)")
-        for files in data.find_cases(Path(args.runs) / args.arm / f"fold{fold}" / "split" / "val"):
+        # the cases the report scored (a sampling arm scores another arm's split: crossval.sh)
+        for files in data.find_cases(report["settings"]["data_dir"]):
             cases.append((fold, files, rows[files.name], eval_dir / "maps" / f"{files.name}.npz"))
 
     dices = {}  # case -> {size: Dice}

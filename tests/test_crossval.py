@@ -100,7 +100,7 @@ def _fake_arm(root: Path, cases: list[Path], with_speck: bool) -> None:
                       probability, variance)
             rows.append({"case": case_dir.name, "seconds": 1.0,
                          **score_case(probability[None], truth, uncertainty=variance, brain=case.images.any(0))})
-        report = json.dumps({"cases": rows})
+        report = json.dumps({"settings": {"data_dir": str(val)}, "cases": rows})
         (root / "runs" / "arm" / f"fold{fold}" / "eval" / "report.json").write_text(report)
         (root / "docs" / "arm" / f"fold{fold}").mkdir(parents=True)
         (root / "docs" / "arm" / f"fold{fold}" / "report.json").write_text(report)

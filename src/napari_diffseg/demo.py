@@ -258,6 +258,8 @@ def _run(args) -> int:
     if not args.headless:
         if widget.runner.worker is not None:  # after the widget has shown the result
             def shown(*_):
+                if args.region is not None:
+                    widget.review.region.value = args.region
                 show_overlay(viewer, widget)
                 if args.refine:
                     QTimer.singleShot(500, lambda: _refine_demo(viewer, widget))  # after the run's end

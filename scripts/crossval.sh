@@ -18,7 +18,7 @@
 #   regions, regions_baseline: `recipe` and `baseline` trained on WT, TC and ET (--regions brats);
 #              the table shows their whole tumour beside the other arms and every region apart
 #   zscore, context, strong: `recipe` plus one lever each (the case statement below);
-#   zscore_context, zscore_strong: the next lever on top of the kept zscore;
+#   zscore_context, zscore_strong: the next lever on top of the kept zscore; zscore_context_strong both;
 #   zscore_flips, baseline_flips: test-time flips (diffseg-eval --flip_members) on zscore's and
 #   baseline's fold models (no training); the 3D
 #              clean-up needs no training: scripts/crossval_cleanup.py ARM scores it on ARM's maps.
@@ -72,11 +72,12 @@ case $ARM in
   # Levers are added one at a time on top of the kept ones (zscore was kept: see the findings)
   zscore_context) FLAGS+=(--input_norm zscore --context 2) ;;
   zscore_strong) FLAGS+=(--input_norm zscore --augment_strong) ;;
+  zscore_context_strong) FLAGS+=(--input_norm zscore --context 2 --augment_strong) ;;  # both kept levers
   zscore_flips) TRAINED_AS=zscore; EVAL_FLAGS=(--flip_members) ;;  # test-time flips on zscore's models
   baseline_flips) TRAINED_AS=baseline; EVAL_FLAGS=(--flip_members) ;;  # the U-Net's: two passes averaged
   regions) FLAGS+=(--regions brats) ;;      # the tumour's parts: WT, TC, ET as three nested masks
   regions_baseline) OBJECTIVE=segmentation; FLAGS+=(--regions brats) ;;  # their same-budget U-Net
-  *) echo "unknown arm: $ARM (baseline, recipe, zscore, context, strong, zscore_context, zscore_strong, zscore_flips, baseline_flips, regions, regions_baseline)" >&2; exit 2 ;;
+  *) echo "unknown arm: $ARM (baseline, recipe, zscore, context, strong, zscore_context, zscore_strong, zscore_context_strong, zscore_flips, baseline_flips, regions, regions_baseline)" >&2; exit 2 ;;
 esac
 
 OUT=$RUNS/$ARM/fold$FOLD

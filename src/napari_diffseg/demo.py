@@ -121,14 +121,16 @@ def _save_results(widget, out: Path) -> list[Path]:
     return written
 
 
-def show_overlay(viewer, widget) -> None:
+def show_overlay(viewer, widget, region: str | None = None) -> None:
     """The view a reader of MR knows: FLAIR, the proposal as an outline, the uncertainty heatmap
-    (with its colour scale) and the ground truth as a thin outline (white beside a region model's
-    BraTS-coloured proposal); the other layers hidden."""
+    (with its colour scale; a region model's of ``region``, else its WT) and the ground truth as
+    a thin outline (white beside a region model's BraTS-coloured proposal); the other layers hidden."""
     from napari.utils.colormaps import DirectLabelColormap
 
     from . import _layerdata as ld
 
+    if region is not None:
+        widget.review.region.value = region
     case = widget.cases.current_name
     for layer in viewer.layers:
         kind = (layer.metadata or {}).get(ld.KIND)
@@ -258,9 +260,7 @@ def _run(args) -> int:
     if not args.headless:
         if widget.runner.worker is not None:  # after the widget has shown the result
             def shown(*_):
-                if args.region is not None:
-                    widget.review.region.value = args.region
-                show_overlay(viewer, widget)
+                show_overlay(viewer, widget, args.region)
                 if args.refine:
                     QTimer.singleShot(500, lambda: _refine_demo(viewer, widget))  # after the run's end
 
@@ -271,11 +271,9 @@ def _run(args) -> int:
     errors = [text for severity, text in widget.messages if severity == "error"]
     if errors or widget.cases.current is None:
         raise DiffSegError(errors[-1] if errors else "the segmentation did not finish")
-    if args.region is not None:
-        widget.review.region.value = args.region
     out.mkdir(parents=True, exist_ok=True)
     written = _save_results(widget, out)
-    show_overlay(viewer, widget)
+    show_overlay(viewer, widget, args.region)
     _close_toasts(viewer.window._qt_window)
     settle = time.monotonic() + 0.5  # let the canvas redraw
     _process_events_until(app, lambda: time.monotonic() > settle, timeout=5)

@@ -23,7 +23,8 @@
 #   baseline's fold models (no training); the 3D
 #              clean-up needs no training: scripts/crossval_cleanup.py ARM scores it on ARM's maps.
 # Budget: STEPS optimizer steps at batch 16 (default 300), by steps and not by minutes, so that a
-# busy CPU costs time but never changes a result.
+# busy CPU costs time but never changes a result. ARM@N is ARM at a budget of N steps (its own row,
+# e.g. zscore_context_strong@1000; a sampling arm then scores ARM@N's trained arm's models).
 # Each fold is scored with diffseg-eval on its 4 held-out volumes, every brain slice in 3D, 5
 # members at the model's 2-step preset in bf16 (the product's defaults), seed 0; the maps are
 # kept for post-processing decisions (runs/cv/ARM/foldK/eval/maps). The figures that decide are
@@ -63,7 +64,14 @@ OBJECTIVE=diffusion
 FLAGS=(--augment_intensity --augment_spatial)
 TRAINED_AS=$ARM   # a sampling lever scores another arm's fold models: no training of its own
 EVAL_FLAGS=()
-case $ARM in
+LEVERS=$ARM
+BUDGET=""
+if [[ $ARM =~ ^(.+)@([0-9]+)$ ]]; then
+  LEVERS=${BASH_REMATCH[1]}
+  STEPS=${BASH_REMATCH[2]}
+  BUDGET=@$STEPS
+fi
+case $LEVERS in
   baseline) OBJECTIVE=segmentation ;;
   recipe) ;;
   zscore) FLAGS+=(--input_norm zscore) ;;   # per-modality z-score over the volume's brain
@@ -73,11 +81,11 @@ case $ARM in
   zscore_context) FLAGS+=(--input_norm zscore --context 2) ;;
   zscore_strong) FLAGS+=(--input_norm zscore --augment_strong) ;;
   zscore_context_strong) FLAGS+=(--input_norm zscore --context 2 --augment_strong) ;;  # both kept levers
-  zscore_flips) TRAINED_AS=zscore; EVAL_FLAGS=(--flip_members) ;;  # test-time flips on zscore's models
-  baseline_flips) TRAINED_AS=baseline; EVAL_FLAGS=(--flip_members) ;;  # the U-Net's: two passes averaged
+  zscore_flips) TRAINED_AS=zscore$BUDGET; EVAL_FLAGS=(--flip_members) ;;  # test-time flips on zscore's models
+  baseline_flips) TRAINED_AS=baseline$BUDGET; EVAL_FLAGS=(--flip_members) ;;  # the U-Net's: two passes averaged
   regions) FLAGS+=(--regions brats) ;;      # the tumour's parts: WT, TC, ET as three nested masks
   regions_baseline) OBJECTIVE=segmentation; FLAGS+=(--regions brats) ;;  # their same-budget U-Net
-  *) echo "unknown arm: $ARM (baseline, recipe, zscore, context, strong, zscore_context, zscore_strong, zscore_context_strong, zscore_flips, baseline_flips, regions, regions_baseline)" >&2; exit 2 ;;
+  *) echo "unknown arm: $LEVERS (baseline, recipe, zscore, context, strong, zscore_context, zscore_strong, zscore_context_strong, zscore_flips, baseline_flips, regions, regions_baseline; ARM@STEPS for another budget)" >&2; exit 2 ;;
 esac
 
 OUT=$RUNS/$ARM/fold$FOLD

@@ -4,7 +4,8 @@
 # wall-time budget and the cosine schedule continue where they stopped).
 #   bash scripts/train_demo.sh            # 100 + 60 min on both CPU threads, then 75 min on one: the bundled model
 # Environment: BRATS_DIR, VAL_CASES (held-out case names, space-separated; "" trains on every case),
-# OUT (default runs/demo), MINUTES (training wall time, default 100),
+# OUT (default runs/demo), MINUTES (training wall time, default 100), STEPS (or a budget in optimizer
+# steps: give MINUTES=0 with it, so that a busy CPU costs time but never changes the model),
 # OBJECTIVE (diffusion, or segmentation for the U-Net baseline: scripts/train_baseline.sh),
 # THREADS (CPU threads, default 2: the fourth bundled model had the whole 2-core CPU; the third
 # and its baseline trained side by side with THREADS=1), NORM_GROUPS (GroupNorm groups,
@@ -18,7 +19,7 @@
 # Then (diffusion only, MARK_MINUTES > 0, default 60) a second run in $OUT/marks starts from that
 # model and learns to read the user's marks: half the slices come with simulated marks
 # (--click_fraction 0.5) in two new input channels, lr 3e-4 with a 50-step warm-up and cosine
-# decay.
+# decay. MARK_STEPS budgets it in steps instead (with MARK_MINUTES=0).
 # Then (MARK_MINUTES and AUG_MINUTES > 0, default 75) a third run in $OUT/augment goes on from the
 # marks run's model with the same flags plus intensity and spatial augmentation
 # (--augment_intensity --augment_spatial), on AUG_THREADS threads (default 1: the bundled model's
@@ -30,6 +31,8 @@ BRATS_DIR=${BRATS_DIR:-../shared/brats18}
 OUT=${OUT:-runs/demo}
 MINUTES=${MINUTES:-100}
 MARK_MINUTES=${MARK_MINUTES:-60}
+STEPS=${STEPS:-}
+MARK_STEPS=${MARK_STEPS:-}
 AUG_MINUTES=${AUG_MINUTES:-75}
 AUG_THREADS=${AUG_THREADS:-1}
 OBJECTIVE=${OBJECTIVE:-diffusion}
@@ -67,12 +70,16 @@ train() {
   --save_interval 250 --log_interval 25 --max_minutes "$MINUTES" --sample_respacing 10 \
   --objective "$OBJECTIVE" --threads "$THREADS" --norm_groups "$NORM_GROUPS" "$@"
 }
-train --out_dir "$OUT" "${RESUME[@]}" "$@"
-if [ "$OBJECTIVE" = diffusion ] && [ "$MARK_MINUTES" != 0 ]; then
+FIRST_STEPS=()
+[ -n "$STEPS" ] && FIRST_STEPS=(--max_steps "$STEPS")
+train --out_dir "$OUT" "${FIRST_STEPS[@]}" "${RESUME[@]}" "$@"
+MARK_BUDGET=()
+[ -n "$MARK_STEPS" ] && MARK_BUDGET=(--max_steps "$MARK_STEPS")
+if [ "$OBJECTIVE" = diffusion ] && { [ "$MARK_MINUTES" != 0 ] || [ -n "$MARK_STEPS" ]; }; then
   RESUME=()
   [ -f "$OUT/marks/checkpoint.pt" ] && RESUME=(--resume "$OUT/marks/checkpoint.pt")
   train --out_dir "$OUT/marks" --max_minutes "$MARK_MINUTES" --init_from "$OUT/model.pt" --click_fraction 0.5 \
-    --lr 3e-4 --warmup_steps 50 "${RESUME[@]}" "$@"
+    --lr 3e-4 --warmup_steps 50 "${MARK_BUDGET[@]}" "${RESUME[@]}" "$@"
   if [ "$AUG_MINUTES" != 0 ]; then
     RESUME=()
     [ -f "$OUT/augment/checkpoint.pt" ] && RESUME=(--resume "$OUT/augment/checkpoint.pt")

@@ -242,12 +242,14 @@ def test_a_pace_far_from_the_stored_one_times_again():
 
 def test_a_poisoned_choice_is_corrected_with_real_timings(segmenter_path):
     """The same with the clock: on the tiny model one chain per call is several times dearer per
-    chain than 12, whatever the load."""
+    chain than 12, whatever the load. Which step corrects it depends on the clock: the re-probe
+    at the start, or (when a busy CPU makes that probe agree with the stored timings) the
+    tuner during the run."""
     volume = np.random.default_rng(6).random((4, 16, 16, 8)).astype(np.float32)
     segmenter = Segmenter.load(segmenter_path, device="cpu", batching="auto")
     _poison(segmenter, _net_size(segmenter), timings={1: 500.0, 3: 2000.0})
     result = run_to_end(segmenter.run(volume, SamplingOptions(num_ensemble=3, respacing="3", seed=2)))
-    assert result.settings["batching"] == "re-probed" and result.settings["chains_per_call"] > 1
+    assert result.settings["batching"] in ("re-probed", "tuned") and result.settings["chains_per_call"] > 1
 
 
 def test_one_entry_per_model_size_and_precision(segmenter_path, fake_timer):

@@ -76,6 +76,39 @@ def test_a_sampling_arm_scores_another_arms_fold_models_with_its_flags(tmp_path)
     assert missing.returncode == 2 and "run crossval.sh zscore 1 first" in missing.stderr
 
 
+def test_an_arm_at_another_budget_trains_that_many_steps_in_its_own_folder(tmp_path):
+    """ARM@N trains ARM's levers for N steps into runs/ARM@N (its own table row); ARM's sampling
+    arm at that budget scores those models."""
+    brats = tmp_path / "brats"
+    for i in range(16):
+        (brats / f"Brats18_case_{i:02d}").mkdir(parents=True)
+    runs, docs = tmp_path / "runs", tmp_path / "docs"
+    fake = tmp_path / "fake_python"  # stands for diffseg-train and diffseg-eval: records, writes outputs
+    fake.write_text("#!/usr/bin/env bash\n"
+                    f'if [ "$2" = napari_diffseg.train ]; then echo "$@" >> {tmp_path / "train_args"}; echo trained; '
+                    f'else echo "$@" > {tmp_path / "eval_args"}; fi\n'
+                    'while [ $# -gt 0 ]; do [ "$1" = --out_dir ] && out=$2; shift; done\n'
+                    'mkdir -p "$out"; echo step > "$out/progress.csv"; touch "$out/model.pt"\n'
+                    'echo "{}" > "$out/report.json"; echo report > "$out/report.md"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "BRATS_DIR": str(brats), "RUNS": str(runs), "DOCS": str(docs), "PY": str(fake)}
+    script = str(ROOT / "scripts" / "crossval.sh")
+    done = subprocess.run(["bash", script, "zscore@1000", "2"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    train = (tmp_path / "train_args").read_text().split()
+    assert train.count("--max_steps") == 1 and train[train.index("--max_steps") + 1] == "1000"
+    assert train[train.index("--input_norm") + 1] == "zscore"
+    assert train[train.index("--out_dir") + 1] == str(runs / "zscore@1000" / "fold2")
+    assert (docs / "zscore@1000" / "fold2" / "report.json").is_file()
+    done = subprocess.run(["bash", script, "zscore_flips@1000", "2"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    scored = (tmp_path / "eval_args").read_text().split()
+    assert scored[scored.index("--model_path") + 1] == str(runs / "zscore@1000" / "fold2" / "model.pt")
+    assert "--flip_members" in scored
+    unknown = subprocess.run(["bash", script, "nonsense@1000", "2"], env=env, capture_output=True, text=True)
+    assert unknown.returncode == 2 and "unknown arm: nonsense" in unknown.stderr
+
+
 def test_best_size_takes_the_highest_mean_and_the_smaller_on_a_tie():
     assert crossval_cleanup.best_size({0: [0.8, 0.9], 100: [0.85, 0.9], 500: [0.85, 0.9]}) == 100
     assert crossval_cleanup.best_size({0: [0.9], 100: [0.8]}) == 0

@@ -1,8 +1,8 @@
 """Copy a diffseg-train model.pt into the package as the bundled demo model.
 
 Keeps only the EMA weights (what inference uses), records the sampling defaults chosen
-from the evaluation, and the data citation:
-    python scripts/export_demo_model.py runs/demo/model.pt [--respacing 50] [--sampler ddpm]
+from the evaluation (over the model's own, such as its clean-up size), and the data citation:
+    python scripts/export_demo_model.py runs/final/marks/model.pt --respacing 2 [--sampler ddpm] [--cases 16]
 """
 
 import argparse
@@ -11,7 +11,7 @@ from pathlib import Path
 from napari_diffseg.checkpoint import DEMO_MODEL, MASK_CLIP_RANGE, atomic_save, read_checkpoint
 
 CITATION = (
-    "Trained on 9 BraTS 2018 training cases. Cite: Menze et al., IEEE TMI 34(10):1993-2024, 2015; "
+    "Trained on {cases} BraTS 2018 training cases. Cite: Menze et al., IEEE TMI 34(10):1993-2024, 2015; "
     "Bakas et al., Sci. Data 4:170117, 2017; Bakas et al., arXiv:1811.02629."
 )
 
@@ -22,15 +22,17 @@ def main() -> None:
     parser.add_argument("--respacing", default="50")
     parser.add_argument("--sampler", default="ddpm")
     parser.add_argument("--num_ensemble", type=int, default=5)
+    parser.add_argument("--cases", type=int, default=16, help="BraTS cases the model trained on (for the citation)")
     parser.add_argument("--out", type=Path, default=DEMO_MODEL)
     args = parser.parse_args()
     payload = read_checkpoint(args.model)
     weights = payload["weights"]
     payload["weights"] = {"model": weights.get("ema") or weights["model"]}
-    payload["sampling"] = {"timestep_respacing": args.respacing, "sampler": args.sampler,
+    # the training run's stored choices (clean-up size, flips) stay; the preset is set here
+    payload["sampling"] = {**payload.get("sampling", {}), "timestep_respacing": args.respacing, "sampler": args.sampler,
                            "num_ensemble": args.num_ensemble, "clip_range": list(MASK_CLIP_RANGE),
                            "clamp_variance": True}
-    payload["citation"] = CITATION
+    payload["citation"] = CITATION.format(cases=args.cases)
     payload.pop("train_args", None)
     atomic_save(payload, args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) from step {payload.get('step')}")

@@ -82,3 +82,28 @@ def test_many_text_files_never_reach_the_unpickler(tmp_path):
         path.write_text("".join(rng.choice(alphabet, size=int(rng.integers(1, 3000)))))
         with pytest.raises(DiffSegError, match="text file"):
             checkpoint.read_checkpoint(path)
+
+
+def test_the_exporter_keeps_the_runs_stored_choices_and_sets_the_preset(tmp_path):
+    """scripts/export_demo_model.py: EMA weights only, the preset given, the training run's own
+    sampling choices (the clean-up size learned by cross-validation) kept, the case count cited."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    state = tiny_state()
+    ema = {k: v + 1 for k, v in state.items()}
+    trained = tmp_path / "model.pt"
+    checkpoint.atomic_save(checkpoint.make_payload(
+        UNetConfig(**TINY), DiffusionConfig(), Geometry(), {"model": state, "ema": ema}, step=7,
+        sampling={"timestep_respacing": "10", "cleanup_min_voxels": 5000}, train_args={"lr": 1e-3}), trained)
+    out = tmp_path / "bundled.pt"
+    subprocess.run([sys.executable, str(root / "scripts" / "export_demo_model.py"), str(trained), "--respacing", "2",
+                    "--cases", "16", "--out", str(out)], check=True, capture_output=True)
+    payload = checkpoint.read_checkpoint(out)
+    assert set(payload["weights"]) == {"model"}
+    name = next(iter(ema))
+    assert torch.equal(payload["weights"]["model"][name], ema[name])
+    assert payload["sampling"]["timestep_respacing"] == "2" and payload["sampling"]["cleanup_min_voxels"] == 5000
+    assert payload["citation"].startswith("Trained on 16 BraTS 2018 training cases")
+    assert "train_args" not in payload

@@ -621,11 +621,12 @@ def print_volume(volume: dict) -> None:
           f"per call ({volume['slices_per_batch']} slice(s) per batch): {volume['seconds']:.1f} s "
           f"({volume['s_per_slice']:.2f} s a slice; model load {volume['load_s']:.2f} s){dice}")
     probe = volume.get("probe") or {}
-    if "ms_per_chain" in probe:
+    # a stored choice carries its timings too, but no probe time: it was not timed in this run
+    if "from" in probe:
+        print(f"batching: {probe['chosen']} chains per call, the choice an earlier probe stored in {probe['from']}")
+    elif "ms_per_chain" in probe:
         per_chain = ", ".join(f"{b}: {ms:.1f}" for b, ms in probe["ms_per_chain"].items())
         print(f"batching probe ({probe['probe_s']:.2f} s, included): ms per chain by chains per call: {per_chain}")
-    elif "from" in probe:
-        print(f"batching: {probe['chosen']} chains per call, the choice an earlier probe stored in {probe['from']}")
 
 
 # -- output -------------------------------------------------------------------------------------------

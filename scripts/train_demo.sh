@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Train the bundled demo model on the 9 training cases of ../shared/brats18 (or $BRATS_DIR),
-# on the CPU; the 3 validation cases are held out. Re-runnable; resumes if interrupted (the
-# wall-time budget and the cosine schedule continue where they stopped).
-#   bash scripts/train_demo.sh            # 100 + 60 min on both CPU threads, then 75 min on one: the bundled model
+# Train a demo model on the 9 training cases of ../shared/brats18 (or $BRATS_DIR), on the CPU;
+# the 3 validation cases are held out. Re-runnable; resumes if interrupted (the wall-time budget
+# and the cosine schedule continue where they stopped). The recipe that cross-validation and the
+# U-Net baseline build on; scripts/train_bundled.sh runs it with the levers the cross-validation
+# kept, on every case.
+#   bash scripts/train_demo.sh            # 100 + 60 min on both CPU threads, then 75 min on one: the bundled (sixth) model
 # Environment: BRATS_DIR, VAL_CASES (held-out case names, space-separated; "" trains on every case),
 # OUT (default runs/demo), MINUTES (training wall time, default 100), STEPS (or a budget in optimizer
 # steps: give MINUTES=0 with it, so that a busy CPU costs time but never changes the model),
@@ -24,7 +26,7 @@
 # marks run's model with the same flags plus intensity and spatial augmentation
 # (--augment_intensity --augment_spatial), on AUG_THREADS threads (default 1: the bundled model's
 # third run had one core, its control run without augmentation the other; docs/evaluation). Its
-# model.pt is the bundled model (scripts/export_demo_model.py --respacing 2).
+# model.pt is the bundled (sixth) model (scripts/export_demo_model.py --respacing 2 --cases 9).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BRATS_DIR=${BRATS_DIR:-../shared/brats18}

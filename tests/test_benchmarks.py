@@ -325,3 +325,13 @@ def test_regions_benchmark_quick(capsys):
     assert set(result["slice_s"]) == {"whole_tumour", "regions"}
     assert result["slice_ratio"] > 0 and result["volume_ratio"] > 0
     assert all(s > 0 for s in result["volume_s"].values())
+
+
+def test_a_volume_run_on_a_stored_batching_choice_prints(capsys):
+    """A stored choice's report carries its timings but no probe time (nothing was timed)."""
+    volume = {"status": "ok", "volume": "case", "shape": [8, 8, 4], "brain_slices": 4, "num_ensemble": 5, "steps": 2,
+              "sampler": "ddpm", "precision": "bf16", "chains_per_call": 30, "slices_per_batch": 6, "seconds": 60.0,
+              "s_per_slice": 0.5, "load_s": 0.1,
+              "probe": {"chosen": 30, "from": "batching.json", "ms_per_chain": {5: 10.0, 30: 8.0}}}
+    bench_sampler.print_volume(volume)
+    assert "30 chains per call, the choice an earlier probe stored in batching.json" in capsys.readouterr().out

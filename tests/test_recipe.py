@@ -312,3 +312,31 @@ def test_clamped_variance_stays_between_its_bounds_and_the_reference_default_ext
 def test_models_trained_here_clamp_the_variance_and_reference_ones_do_not(x0_run):
     assert checkpoint.load_model(x0_run / "model.pt").sampling["clamp_variance"] is True
     assert checkpoint.DEFAULT_SAMPLING["clamp_variance"] is False
+
+
+def test_the_bundled_models_script_trains_every_case_in_two_step_budgeted_runs(tmp_path):
+    """scripts/train_bundled.sh: train_demo.sh on every case (no validation split), the kept
+    levers, 3,500 steps and then the marks run's 1,500 from the first run's model."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    brats = tmp_path / "brats"
+    for i in range(3):
+        (brats / f"Brats18_case_{i}").mkdir(parents=True)
+    calls = tmp_path / "calls"
+    fake = tmp_path / "fake_python"  # stands for diffseg-train: one line of arguments per run
+    fake.write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "BRATS_DIR": str(brats), "OUT": str(tmp_path / "final"), "PY": str(fake)}
+    subprocess.run(["bash", str(root / "scripts" / "train_bundled.sh")], env=env, check=True, capture_output=True)
+    first, marks = [line.split() for line in calls.read_text().splitlines()]
+    assert "--val_dir" not in first and len(list((tmp_path / "final" / "split" / "train").iterdir())) == 3
+    for run, steps in ((first, "3500"), (marks, "1500")):
+        assert run[len(run) - 1 - run[::-1].index("--max_steps") + 1] == steps  # the last one given wins
+        assert run[run.index("--input_norm") + 1] == "zscore" and "--augment_strong" in run
+        assert run[run.index("--cleanup_min_voxels") + 1] == "5000"
+    assert "--click_fraction" not in first
+    assert marks[marks.index("--init_from") + 1] == str(tmp_path / "final" / "model.pt")
+    assert marks[marks.index("--click_fraction") + 1] == "0.5"

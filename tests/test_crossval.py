@@ -45,27 +45,39 @@ def test_the_folds_are_four_of_four_and_mix_sites(tmp_path):
     assert folds[1] == ["Brats18_2013_20_1", "Brats18_CBICA_ALU_1", "Brats18_TCIA01_425_1", "Brats18_TCIA03_265_1"]
 
 
-def test_a_sampling_arm_scores_another_arms_fold_models_with_its_flags(tmp_path):
-    """zscore_flips trains nothing: it scores zscore's fold model on that fold's held-out cases
-    with --flip_members, and says which fold to run first where that model is missing."""
+def _fake_crossval(tmp_path):
+    """crossval.sh's environment on 16 empty case folders, with a stand-in for the Python that
+    runs diffseg-train (arguments appended to train_args; a progress CSV and a model written) and
+    diffseg-eval (arguments in eval_args; a report written). Returns (env, runs, docs, script)."""
     brats = tmp_path / "brats"
     for i in range(16):
         (brats / f"Brats18_case_{i:02d}").mkdir(parents=True)
     runs, docs = tmp_path / "runs", tmp_path / "docs"
+    fake = tmp_path / "fake_python"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    'while [ $# -gt 0 ]; do [ "$1" = --out_dir ] && out=$2; args+=("$1"); shift; done\n'
+                    'mkdir -p "$out"\n'
+                    f'if [ "${{args[1]}}" = napari_diffseg.train ]; then echo "${{args[@]}}" >> {tmp_path / "train_args"}; '
+                    'echo trained; echo step > "$out/progress.csv"; touch "$out/model.pt"\n'
+                    f'else echo "${{args[@]}}" > {tmp_path / "eval_args"}; '
+                    'echo "{}" > "$out/report.json"; echo report > "$out/report.md"; fi\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "BRATS_DIR": str(brats), "RUNS": str(runs), "DOCS": str(docs), "PY": str(fake)}
+    return env, runs, docs, str(ROOT / "scripts" / "crossval.sh")
+
+
+def test_a_sampling_arm_scores_another_arms_fold_models_with_its_flags(tmp_path):
+    """zscore_flips trains nothing: it scores zscore's fold model on that fold's held-out cases
+    with --flip_members, and says which fold to run first where that model is missing."""
+    env, runs, docs, script = _fake_crossval(tmp_path)
     trained = runs / "zscore" / "fold0"
     (trained / "split" / "val").mkdir(parents=True)
     (trained / "trained").touch()
     (trained / "model.pt").touch()
-    fake = tmp_path / "fake_python"  # stands for diffseg-eval: records its arguments, writes a report
-    fake.write_text("#!/usr/bin/env bash\n" f"echo \"$@\" > {tmp_path / 'args'}\n"
-                    'while [ $# -gt 0 ]; do [ "$1" = --out_dir ] && out=$2; shift; done\n'
-                    'mkdir -p "$out"; echo "{}" > "$out/report.json"; echo report > "$out/report.md"\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "BRATS_DIR": str(brats), "RUNS": str(runs), "DOCS": str(docs), "PY": str(fake)}
-    script = str(ROOT / "scripts" / "crossval.sh")
     done = subprocess.run(["bash", script, "zscore_flips", "0"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    args = (tmp_path / "args").read_text().split()
+    assert not (tmp_path / "train_args").exists()
+    args = (tmp_path / "eval_args").read_text().split()
     assert "--flip_members" in args
     assert args[args.index("--model_path") + 1] == str(trained / "model.pt")
     assert args[args.index("--data_dir") + 1] == str(trained / "split" / "val")
@@ -79,20 +91,7 @@ def test_a_sampling_arm_scores_another_arms_fold_models_with_its_flags(tmp_path)
 def test_an_arm_at_another_budget_trains_that_many_steps_in_its_own_folder(tmp_path):
     """ARM@N trains ARM's levers for N steps into runs/ARM@N (its own table row); ARM's sampling
     arm at that budget scores those models."""
-    brats = tmp_path / "brats"
-    for i in range(16):
-        (brats / f"Brats18_case_{i:02d}").mkdir(parents=True)
-    runs, docs = tmp_path / "runs", tmp_path / "docs"
-    fake = tmp_path / "fake_python"  # stands for diffseg-train and diffseg-eval: records, writes outputs
-    fake.write_text("#!/usr/bin/env bash\n"
-                    f'if [ "$2" = napari_diffseg.train ]; then echo "$@" >> {tmp_path / "train_args"}; echo trained; '
-                    f'else echo "$@" > {tmp_path / "eval_args"}; fi\n'
-                    'while [ $# -gt 0 ]; do [ "$1" = --out_dir ] && out=$2; shift; done\n'
-                    'mkdir -p "$out"; echo step > "$out/progress.csv"; touch "$out/model.pt"\n'
-                    'echo "{}" > "$out/report.json"; echo report > "$out/report.md"\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "BRATS_DIR": str(brats), "RUNS": str(runs), "DOCS": str(docs), "PY": str(fake)}
-    script = str(ROOT / "scripts" / "crossval.sh")
+    env, runs, docs, script = _fake_crossval(tmp_path)
     done = subprocess.run(["bash", script, "zscore@1000", "2"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     train = (tmp_path / "train_args").read_text().split()

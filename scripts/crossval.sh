@@ -16,7 +16,8 @@
 #   recipe     the bundled model's recipe: x0 prediction, Dice + BCE on the x0 estimate, 70 %
 #              tumour slices, cosine lr, flips, intensity and spatial augmentation
 #   regions, regions_baseline: `recipe` and `baseline` trained on WT, TC and ET (--regions brats);
-#              the table shows their whole tumour beside the other arms and every region apart
+#              the table shows their whole tumour beside the other arms and every region apart;
+#              regions_zscore_strong: `regions` with the kept whole-tumour levers (zscore_strong's)
 #   zscore, context, strong: `recipe` plus one lever each (the case statement below);
 #   zscore_context, zscore_strong: the next lever on top of the kept zscore; zscore_context_strong both;
 #   zscore_flips, baseline_flips: test-time flips (diffseg-eval --flip_members) on zscore's and
@@ -85,7 +86,8 @@ case $LEVERS in
   baseline_flips) TRAINED_AS=baseline$BUDGET; EVAL_FLAGS=(--flip_members) ;;  # the U-Net's: two passes averaged
   regions) FLAGS+=(--regions brats) ;;      # the tumour's parts: WT, TC, ET as three nested masks
   regions_baseline) OBJECTIVE=segmentation; FLAGS+=(--regions brats) ;;  # their same-budget U-Net
-  *) echo "unknown arm: $LEVERS (baseline, recipe, zscore, context, strong, zscore_context, zscore_strong, zscore_context_strong, zscore_flips, baseline_flips, regions, regions_baseline; ARM@STEPS for another budget)" >&2; exit 2 ;;
+  regions_zscore_strong) FLAGS+=(--regions brats --input_norm zscore --augment_strong) ;;  # the parts, kept levers
+  *) echo "unknown arm: $LEVERS (baseline, recipe, zscore, context, strong, zscore_context, zscore_strong, zscore_context_strong, zscore_flips, baseline_flips, regions, regions_baseline, regions_zscore_strong; ARM@STEPS for another budget)" >&2; exit 2 ;;
 esac
 
 OUT=$RUNS/$ARM/fold$FOLD

@@ -108,6 +108,25 @@ def test_an_arm_at_another_budget_trains_that_many_steps_in_its_own_folder(tmp_p
     assert unknown.returncode == 2 and "unknown arm: nonsense" in unknown.stderr
 
 
+@pytest.mark.parametrize("arm, objective, flags", [
+    ("regions", "diffusion", {"--regions": "brats"}),
+    ("regions_baseline", "segmentation", {"--regions": "brats"}),
+    ("regions_zscore_strong", "diffusion", {"--regions": "brats", "--input_norm": "zscore", "--augment_strong": None}),
+])
+def test_a_region_arm_trains_the_parts_with_its_levers(tmp_path, arm, objective, flags):
+    env, runs, docs, script = _fake_crossval(tmp_path)
+    done = subprocess.run(["bash", script, arm, "1"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    train = (tmp_path / "train_args").read_text().split()
+    assert train[train.index("--objective") + 1] == objective
+    for flag, value in flags.items():
+        assert flag in train, flag
+        if value is not None:
+            assert train[train.index(flag) + 1] == value
+    assert ("--input_norm" in train) == ("--input_norm" in flags)
+    assert train[train.index("--out_dir") + 1] == str(runs / arm / "fold1")
+
+
 def test_best_size_takes_the_highest_mean_and_the_smaller_on_a_tie():
     assert crossval_cleanup.best_size({0: [0.8, 0.9], 100: [0.85, 0.9], 500: [0.85, 0.9]}) == 100
     assert crossval_cleanup.best_size({0: [0.9], 100: [0.8]}) == 0

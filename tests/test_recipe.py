@@ -3,6 +3,9 @@ tumour oversampling, the learning-rate schedule across a resume, x0 prediction a
 loss. Each is stored in the checkpoint and honoured at sampling where sampling needs it."""
 
 import csv
+import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -317,10 +320,6 @@ def test_models_trained_here_clamp_the_variance_and_reference_ones_do_not(x0_run
 def test_the_bundled_models_script_trains_every_case_in_two_step_budgeted_runs(tmp_path):
     """scripts/train_bundled.sh: train_demo.sh on every case (no validation split), the kept
     levers, 3,500 steps and then the marks run's 1,500 from the first run's model."""
-    import os
-    import subprocess
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     brats = tmp_path / "brats"
     for i in range(3):

@@ -194,6 +194,30 @@ def test_segmenter_volume_skips_empty_slices(segmenters, geometry):
     assert np.any(result.probability[..., 0])
 
 
+def _outside_scan_band(shape, seed):
+    """Random images whose top rows are 0 in every modality (outside the scanned head), and a
+    pixel there where one modality alone is not 0 (inside: one modality is enough)."""
+    images = np.random.default_rng(seed).random(shape).astype(np.float32)
+    images[:, :6] = 0
+    images[2, 1, 1] = 0.5
+    outside = np.zeros(shape[1:3], bool)
+    outside[:6] = True
+    outside[1, 1] = False
+    return images, outside
+
+
+@pytest.mark.parametrize("geometry", ["pad", "resize"])
+def test_nothing_is_segmented_or_uncertain_outside_the_scan(segmenters, geometry):
+    images, outside = _outside_scan_band((4, 37, 45), seed=4)
+    result, _ = _run(segmenters[geometry], images, num_ensemble=3, respacing="3", seed=0, keep_samples=True)
+    for array in (result.probability, result.variance, result.mask, *result.samples):
+        assert not np.any(array[outside])
+    # the tiny random network puts something almost everywhere else, the lone pixel included
+    assert np.count_nonzero(result.samples[:, ~outside]) > 0.5 * result.samples[:, ~outside].size
+    assert np.all(result.samples[:, 1, 1] != 0)
+    np.testing.assert_allclose(result.probability, result.samples.mean(0), rtol=1e-5, atol=1e-6)
+
+
 def test_segmenter_reference_geometry_240(segmenters):
     images = np.random.default_rng(2).random((4, 240, 240)).astype(np.float32)
     result, progress = _run(segmenters["reference"], images, num_ensemble=1, respacing="3", seed=0,

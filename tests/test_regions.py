@@ -284,6 +284,17 @@ def test_the_regions_are_stored_in_the_model_and_honoured_at_sampling(region_mod
     assert lone.labels.shape == (30, 26) and lone.probability.shape == (3, 30, 26)
 
 
+@pytest.mark.parametrize("which", ["region_model", "region_baseline"])
+def test_a_region_models_parts_are_empty_outside_the_scan(which, request):
+    segmenter = Segmenter.load(request.getfixturevalue(which) / "model.pt", device="cpu")
+    images = np.random.default_rng(0).random((4, 30, 26)).astype(np.float32)
+    images[:, :, :5] = 0  # every modality 0: outside the scanned head
+    result = run_to_end(segmenter.run(images, SamplingOptions(num_ensemble=3, seed=0)))
+    for array in (result.probability, result.variance, result.samples[:, 0], result.samples[:, 2]):
+        assert not np.any(array[..., :5])
+    assert not np.any(result.labels[:, :5]) and np.any(result.probability[..., 5:])
+
+
 def test_a_region_model_takes_known_pixels_per_region_and_keeps_its_regions_on_resume(region_model, cases_dir,
                                                                                       tmp_path, capsys):
     segmenter = Segmenter.load(region_model / "model.pt", device="cpu")

@@ -523,14 +523,14 @@ def test_cleanup_box_removes_islands_of_a_whole_volume_result_at_every_threshold
     run_and_wait(qtbot, widget2)
     state2 = widget2.cases[CASE].result
     assert not state2.cleans_up and not widget2.review.cleanup.enabled
-    assert "whole-volume results only" in widget2.review.cleanup.text
+    assert "volumes only" in widget2.review.cleanup.text and "1,000,000" in widget2.review.cleanup.tooltip
     np.testing.assert_array_equal(viewer2.layers[f"{CASE} diffseg proposal"].data,
                                   ld.to_display((state2.probability > 0.5).astype(np.uint8)))
     # A whole-volume run of a model that stores no size: the box is off and says so.
     widget2.configure(persist=False, model_path=tiny, scope="volume")
     run_and_wait(qtbot, widget2)
     assert not widget2.cases[CASE].result.cleans_up and not widget2.review.cleanup.enabled
-    assert "stores no size" in widget2.review.cleanup.text
+    assert "model stores no size" in widget2.review.cleanup.text
 
 
 def test_a_model_that_stores_flips_runs_them_and_says_so(make_widget, qtbot, tmp_path):

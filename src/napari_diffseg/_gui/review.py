@@ -172,11 +172,12 @@ class ReviewPanel:
         state = None if case is None else case.result
         size = 0 if state is None else state.stored_cleanup
         acts = state is not None and size > 0 and state.is_volume and state.whole_volume
+        # short labels: a long one widened the dock past napari's side area (the widget then scrolled)
         if size <= 0:
-            self.cleanup.text = "3D clean-up (the model stores no size)"
+            self.cleanup.text = "3D clean-up (model stores no size)"
         else:
-            self.cleanup.text = f"3D clean-up: islands < {size:,} voxels removed" + (
-                "" if acts else " (whole-volume results only)")
+            self.cleanup.text = f"3D clean-up: < {size:,} voxels" if acts else "3D clean-up (volumes only)"
+        self.cleanup.tooltip = tooltips.CLEANUP + (f"; this model's size: {size:,} voxels" if size > 0 else "")
         self.cleanup.enabled = acts
 
     def _show_region(self, case: CaseResult | None) -> None:

@@ -84,8 +84,9 @@ class RunController:
         self.progress_bar.native.setFormat("step %v / %m")
         self.status = Label(value="ready")
         self.status.native.setWordWrap(True)
-        # Room for a wrapped message: a crowded dock would otherwise squeeze it to one cut line.
-        self.status.native.setMinimumHeight(3 * self.status.native.fontMetrics().lineSpacing())
+        # Room for a wrapped message: a crowded dock would otherwise squeeze it to one cut line
+        # (exactly three line spacings still cut a whole-volume run's three-line message).
+        self.status.native.setMinimumHeight(round(3.5 * self.status.native.fontMetrics().lineSpacing()))
         run_row = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False)
         run_row.margins = (0, 0, 0, 0)
         self.box = Container(widgets=[run_row, self.progress_bar, self.status], labels=False)

@@ -319,7 +319,8 @@ def test_models_trained_here_clamp_the_variance_and_reference_ones_do_not(x0_run
 
 def test_the_bundled_models_script_trains_every_case_in_two_step_budgeted_runs(tmp_path):
     """scripts/train_bundled.sh: train_demo.sh on every case (no validation split), the kept
-    levers, 3,500 steps and then the marks run's 1,500 from the first run's model."""
+    levers, 3,500 steps and then the marks run's 1,500 from the first run's model; with
+    REGIONS=brats the region model's one run of 5,000 steps."""
     root = Path(__file__).resolve().parents[1]
     brats = tmp_path / "brats"
     for i in range(3):
@@ -339,3 +340,13 @@ def test_the_bundled_models_script_trains_every_case_in_two_step_budgeted_runs(t
     assert "--click_fraction" not in first
     assert marks[marks.index("--init_from") + 1] == str(tmp_path / "final" / "model.pt")
     assert marks[marks.index("--click_fraction") + 1] == "0.5"
+    assert first[first.index("--regions") + 1] == "wt"
+
+    # The region model: one run of the whole budget, no marks run (it has no mark channels).
+    calls.unlink()
+    env = {**env, "REGIONS": "brats", "OUT": str(tmp_path / "regions")}
+    subprocess.run(["bash", str(root / "scripts" / "train_bundled.sh")], env=env, check=True, capture_output=True)
+    (only,) = [line.split() for line in calls.read_text().splitlines()]
+    assert only[only.index("--regions") + 1] == "brats" and only[only.index("--out_dir") + 1] == env["OUT"]
+    assert only[len(only) - 1 - only[::-1].index("--max_steps") + 1] == "5000"
+    assert only[only.index("--input_norm") + 1] == "zscore" and "--click_fraction" not in only

@@ -112,6 +112,13 @@ def test_a_wide_dock_puts_the_groups_side_by_side(make_napari_viewer, qtbot, tin
     assert window.height() == 700
     qtbot.waitUntil(lambda: widget._scroll.verticalScrollBar().isVisible(), timeout=5000)
     assert not widget._scroll.horizontalScrollBar().isVisible()
+    # A group that widens once docked (a longer label after a run) widens the dock, not a scroll bar.
+    docked_width, label = widget.width(), widget.review.cleanup.text
+    widget.review.cleanup.text = "3D clean-up: a label far wider than the dock was when it opened"
+    qtbot.waitUntil(lambda: widget.width() > docked_width, timeout=5000)
+    qtbot.wait(100)
+    assert not widget._scroll.horizontalScrollBar().isVisible()
+    widget.review.cleanup.text = label
     viewer.window.remove_dock_widget(dock)
 
     viewer.window.add_dock_widget(widget, name="Diffusion segmentation", area="bottom")

@@ -5,7 +5,7 @@ napari would grow its window past the screen to fit it."""
 
 from __future__ import annotations
 
-from qtpy.QtCore import QSize
+from qtpy.QtCore import QEvent, QObject, QSize
 from qtpy.QtWidgets import QBoxLayout, QFrame, QGroupBox, QScrollArea, QVBoxLayout, QWidget
 
 # From this width on the groups sit side by side; more than the three columns need at their narrowest.
@@ -22,6 +22,9 @@ class ColumnsWidget(QWidget):
         self._scroll.setWidgetResizable(True)
         self._scroll.setFrameShape(QFrame.Shape.NoFrame)
         self._scroll.setWidget(self._content)
+        # The scroll area keeps the content's size changes to itself: a group that widens after a
+        # run (a longer status, a figure) would leave the dock a few pixels short, and it scrolls sideways.
+        self._content.installEventFilter(self)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(self._scroll)
@@ -54,6 +57,11 @@ class ColumnsWidget(QWidget):
         direction = QBoxLayout.Direction.LeftToRight if wide else QBoxLayout.Direction.TopToBottom
         if self._root.direction() != direction:
             self._root.setDirection(direction)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+        if watched is self._content and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()  # the dock asks minimumSizeHint again
+        return super().eventFilter(watched, event)
 
     def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
         # Never narrower than the groups with the scroll bar beside them: a dock then scrolls up

@@ -132,7 +132,9 @@ def _quick_setup(tmp: Path):
 def main(argv=None) -> int:
     parser = make_parser(__doc__)
     parser.add_argument("--data_dir", default=str(REPO / "runs" / "val_slices"),
-                        help="labelled 2D slices (scripts/make_val_slices.py writes the 15 validation slices)")
+                        help="labelled 2D slices (scripts/make_val_slices.py writes the 15 validation slices of the "
+                        "earlier models' split, which the bundled seventh model trained on; "
+                        "../shared/seed-data/data/training holds 6 that no model saw)")
     parser.add_argument("--model_path", default=None, help="checkpoint (default: the bundled model)")
     parser.add_argument("--ensemble", type=int, default=5, help="members per slice (default 5)")
     parser.add_argument("--start_step", type=int, default=None,

@@ -318,6 +318,7 @@ def test_sample_cleanup_flag_removes_islands_and_defaults_to_the_models_size(tmp
     case_dir = tmp_path / "cases" / "vol"
     case_dir.mkdir(parents=True)
     volume = _volume(depth=5)
+    volume[volume == 0] = 0.05  # scanned everywhere: nothing is segmented outside a scan, and the islands fall anywhere
     for index, modality in enumerate(data.MODALITIES):
         data.save_nifti(case_dir / f"vol_{modality}.nii.gz", volume[index], np.eye(4))
 

@@ -209,9 +209,11 @@ def _outside_scan_band(shape, seed):
 @pytest.mark.parametrize("geometry", ["pad", "resize"])
 def test_nothing_is_segmented_or_uncertain_outside_the_scan(segmenters, geometry):
     images, outside = _outside_scan_band((4, 37, 45), seed=4)
-    result, _ = _run(segmenters[geometry], images, num_ensemble=3, respacing="3", seed=0, keep_samples=True)
-    for array in (result.probability, result.variance, result.mask, *result.samples):
+    result, progress = _run(segmenters[geometry], images, num_ensemble=3, respacing="3", seed=0, keep_samples=True)
+    previews = [p.preview[0] for p in progress]
+    for array in (result.probability, result.variance, result.mask, *result.samples, *previews):
         assert not np.any(array[outside])
+    assert len(previews) == 3 and np.any(previews[0][~outside])
     # the tiny random network puts something almost everywhere else, the lone pixel included
     assert np.count_nonzero(result.samples[:, ~outside]) > 0.5 * result.samples[:, ~outside].size
     assert np.all(result.samples[:, 1, 1] != 0)

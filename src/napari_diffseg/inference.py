@@ -459,8 +459,8 @@ class Segmenter:
                     estimate = step.pred_x0.reshape(len(zs), num_ensemble, *step.pred_x0.shape[-2:]).mean(1)
                 else:  # the whole tumour's channel
                     estimate = step.pred_x0[:, 0].reshape(len(zs), num_ensemble, *step.pred_x0.shape[-2:]).mean(1)
-                preview = self.loaded.geometry.from_network(estimate[:, None].clamp(0, 1), height,
-                                                            width)[:, 0].cpu().numpy()
+                back = self.loaded.geometry.from_network(estimate[:, None].clamp(0, 1), height, width)
+                preview = _zero_outside_scan(back, plan.volume, zs)[:, 0].cpu().numpy()  # as the result will be
             plan.tuner.step(time.perf_counter() - clock, len(zs) * num_ensemble)  # not the consumer's time
             yield progress(step.index + 1, step.total, preview)
             clock = time.perf_counter()

@@ -19,6 +19,7 @@ from typing import Callable, Generator
 import numpy as np
 import torch
 
+from .augment import brain_mask
 from .batching import (
     BatchingChoice, PaceTuner, batch_candidates, batching_file, device_name, drop_batching, most_chains,
     probe_batching, store_batching, stored_batching,
@@ -428,6 +429,7 @@ class Segmenter:
         and (S, K, H, W); its previews show the whole tumour)."""
         clock = time.perf_counter()
         net_in = self._network_input(plan, zs)
+        outside = _outside_scan(plan.volume, zs).to(self.device)  # (S, 1, H, W), once for the batch
         height, width = plan.shape[:2]
         regions = self.loaded.unet_config.mask_channels
         if self.loaded.deterministic:
@@ -436,7 +438,7 @@ class Segmenter:
                 mirrored = torch.sigmoid(self._one_pass(net_in.flip(LEFT_RIGHT), plan.options.precision))
                 network = (network + mirrored.flip(LEFT_RIGHT)) / 2
             probabilities = self.loaded.geometry.from_network(network, height, width)
-            probabilities = _zero_outside_scan(probabilities, plan.volume, zs)
+            probabilities = probabilities.masked_fill(outside, 0)
             members = probabilities[None, :, 0] if regions == 1 else probabilities[None]
             preview = None
             if previews.enabled:
@@ -460,7 +462,7 @@ class Segmenter:
                 else:  # the whole tumour's channel
                     estimate = step.pred_x0[:, 0].reshape(len(zs), num_ensemble, *step.pred_x0.shape[-2:]).mean(1)
                 back = self.loaded.geometry.from_network(estimate[:, None].clamp(0, 1), height, width)
-                preview = _zero_outside_scan(back, plan.volume, zs)[:, 0].cpu().numpy()  # as the result will be
+                preview = back.masked_fill(outside, 0)[:, 0].cpu().numpy()  # as the result will be
             plan.tuner.step(time.perf_counter() - clock, len(zs) * num_ensemble)  # not the consumer's time
             yield progress(step.index + 1, step.total, preview)
             clock = time.perf_counter()
@@ -468,7 +470,7 @@ class Segmenter:
             members = final.x.reshape(len(zs), num_ensemble, regions, *final.x.shape[-2:]).transpose(0, 1)
             back = self.loaded.geometry.from_network(members.reshape(-1, regions, *members.shape[-2:]).float(),
                                                      height, width)
-            back = _zero_outside_scan(back.reshape(num_ensemble, len(zs), regions, height, width), plan.volume, zs)
+            back = back.reshape(num_ensemble, len(zs), regions, height, width).masked_fill(outside, 0)
             if exact is not None:
                 # Each region exact where it is known, on the input's grid (mask (S, K, H, W)); the
                 # label map is nested after the mean (_Results.write), whatever was known.
@@ -479,7 +481,7 @@ class Segmenter:
         members = final.x.reshape(len(zs), num_ensemble, *final.x.shape[-2:]).transpose(0, 1)
         # Back to the input geometry per member, then statistics there.
         back = self.loaded.geometry.from_network(members.reshape(-1, 1, *members.shape[-2:]).float(), height, width)
-        back = _zero_outside_scan(back.reshape(num_ensemble, len(zs), 1, height, width), plan.volume, zs)[:, :, 0]
+        back = back.reshape(num_ensemble, len(zs), height, width).masked_fill(outside[:, 0], 0)
         if exact is not None:
             # Exact at the input's own resolution, whatever the resampling did.
             known_in, values_in = exact
@@ -562,13 +564,14 @@ def _checked_images(images: np.ndarray) -> np.ndarray:
     return images
 
 
-def _zero_outside_scan(members: torch.Tensor, volume: np.ndarray, zs: list[int]) -> torch.Tensor:
-    """Members (..., S, K, H, W) at 0 wherever every modality of the slice is 0: outside the
-    scanned (skull-stripped) head there is no tissue, so no tumour and no uncertainty. Left alone
-    the chains scatter faint members there (the seventh model: 3 % of the background above a
-    variance of 0.01), which the heatmap shows as speckle around the head."""
-    outside = torch.from_numpy(np.moveaxis(~volume[..., zs].any(axis=0), -1, 0))  # (S, H, W)
-    return members.masked_fill(outside[:, None].to(members.device), 0)
+def _outside_scan(volume: np.ndarray, zs: list[int]) -> torch.Tensor:
+    """(S, 1, H, W) bool: where every modality of slice z is 0 (the complement of
+    augment.brain_mask, the rule training and normalisation use). Outside the scanned
+    (skull-stripped) head there is no tissue, so members, mean, variance and previews are 0 there:
+    left alone the chains scatter faint members there (the seventh model: 3 % of the background
+    above a variance of 0.01), which the heatmap shows as speckle around the head."""
+    slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume[..., zs], -1, 0)))  # (S, 4, H, W)
+    return ~brain_mask(slices)[:, :1]
 
 
 def _zeros(_name: str, shape: tuple, dtype) -> np.ndarray:

@@ -317,6 +317,11 @@ def test_models_trained_here_clamp_the_variance_and_reference_ones_do_not(x0_run
     assert checkpoint.DEFAULT_SAMPLING["clamp_variance"] is False
 
 
+def _last_value(args: list[str], flag: str) -> str:
+    """The value of the last ``flag`` in a command line: the one diffseg-train keeps."""
+    return args[len(args) - args[::-1].index(flag)]
+
+
 def test_the_bundled_models_script_trains_every_case_in_two_step_budgeted_runs(tmp_path):
     """scripts/train_bundled.sh: train_demo.sh on every case (no validation split), the kept
     levers, 3,500 steps and then the marks run's 1,500 from the first run's model; with
@@ -334,7 +339,7 @@ def test_the_bundled_models_script_trains_every_case_in_two_step_budgeted_runs(t
     first, marks = [line.split() for line in calls.read_text().splitlines()]
     assert "--val_dir" not in first and len(list((tmp_path / "final" / "split" / "train").iterdir())) == 3
     for run, steps in ((first, "3500"), (marks, "1500")):
-        assert run[len(run) - 1 - run[::-1].index("--max_steps") + 1] == steps  # the last one given wins
+        assert _last_value(run, "--max_steps") == steps
         assert run[run.index("--input_norm") + 1] == "zscore" and "--augment_strong" in run
         assert run[run.index("--cleanup_min_voxels") + 1] == "5000"
     assert "--click_fraction" not in first
@@ -348,5 +353,5 @@ def test_the_bundled_models_script_trains_every_case_in_two_step_budgeted_runs(t
     subprocess.run(["bash", str(root / "scripts" / "train_bundled.sh")], env=env, check=True, capture_output=True)
     (only,) = [line.split() for line in calls.read_text().splitlines()]
     assert only[only.index("--regions") + 1] == "brats" and only[only.index("--out_dir") + 1] == env["OUT"]
-    assert only[len(only) - 1 - only[::-1].index("--max_steps") + 1] == "5000"
+    assert _last_value(only, "--max_steps") == "5000"
     assert only[only.index("--input_norm") + 1] == "zscore" and "--click_fraction" not in only

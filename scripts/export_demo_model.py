@@ -3,12 +3,14 @@
 Keeps only the EMA weights (what inference uses), records the sampling defaults chosen
 from the evaluation (over the model's own, such as its clean-up size), and the data citation:
     python scripts/export_demo_model.py runs/final/marks/model.pt --respacing 2 [--sampler ddpm] [--cases 16]
+    python scripts/export_demo_model.py runs/final_regions/model.pt --respacing 2   # the region model
+The file goes where the bundled model of its regions lives (checkpoint.BUNDLED_MODELS), unless --out.
 """
 
 import argparse
 from pathlib import Path
 
-from napari_diffseg.checkpoint import DEMO_MODEL, MASK_CLIP_RANGE, atomic_save, read_checkpoint
+from napari_diffseg.checkpoint import BUNDLED_MODELS, MASK_CLIP_RANGE, atomic_save, read_checkpoint
 
 CITATION = (
     "Trained on {cases} BraTS 2018 training cases. Cite: Menze et al., IEEE TMI 34(10):1993-2024, 2015; "
@@ -23,9 +25,11 @@ def main() -> None:
     parser.add_argument("--sampler", default="ddpm")
     parser.add_argument("--num_ensemble", type=int, default=5)
     parser.add_argument("--cases", type=int, default=16, help="BraTS cases the model trained on (for the citation)")
-    parser.add_argument("--out", type=Path, default=DEMO_MODEL)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: the bundled model's file for the model's regions (wt or brats)")
     args = parser.parse_args()
     payload = read_checkpoint(args.model)
+    out = args.out or BUNDLED_MODELS[payload.get("regions", "wt")]
     weights = payload["weights"]
     payload["weights"] = {"model": weights.get("ema") or weights["model"]}
     # the training run's stored choices (clean-up size, flips) stay; the preset is set here
@@ -34,8 +38,8 @@ def main() -> None:
                            "clamp_variance": True}
     payload["citation"] = CITATION.format(cases=args.cases)
     payload.pop("train_args", None)
-    atomic_save(payload, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) from step {payload.get('step')}")
+    atomic_save(payload, out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) from step {payload.get('step')}")
 
 
 if __name__ == "__main__":

@@ -288,7 +288,7 @@ def test_refine_errors_are_one_notification(make_widget, qtbot, monkeypatch, cap
     _refused(qtbot, widget, "no layer chosen for t2")
     widget.pickers.set_layer("t2", "t2")
 
-    monkeypatch.setattr(models, "demo_model_available", lambda: False)
+    monkeypatch.setattr(models, "demo_model_available", lambda *_: False)
     widget.configure(persist=False, model_path="")  # no model
     _refused(qtbot, widget, "choose a checkpoint")
     monkeypatch.undo()

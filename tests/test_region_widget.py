@@ -185,6 +185,38 @@ def test_the_binary_model_keeps_its_widget_and_a_region_run_replaces_its_result(
     np.testing.assert_array_equal(viewer.layers[f"{CASE} diffseg proposal"].data, _labels(state))
 
 
+def test_the_bundled_models_are_a_choice_in_the_model_group(make_widget, qtbot, region_checkpoint, tiny_checkpoint,
+                                                            monkeypatch, tmp_path):
+    """Both bundled models installed (tiny ones in their place): the Model group offers them; the
+    region model's run gives a label map, the whole tumour's a mask; a chosen checkpoint runs
+    instead and greys the choice out. With one installed there is no choice to make."""
+    from napari_diffseg import checkpoint
+
+    monkeypatch.setitem(checkpoint.BUNDLED_MODELS, "wt", tiny_checkpoint)
+    monkeypatch.setitem(checkpoint.BUNDLED_MODELS, "brats", region_checkpoint)
+    viewer, widget = make_widget(shape=(32, 32, 4), num_ensemble=2, model_path="", scope="slice")
+    box = widget.model
+    assert not box.bundled.native.isHidden() and box.bundled.choices == ("wt", "brats")
+    widget.configure(persist=False, bundled_model="brats")
+    assert "tumour's parts" in box.model_status.value and box.bundled.enabled
+    run_and_wait(qtbot, widget)
+    assert widget.cases[CASE].result.multi_region
+    assert set(np.unique(viewer.layers[f"{CASE} diffseg proposal"].data)) <= BRATS
+
+    widget.configure(persist=False, bundled_model="wt")
+    assert "whole tumour" in box.model_status.value
+    run_and_wait(qtbot, widget)
+    assert not widget.cases[CASE].result.multi_region
+    assert widget.review.region.native.isHidden()
+
+    widget.configure(persist=False, model_path=str(region_checkpoint))
+    assert not box.bundled.enabled and str(region_checkpoint) in box.model_status.value
+
+    monkeypatch.setitem(checkpoint.BUNDLED_MODELS, "brats", tmp_path / "not_installed.pt")
+    _, single = make_widget(model_path="", bundled_model="brats")
+    assert single.model.bundled.native.isHidden() and single.current_settings().bundled_model == "wt"
+
+
 def test_the_demo_with_a_region_model_shows_a_region_and_writes_a_label_map(tmp_path):
     """``python -m napari_diffseg.demo --model REGION_MODEL --region et``: the ET uncertainty on show
     in the screenshot, and the files diffseg-sample writes for a region model (a label map, and a

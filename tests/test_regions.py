@@ -407,6 +407,25 @@ def test_sample_with_the_region_baseline(region_baseline, cases_dir, tmp_path):
     assert metrics["sampler"] == "one pass (deterministic U-Net)" and metrics["cleanup_min_voxels"] == 5
 
 
+def test_sample_runs_the_bundled_model_that_bundled_names(region_model, cases_dir, tmp_path, monkeypatch, capsys):
+    """--bundled brats runs the bundled region model (here a tiny one in its place); a missing one,
+    or --bundled beside --model_path, is a plain error naming the fix."""
+    monkeypatch.setitem(checkpoint.BUNDLED_MODELS, "brats", tmp_path / "not_installed.pt")
+    args = ["--data_dir", str(cases_dir / "Case_1"), "--num_ensemble", "2", "--timestep_respacing", "3",
+            "--device", "cpu", "--no_progress"]
+    assert sample.main([*args, "--out_dir", str(tmp_path / "a"), "--bundled", "brats"]) == 2
+    err = capsys.readouterr().err
+    assert "not_installed.pt" in err and "is not installed" in err and "give a model checkpoint" in err
+    assert sample.main([*args, "--out_dir", str(tmp_path / "b"), "--bundled", "brats", "--model_path",
+                        str(region_model / "model.pt")]) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+    monkeypatch.setitem(checkpoint.BUNDLED_MODELS, "brats", region_model / "model.pt")
+    assert sample.main([*args, "--out_dir", str(tmp_path / "c"), "--bundled", "brats"]) == 0
+    metrics = _check_region_outputs(tmp_path / "c" / "Case_1", cases_dir, "Case_1")
+    assert metrics["regions"] == ["wt", "tc", "et"]
+
+
 def test_a_whole_tumour_model_keeps_its_files_and_figures(cases_dir, tmp_path):
     model = save_tiny_checkpoint(tmp_path / "tiny.pt", Geometry(resize_to=32))
     out = tmp_path / "out"

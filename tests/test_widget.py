@@ -126,13 +126,14 @@ def test_settings_file_is_forgiving(tmp_path):
     assert load_settings() == Settings(device="cpu", steps="50 steps")
     save_settings(Settings(num_ensemble=9))
     assert load_settings().num_ensemble == 9
-    # The file of an older version (no eta, no cleanup) loads; the keys are those it always had, and the new ones.
+    # The file of an older version (no eta, no cleanup, no bundled model) loads; the keys are those it
+    # always had, and the new ones.
     old = {"model_path": "", "flags_path": "", "num_ensemble": 7, "steps": "", "sampler": "ddim", "device": "auto",
            "precision": "auto", "seed": 3, "scope": "slice", "keep_members": True, "threshold": 0.4}
     settings_path().write_text(json.dumps(old))
     assert load_settings() == Settings(**old)
     save_settings(load_settings())
-    assert json.loads(settings_path().read_text()) == {**old, "eta": 0.0, "cleanup": True}
+    assert json.loads(settings_path().read_text()) == {**old, "bundled_model": "wt", "eta": 0.0, "cleanup": True}
 
 
 def test_widget_feeds_the_model_what_the_core_loader_reads():
@@ -358,7 +359,7 @@ def test_bad_checkpoints_and_out_of_memory_give_notifications(make_widget, qtbot
 def test_missing_demo_model_is_explained(make_widget, qtbot, monkeypatch):
     from napari_diffseg._gui import models
 
-    monkeypatch.setattr(models, "demo_model_available", lambda: False)
+    monkeypatch.setattr(models, "demo_model_available", lambda *_: False)
     viewer, widget = make_widget(model_path="")
     qtbot.waitUntil(lambda: any("no bundled demo model" in text for _, text in widget.messages), timeout=5000)
     assert "choose a checkpoint" in widget.model.model_status.value

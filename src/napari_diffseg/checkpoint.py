@@ -26,7 +26,12 @@ from .unet import UNET_FLAG_DEFAULTS, UNet, UNetConfig
 
 FORMAT = "napari-diffseg-checkpoint"
 FORMAT_VERSION = 1
-DEMO_MODEL = Path(__file__).parent / "weights" / "demo_brats2d.pt"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+# The bundled models, by the regions they segment (diffseg-train --regions). Either file may be
+# missing from an installation (the region model came later): bundled_model() says so.
+BUNDLED_MODELS = {"wt": WEIGHTS_DIR / "demo_brats2d.pt", "brats": WEIGHTS_DIR / "demo_brats2d_regions.pt"}
+BUNDLED_TITLES = {"wt": "the whole tumour", "brats": "the tumour's parts (WT, TC, ET)"}
+DEMO_MODEL = BUNDLED_MODELS["wt"]
 
 # Sampler settings a checkpoint falls back to when it records none (the paper's method).
 DEFAULT_SAMPLING = {"timestep_respacing": "", "sampler": "ddpm", "num_ensemble": 5, "clip_range": [-1.0, 1.0],
@@ -317,6 +322,23 @@ def _our_parts(payload: dict, path: Path, use_ema: bool) -> tuple[UNetConfig, Di
     return unet_config, diffusion_config, state
 
 
+def installed_bundled_models() -> list[str]:
+    """The regions ("wt", "brats") whose bundled model this installation holds."""
+    return [regions for regions, path in BUNDLED_MODELS.items() if path.is_file()]
+
+
+def bundled_model(regions: str = "wt") -> Path:
+    """The bundled model's file for ``regions`` (DiffSegError naming the fix where it is missing)."""
+    if regions not in BUNDLED_MODELS:
+        raise DiffSegError(f"no bundled model segments {regions!r}; the bundled models are "
+                           f"{', '.join(BUNDLED_MODELS)} ({', '.join(BUNDLED_TITLES.values())})")
+    path = BUNDLED_MODELS[regions]
+    if not path.is_file():
+        raise DiffSegError(f"{path}: the bundled model of {BUNDLED_TITLES[regions]} is not installed; reinstall "
+                           "napari-diffseg or give a model checkpoint", setting="model_path")
+    return path
+
+
 def _stored_regions(payload: dict, unet_config: UNetConfig, path: Path) -> str:
     """The regions a checkpoint's model segments ("wt" where it records none: every checkpoint
     written before regions existed), checked against its network's mask channels."""
@@ -342,9 +364,8 @@ def load_model(
     flags must be given; it runs with the reference's geometry (240 -> 224 crop).
     """
     path = Path(path) if path is not None else DEMO_MODEL
-    if path == DEMO_MODEL and not path.is_file():
-        raise DiffSegError(f"{path}: the bundled demo model is missing; reinstall napari-diffseg or give a model "
-                           "checkpoint", setting="model_path")
+    if path in BUNDLED_MODELS.values():
+        bundled_model(next(r for r, p in BUNDLED_MODELS.items() if p == path))  # missing: says so
     payload = read_checkpoint(path)
     if is_ours(payload):
         unet_config, diffusion_config, state = _our_parts(payload, path, use_ema)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import MODEL_FLAG_DEFAULTS, reference_flags
+from .checkpoint import BUNDLED_MODELS, BUNDLED_TITLES, MODEL_FLAG_DEFAULTS, bundled_model, reference_flags
 from .errors import DiffSegError
 from .options import SamplingOptions
 
@@ -124,6 +124,30 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                         help="chains per network call: auto (default, or $NAPARI_DIFFSEG_BATCHING: a short timed "
                         "probe picks the fastest for this model, input size and precision and keeps the choice "
                         "for later runs) or a number; it changes the speed and only the rounding of the results")
+
+
+def add_model_path_flags(parser: argparse.ArgumentParser, dest: str = "model_path") -> None:
+    """The checkpoint to run (``--model_path``, or the demo's ``--model``) and, where none is given,
+    which bundled model (``--bundled``)."""
+    flag = "--model" if dest == "model" else "--model_path"
+    parser.add_argument(flag, dest=dest, default=None,
+                        help="checkpoint (default: the bundled model that --bundled names)")
+    parser.add_argument("--bundled", choices=list(BUNDLED_MODELS), default=None,
+                        help="the bundled model to run when no checkpoint is given: "
+                        + "; ".join(f"{key} {title}" for key, title in BUNDLED_TITLES.items()) + " (default: wt)")
+
+
+def model_path_from_args(args: argparse.Namespace, dest: str = "model_path") -> Path:
+    """The checkpoint ``args`` name: the given one, else the chosen bundled model (DiffSegError where
+    both are given, or the bundled one is not installed)."""
+    given = getattr(args, dest)
+    if given:
+        if args.bundled is not None:
+            flag = "--model" if dest == "model" else "--model_path"
+            raise DiffSegError(f"--bundled {args.bundled} and {flag} {given}: give one of them (--bundled chooses "
+                               f"among the bundled models, {flag} names any other checkpoint)")
+        return Path(given).expanduser()
+    return bundled_model(args.bundled or "wt")
 
 
 def sampling_options_from_args(args: argparse.Namespace, **given) -> SamplingOptions:

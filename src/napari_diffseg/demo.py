@@ -11,7 +11,7 @@
         # saves refine.png while the refine is under way (docs/refine.png is made so)
 
 It uses the bundled demo model and its default sampling settings unless told otherwise
-(--model, --flags, --steps, --ensemble, --sampler, --device, --seed). The widget's saved
+(--model or --bundled, --flags, --steps, --ensemble, --sampler, --device, --seed). The widget's saved
 settings are neither used nor changed.
 """
 
@@ -49,6 +49,8 @@ def _rerun_under_xvfb(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli import add_model_path_flags
+
     parser = argparse.ArgumentParser(
         prog="python -m napari_diffseg.demo",
         description="Open napari with a BraTS sample case and the diffusion-segmentation widget, and segment it.",
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="save the screenshot and results, then quit (implied when there is no display)")
     parser.add_argument("--sample", choices=sorted(SAMPLES), default="slice",
                         help="the BraTS slice (default), the 16-slice BraTS volume, or the synthetic phantom")
-    parser.add_argument("--model", default="", help="checkpoint (default: the bundled demo model)")
+    add_model_path_flags(parser, dest="model")
     parser.add_argument("--flags", default="", help="model flags JSON for a reference checkpoint")
     parser.add_argument("--steps", default="model default", help="respacing, e.g. 50 or ddim25")
     parser.add_argument("--ensemble", type=int, default=None, help="ensemble size (default: the model's)")
@@ -230,13 +232,14 @@ def _run(args) -> int:
     from qtpy.QtWidgets import QApplication
 
     from . import _layerdata as ld
-    from .checkpoint import DEMO_MODEL, read_checkpoint
+    from .checkpoint import read_checkpoint
+    from .cli import model_path_from_args
 
-    if not args.model and not DEMO_MODEL.is_file():
-        raise DiffSegError("the bundled demo model is not installed; give a checkpoint with --model PATH")
-    if args.region is not None and read_checkpoint(args.model or DEMO_MODEL).get("regions", "wt") == "wt":
+    model = model_path_from_args(args, dest="model")  # the bundled model missing: says so, names the fix
+    if args.region is not None and read_checkpoint(model).get("regions", "wt") == "wt":
         raise DiffSegError(f"--region {args.region}: {args.model or 'the bundled model'} segments the whole tumour "
-                           "only; leave --region out or give a region model (diffseg-train --regions brats)")
+                           "only; leave --region out, or run a region model (--bundled brats, or a checkpoint of "
+                           "diffseg-train --regions brats)")
     out = Path(args.out)
     viewer = napari.Viewer(title="napari-diffseg demo", show=True)
     if args.headless:
@@ -245,13 +248,13 @@ def _run(args) -> int:
     # Docked as napari docks a plugin's widget (the Plugins menu, `napari -w`): through the manifest.
     _, widget = viewer.window.add_plugin_dock_widget("napari-diffseg", "Diffusion segmentation")
     widget.persist_settings = False  # the demo's choices are not the user's
-    settings = {"model_path": args.model, "flags_path": args.flags, "steps": args.steps, "sampler": args.sampler,
-                "device": args.device, "seed": args.seed, "scope": "volume", "keep_members": False,
-                "threshold": 0.5}
+    settings = {"model_path": args.model or "", "bundled_model": args.bundled or "wt", "flags_path": args.flags,
+                "steps": args.steps, "sampler": args.sampler, "device": args.device, "seed": args.seed,
+                "scope": "volume", "keep_members": False, "threshold": 0.5}
     if args.ensemble is not None:
         settings["num_ensemble"] = args.ensemble
     else:  # loaded into the widget's model cache: its run finds it there
-        segmenter = widget.runner.cache.get(args.model or None, args.flags or None, args.device)
+        segmenter = widget.runner.cache.get(str(model), args.flags or None, args.device)
         settings["num_ensemble"] = int(segmenter.defaults["num_ensemble"])
     widget.configure(persist=False, **settings)
     app = QApplication.instance()

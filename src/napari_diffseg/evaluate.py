@@ -55,9 +55,9 @@ import numpy as np
 import torch
 
 from . import data, metrics
-from .cli import (add_model_flags, add_sampling_flags, guarded, json_safe, make_parser, positive_int,
-                  reference_flags_from_args, sampling_options_from_args, slab_indices, slice_range,
-                  slice_text)
+from .cli import (add_model_flags, add_model_path_flags, add_sampling_flags, guarded, json_safe, make_parser,
+                  model_path_from_args, positive_int, reference_flags_from_args, sampling_options_from_args,
+                  slab_indices, slice_range, slice_text)
 from .ensemble import THRESHOLD, ensemble_statistics
 from .errors import DiffSegError
 from .files import atomic_write, check_writable_folder
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Evaluate a diffusion segmentation ensemble against ground truth: Dice, HD95, "
         "uncertainty-vs-error AUROC; writes report.json, report.md and plots.",
     )
-    parser.add_argument("--model_path", default=None, help="checkpoint (default: the bundled demo model)")
+    add_model_path_flags(parser)
     parser.add_argument("--flags_json", help="JSON of the reference model flags (e.g. the flags.json beside a checkpoint)")
     parser.add_argument("--data_dir", required=True, help="case folders with ground truth (cases without are skipped)")
     parser.add_argument("--out_dir", required=True, help="where report.json, report.md and the plots go")
@@ -564,8 +564,8 @@ def main(argv=None) -> int:
     from .checkpoint import ONE_PASS
     from .inference import Segmenter  # torch: only once the inputs look right
 
-    segmenter = Segmenter.load(args.model_path, device=args.device, reference_flags=reference_flags_from_args(args),
-                               compile=args.compile)
+    segmenter = Segmenter.load(model_path_from_args(args), device=args.device,
+                               reference_flags=reference_flags_from_args(args), compile=args.compile)
     options = sampling_options_from_args(args)
     respacing = segmenter.defaults["timestep_respacing"] if options.respacing is None else options.respacing
     deterministic = segmenter.loaded.deterministic

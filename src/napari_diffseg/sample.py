@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from . import data, metrics
-from .cli import (add_model_flags, add_sampling_flags, guarded, json_safe, make_parser, reference_flags_from_args,
-                  sampling_options_from_args, slab_indices, slice_range, slice_text)
+from .cli import (add_model_flags, add_model_path_flags, add_sampling_flags, guarded, json_safe, make_parser,
+                  model_path_from_args, reference_flags_from_args, sampling_options_from_args, slab_indices,
+                  slice_range, slice_text)
 from .errors import DiffSegError
 from .files import atomic_write, check_writable_folder
 from .checkpoint import ONE_PASS
@@ -48,8 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     for modality in data.MODALITIES:
         source.add_argument(f"--{modality}", help=f"{modality} NIfTI file of one case")
     source.add_argument("--seg", help="optional ground truth for the four files (adds metrics.json)")
-    parser.add_argument("--model_path", default=None, help="checkpoint (default: the bundled demo model); "
-                        "a reference checkpoint needs its model flags, given as flags or --flags_json")
+    add_model_path_flags(parser)  # a reference checkpoint needs its model flags, as flags or --flags_json
     parser.add_argument("--flags_json", help="JSON of the reference model flags (e.g. the flags.json beside a checkpoint)")
     parser.add_argument("--num_ensemble", type=int, default=5, help="chains per slice: ensemble members")
     add_sampling_flags(parser)
@@ -211,8 +211,8 @@ def main(argv=None) -> int:
     check_writable_folder(out_dir, setting="out_dir")
     cases = _cases(args)
     options = sampling_options_from_args(args, num_ensemble=args.num_ensemble)
-    segmenter = Segmenter.load(args.model_path, device=device, reference_flags=reference_flags_from_args(args),
-                               compile=args.compile)
+    segmenter = Segmenter.load(model_path_from_args(args), device=device,
+                               reference_flags=reference_flags_from_args(args), compile=args.compile)
     cleanup = int(segmenter.defaults.get("cleanup_min_voxels", 0) if args.cleanup is None else args.cleanup)
     mine = cases[rank::world]
     rows = []

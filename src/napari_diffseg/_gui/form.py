@@ -171,29 +171,43 @@ def _path_control(edit: FileEdit) -> TextControl:
     return TextControl(lambda: _path_text(edit), lambda text: setattr(edit, "value", text or None), edit.changed)
 
 
+BUNDLED_CHOICES = [("whole tumour", "wt"), ("tumour parts: WT, TC, ET", "brats")]
+
+
 class ModelBox:
-    """The "Model" group: a checkpoint (empty: the bundled demo model), the flags JSON a
-    reference-code checkpoint needs, and a line on what will be loaded."""
+    """The "Model" group: a checkpoint (empty: the bundled model chosen below it, where more than
+    one is installed), the flags JSON a reference-code checkpoint needs, and a line on what will
+    be loaded."""
 
     def __init__(self, notify: Callable[[str, str], None]):
+        from ..checkpoint import installed_bundled_models
+
         self._notify = notify
         self.model_path = FileEdit(mode="r", filter="Checkpoints (*.pt *.pth *.ckpt)", nullable=True,
                                    label="checkpoint", tooltip=tooltips.CHECKPOINT)
-        self.model_path.line_edit.native.setPlaceholderText("bundled demo model")
+        self.model_path.line_edit.native.setPlaceholderText("bundled model")
+        installed = installed_bundled_models()
+        self.bundled = ComboBox(choices=[c for c in BUNDLED_CHOICES if c[1] in installed] or BUNDLED_CHOICES[:1],
+                                label="bundled model", tooltip=tooltips.BUNDLED)
+        self.bundled.visible = len(installed) > 1  # a choice only where there is one
         self.flags_path = FileEdit(mode="r", filter="JSON (*.json)", nullable=True, label="flags JSON",
                                    tooltip=tooltips.FLAGS)
         self.flags_path.line_edit.native.setPlaceholderText("only for the reference code's checkpoints")
         self.model_status = Label(label="")
         self.model_status.native.setWordWrap(True)
-        self.box = Container(widgets=[self.model_path, self.flags_path, self.model_status])
-        for edit in (self.model_path, self.flags_path):
+        self.box = Container(widgets=[self.model_path, self.bundled, self.flags_path, self.model_status])
+        for edit in (self.model_path, self.bundled, self.flags_path):
             edit.changed.connect(self.update_status)
 
     def controls(self) -> dict:
-        return {"model_path": _path_control(self.model_path), "flags_path": _path_control(self.flags_path)}
+        return {"model_path": _path_control(self.model_path), "bundled_model": self.bundled,
+                "flags_path": _path_control(self.flags_path)}
 
     def update_status(self, *_, warn: bool = False) -> None:
+        from ..checkpoint import BUNDLED_TITLES
+
         path = _path_text(self.model_path)
+        self.bundled.enabled = not path  # a chosen checkpoint runs instead
         if path:
             text = f"checkpoint: {path}"
             name = path.replace("\\", "/").rsplit("/", 1)[-1].lower()
@@ -201,8 +215,9 @@ class ModelBox:
                 text += ("\nthis looks like a checkpoint of the reference code: choose its model flags "
                          "in the 'flags JSON' field")
             self.model_status.value = text
-        elif models.demo_model_available():
-            self.model_status.value = "the bundled demo model (BraTS 2018, 2D slices)"
+        elif models.demo_model_available(self.bundled.value):
+            title = BUNDLED_TITLES[self.bundled.value]
+            self.model_status.value = f"the bundled model of {title} (BraTS 2018, 2D slices)"
         else:
             text = ("no bundled demo model in this installation: choose a checkpoint file (.pt) "
                     "in the 'checkpoint' field")

@@ -20,7 +20,7 @@ from ..refine import refine_chain
 from ..regions import clean_labels, region_names
 from .figures import evaluate_result
 from .inputs import Inputs
-from .models import MODEL_CACHE, ModelCache
+from .models import MODEL_CACHE, ModelCache, model_to_load
 from .settings import Settings
 
 PREVIEW_INTERVAL = 0.1  # seconds between preview redraws (at most ~10 a second)
@@ -138,7 +138,7 @@ def run_job(request: RunRequest, cache: ModelCache = MODEL_CACHE, partial: Parti
 
     start = time.monotonic()
     settings = request.settings
-    segmenter = cache.get(settings.model_path or None, settings.flags_path or None, settings.device)
+    segmenter = cache.get(model_to_load(settings), settings.flags_path or None, settings.device)
     images = prepare_images(request.inputs, request.z)
     check_refine_fits(request, segmenter.loaded.region_names, images.ndim - 1)
     source = None

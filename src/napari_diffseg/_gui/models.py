@@ -68,7 +68,15 @@ class ModelCache:
 MODEL_CACHE = ModelCache()
 
 
-def demo_model_available() -> bool:
-    from ..checkpoint import DEMO_MODEL
+def demo_model_available(regions: str = "wt") -> bool:
+    """Whether the bundled model of ``regions`` ("wt", "brats") is installed."""
+    from ..checkpoint import installed_bundled_models
 
-    return DEMO_MODEL.is_file()
+    return regions in installed_bundled_models()
+
+
+def model_to_load(settings) -> str:
+    """The checkpoint a run of ``settings`` loads: the chosen file, else the chosen bundled model's."""
+    from ..checkpoint import BUNDLED_MODELS, DEMO_MODEL
+
+    return settings.model_path or str(BUNDLED_MODELS.get(settings.bundled_model, DEMO_MODEL))

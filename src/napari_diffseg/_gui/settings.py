@@ -43,7 +43,8 @@ def _run_option(default):
 
 @dataclass(frozen=True)
 class Settings:
-    model_path: str = ""  # "" = the bundled demo model
+    model_path: str = ""  # "" = the bundled model that bundled_model names
+    bundled_model: str = "wt"  # "wt" the whole-tumour model, "brats" the region model (checkpoint.BUNDLED_MODELS)
     flags_path: str = ""  # model flags JSON for a reference checkpoint
     num_ensemble: int = _run_option(5)
     steps: str = ""  # "" = the model's default respacing; a preset label or a respacing spec ("50", "ddim25")

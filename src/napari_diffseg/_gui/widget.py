@@ -222,7 +222,7 @@ class DiffSegWidget(ColumnsWidget):
             return
         if request is None:
             return
-        if not request.settings.model_path and not models.demo_model_available():
+        if not request.settings.model_path and not models.demo_model_available(request.settings.bundled_model):
             self.notify("no model: the bundled demo model is not installed; choose a checkpoint file (.pt) "
                         "in the 'checkpoint' field", "error")
             return

@@ -129,8 +129,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 def add_model_path_flags(parser: argparse.ArgumentParser, dest: str = "model_path") -> None:
     """The checkpoint to run (``--model_path``, or the demo's ``--model``) and, where none is given,
     which bundled model (``--bundled``)."""
-    flag = "--model" if dest == "model" else "--model_path"
-    parser.add_argument(flag, dest=dest, default=None,
+    parser.add_argument(f"--{dest}", default=None,
                         help="checkpoint (default: the bundled model that --bundled names)")
     parser.add_argument("--bundled", choices=list(BUNDLED_MODELS), default=None,
                         help="the bundled model to run when no checkpoint is given: "
@@ -143,9 +142,8 @@ def model_path_from_args(args: argparse.Namespace, dest: str = "model_path") -> 
     given = getattr(args, dest)
     if given:
         if args.bundled is not None:
-            flag = "--model" if dest == "model" else "--model_path"
-            raise DiffSegError(f"--bundled {args.bundled} and {flag} {given}: give one of them (--bundled chooses "
-                               f"among the bundled models, {flag} names any other checkpoint)")
+            raise DiffSegError(f"--bundled {args.bundled} and --{dest} {given}: give one of them (--bundled chooses "
+                               f"among the bundled models, --{dest} names any other checkpoint)")
         return Path(given).expanduser()
     return bundled_model(args.bundled or "wt")
 

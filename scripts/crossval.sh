@@ -17,7 +17,8 @@
 #              tumour slices, cosine lr, flips, intensity and spatial augmentation
 #   regions, regions_baseline: `recipe` and `baseline` trained on WT, TC and ET (--regions brats);
 #              the table shows their whole tumour beside the other arms and every region apart;
-#              regions_zscore_strong: `regions` with the kept whole-tumour levers (zscore_strong's)
+#              regions_zscore_strong: `regions` with the kept whole-tumour levers (zscore_strong's),
+#              regions_baseline_zscore_strong: its U-Net (regions_baseline with the same levers)
 #   zscore, context, strong: `recipe` plus one lever each (the case statement below);
 #   zscore_context, zscore_strong: the next lever on top of the kept zscore; zscore_context_strong both;
 #   zscore_flips, baseline_flips: test-time flips (diffseg-eval --flip_members) on zscore's and
@@ -87,7 +88,8 @@ case $LEVERS in
   regions) FLAGS+=(--regions brats) ;;      # the tumour's parts: WT, TC, ET as three nested masks
   regions_baseline) OBJECTIVE=segmentation; FLAGS+=(--regions brats) ;;  # their same-budget U-Net
   regions_zscore_strong) FLAGS+=(--regions brats --input_norm zscore --augment_strong) ;;  # the parts, kept levers
-  *) echo "unknown arm: $LEVERS (baseline, recipe, zscore, context, strong, zscore_context, zscore_strong, zscore_context_strong, zscore_flips, baseline_flips, regions, regions_baseline, regions_zscore_strong; ARM@STEPS for another budget)" >&2; exit 2 ;;
+  regions_baseline_zscore_strong) OBJECTIVE=segmentation; FLAGS+=(--regions brats --input_norm zscore --augment_strong) ;;  # its U-Net
+  *) echo "unknown arm: $LEVERS (baseline, recipe, zscore, context, strong, zscore_context, zscore_strong, zscore_context_strong, zscore_flips, baseline_flips, regions, regions_baseline, regions_zscore_strong, regions_baseline_zscore_strong; ARM@STEPS for another budget)" >&2; exit 2 ;;
 esac
 
 OUT=$RUNS/$ARM/fold$FOLD

@@ -112,6 +112,8 @@ def test_an_arm_at_another_budget_trains_that_many_steps_in_its_own_folder(tmp_p
     ("regions", "diffusion", {"--regions": "brats"}),
     ("regions_baseline", "segmentation", {"--regions": "brats"}),
     ("regions_zscore_strong", "diffusion", {"--regions": "brats", "--input_norm": "zscore", "--augment_strong": None}),
+    ("regions_baseline_zscore_strong", "segmentation",
+     {"--regions": "brats", "--input_norm": "zscore", "--augment_strong": None}),
 ])
 def test_a_region_arm_trains_the_parts_with_its_levers(tmp_path, arm, objective, flags):
     env, runs, docs, script = _fake_crossval(tmp_path)

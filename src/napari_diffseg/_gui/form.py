@@ -171,7 +171,7 @@ def _path_control(edit: FileEdit) -> TextControl:
     return TextControl(lambda: _path_text(edit), lambda text: setattr(edit, "value", text or None), edit.changed)
 
 
-BUNDLED_CHOICES = [("whole tumour", "wt"), ("tumour parts: WT, TC, ET", "brats")]
+BUNDLED_CHOICES = [("whole tumour", "wt"), ("tumour parts", "brats")]  # short: the status line names the parts
 
 
 class ModelBox:
@@ -190,6 +190,10 @@ class ModelBox:
         self.bundled = ComboBox(choices=[c for c in BUNDLED_CHOICES if c[1] in installed] or BUNDLED_CHOICES[:1],
                                 label="bundled model", tooltip=tooltips.BUNDLED)
         self.bundled.visible = len(installed) > 1  # a choice only where there is one
+        # Its longest choice must not set the Model column's width: the three columns of a bottom
+        # dock have to fit layout.WIDE_LAYOUT_MIN_WIDTH (the open list shows every choice in full).
+        self.bundled.native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.bundled.native.setMinimumContentsLength(12)
         self.flags_path = FileEdit(mode="r", filter="JSON (*.json)", nullable=True, label="flags JSON",
                                    tooltip=tooltips.FLAGS)
         self.flags_path.line_edit.native.setPlaceholderText("only for the reference code's checkpoints")

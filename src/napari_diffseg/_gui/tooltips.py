@@ -11,8 +11,8 @@ def modality(name: str) -> str:
 
 TRUTH = "optional ground truth: Dice and HD95 of the result are shown below"
 CHECKPOINT = "a checkpoint (.pt) of napari-diffseg or of the reference code; empty = the bundled model chosen below"
-BUNDLED = ("the bundled model that runs when no checkpoint is chosen: the whole tumour, or its parts (whole tumour, "
-           "tumour core, enhancing tumour: BraTS labels 2, 1, 4) with an uncertainty map each")
+BUNDLED = ("the bundled model that runs when no checkpoint is chosen: the whole tumour, or its parts (whole tumour "
+           "WT: BraTS labels 1, 2, 4; tumour core TC: 1, 4; enhancing tumour ET: 4) with an uncertainty map each")
 FLAGS = ("the model flags (JSON) of a reference-code checkpoint (savedmodelNNNNNN.pt), "
          "e.g. {\"num_channels\": 128, ...}")
 

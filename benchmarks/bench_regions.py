@@ -5,8 +5,8 @@ slower than 1.3x the whole-tumour model of the same network, for a 5-member curr
 for a whole volume. The models are the two bundled ones (whole tumour, and WT, TC, ET); where the
 region model is not installed, or with --twin, the region model is the whole-tumour model's
 network with three mask channels (random weights: the arithmetic, and so the time, does not
-depend on them). Both run through ``_gui.job.run_job``, the worker's code, on one BraTS volume, with a
-fixed batching (so that a probe does not time one and not the other), alternating model by
+depend on them). Both run through ``_gui.job.run_job``, the worker's code, on one BraTS volume,
+with a fixed batching (so that a probe does not time one and not the other), alternating model by
 model, and each figure is the best of its repeats.
 
     .venv/bin/python benchmarks/bench_regions.py [--case DIR] [--repeats 3] [--no_volume] [--twin] [--quick]

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("NAPARI_DIFFSEG_BATCHING", "20")  # fixed: a probe would time one model only
     from napari_diffseg import data
     from napari_diffseg._gui.settings import Settings
-    from napari_diffseg.checkpoint import BUNDLED_MODELS
+    from napari_diffseg.checkpoint import BUNDLED_MODELS, installed_bundled_models
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -105,11 +105,8 @@ def main(argv=None) -> int:
             whole = ""  # the bundled model
             case = data.load_case(data.find_cases(args.case)[0])
             images, spacing = case.images, case.voxel_size
-        bundled_region = BUNDLED_MODELS["brats"]
-        if args.quick or args.twin or not bundled_region.is_file():
-            region = str(_region_twin(Path(whole) if whole else None, tmp / "regions.pt"))
-        else:
-            region = str(bundled_region)
+        twin = args.quick or args.twin or "brats" not in installed_bundled_models()
+        region = str(_region_twin(Path(whole) if whole else None, tmp / "regions.pt") if twin else BUNDLED_MODELS["brats"])
         inputs = _inputs(images, spacing)
         brain = data.brain_slices(images)
         z = brain[len(brain) // 2]
@@ -122,7 +119,7 @@ def main(argv=None) -> int:
             for name, path in models.items():
                 slice_s[name].append(_time(path, inputs, z, settings))
         result = {"cpu": common.cpu_name(), "case": "random (quick)" if args.quick else args.case.name,
-                  "region_model": "bundled" if region == str(bundled_region) else "twin (random weights)",
+                  "region_model": "twin (random weights)" if twin else "bundled",
                   "slice_z": int(z), "ensemble": ENSEMBLE, "threads": torch.get_num_threads(),
                   "slice_s": {name: min(times) for name, times in slice_s.items()},
                   "slice_repeats_s": slice_s}

@@ -505,13 +505,14 @@ def test_the_bundled_region_model_is_installed_and_finds_the_parts_of_the_sample
     from napari_diffseg._sample_data import BRATS_SLICE, sample_files
 
     assert checkpoint.installed_bundled_models() == ["wt", "brats"]
-    payload = checkpoint.read_checkpoint(checkpoint.bundled_model("brats"))
+    model = checkpoint.bundled_model("brats")
+    payload = checkpoint.read_checkpoint(model)
     assert payload["regions"] == "brats" and payload["objective"] == "diffusion"
     assert payload["unet_config"]["mask_channels"] == 3 and payload["inputs"]["input_norm"] == "zscore"
     assert payload["sampling"]["timestep_respacing"] == "2" and payload["sampling"]["cleanup_min_voxels"] == 5000
 
     case = data.load_case(sample_files(BRATS_SLICE))
-    segmenter = Segmenter.load(checkpoint.bundled_model("brats"), device="cpu")
+    segmenter = Segmenter.load(model, device="cpu")
     result = run_to_end(segmenter.run(case.images, SamplingOptions(seed=0), keep_samples=False))  # its 5 x 2 steps
     assert result.regions == "brats" and result.labels.shape == case.labels.shape
     truth = labels_to_regions(case.labels)
